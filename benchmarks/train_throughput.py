@@ -1,0 +1,112 @@
+"""Training throughput and MFU of the tiny and small presets (design.md §6).
+
+For each preset it measures, in one process and on the same real batches:
+- expandlm: tokens/s of `expandlm.train.train` (accelerate, AdamW, clipping, LR schedule, logging);
+- plain: tokens/s of a bare PyTorch loop over the same model (forward, loss, backward, clip, AdamW);
+- the fp32 FLOP/s a large `torch.mm` reaches here, and MFU = model FLOP/s / that.
+Model FLOPs per token = 6 × parameters + 12 × layers × dim × context (the attention scores).
+
+    python benchmarks/train_throughput.py                  # tiny and small, ~6 minutes on 2 cores
+    python benchmarks/train_throughput.py --presets tiny --steps 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from expandlm.artifacts import versions, write_json_atomic  # noqa: E402
+from expandlm.corpus import default_data_dir, load_corpus  # noqa: E402
+from expandlm.domains import get_domain  # noqa: E402
+from expandlm.model import build_model, count_params, get_preset  # noqa: E402
+from expandlm.report import markdown_table  # noqa: E402
+from expandlm.shards import PackedBatches, build_shard  # noqa: E402
+from expandlm.tokenizer import train_bpe  # noqa: E402
+from expandlm.train import TrainConfig, causal_lm_loss, make_optimizer, read_metrics, train  # noqa: E402
+
+
+def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 FLOP/s of an n×n×n matmul (what the hardware gives a large, easy GEMM)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def plain_loop(model, batches, cfg: TrainConfig, steps: int, warmup: int) -> float:
+    """The reference: a bare PyTorch training loop, no framework around it."""
+    opt = make_optimizer(model, cfg)
+    model.train()
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        loss = causal_lm_loss(model, batches.batch(step))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * batches.batch_size * batches.context / (time.perf_counter() - t0)
+
+
+def expandlm_loop(model, batches, cfg: TrainConfig, steps: int, warmup: int) -> float:
+    """tokens/s of expandlm's own loop, from its metrics (the warm-up window excluded)."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(**{**cfg.__dict__, "max_steps": warmup + steps, "log_interval": warmup,
+                             "eval_interval": 0, "checkpoint_interval": 10**9, "progress": False})
+        assert steps % warmup == 0, "steps must be a multiple of warmup (the log window)"
+        train(model, batches, Path(out), cfg)
+        windows = [r for r in read_metrics(Path(out)) if "loss" in r][1:]
+    tokens_per_window = warmup * batches.batch_size * batches.context
+    seconds = sum(tokens_per_window / r["tokens_per_s"] for r in windows)
+    return len(windows) * tokens_per_window / seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per loop (a multiple of --warmup)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = p.parse_args()
+
+    data_dir = default_data_dir()
+    corpus = load_corpus(data_dir / "tinystories.jsonl.gz", get_domain("stories"), limit=3000)
+    peak = matmul_flops()
+    rows = []
+    for name in args.presets:
+        preset = get_preset(name)
+        tok = train_bpe(corpus.documents, preset.vocab)
+        with tempfile.TemporaryDirectory() as cache:
+            shard = build_shard(corpus, tok, cache)
+            batches = PackedBatches([shard], preset.context, args.batch_size, seed=0)
+            cfg = TrainConfig(batch_size=args.batch_size)
+            n_params = count_params(build_model(preset, tok))
+            flops_per_token = 6 * n_params + 12 * preset.layers * preset.dim * preset.context
+            plain = plain_loop(build_model(preset, tok), batches, cfg, args.steps, args.warmup)
+            ours = expandlm_loop(build_model(preset, tok), batches, cfg, args.steps, args.warmup)
+        row = {"preset": name, "params": n_params, "batch_tokens": args.batch_size * preset.context,
+               "plain_tok_s": round(plain), "expandlm_tok_s": round(ours), "ratio": round(ours / plain, 3),
+               "model_gflop_s": round(ours * flops_per_token / 1e9, 1), "matmul_gflop_s": round(peak / 1e9, 1),
+               "mfu": round(ours * flops_per_token / peak, 3)}
+        rows.append(row)
+        print(markdown_table([row], list(row)), flush=True)
+    print("\n" + markdown_table(rows, list(rows[0])))
+    write_json_atomic(args.out, {"rows": rows, "threads": torch.get_num_threads(), "versions": versions(),
+                                 "args": vars(args)})
+    print(f"→ {args.out}")
+
+
+if __name__ == "__main__":
+    main()

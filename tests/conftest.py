@@ -1,0 +1,52 @@
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EXPANDLM_DATA", REPO.parent / "shared" / "data"))
+
+STORIES = [
+    "Once upon a time, there was a little cat named Tom. Tom liked to play in the sun.",
+    "Lily had a red ball. She threw it high and her dog ran after it. They were happy.",
+    "The big tree was old. A bird lived in it and sang every morning to the children.",
+    "Ben wanted a cake. His mom said, \"Let's bake one together!\" They mixed flour and eggs.",
+] * 15
+RECIPES = [
+    {"title": "Banana Bread", "ingredients": ["3 ripe bananas", "2 cups flour", "1 cup sugar"],
+     "directions": ["Mash the bananas.", "Mix everything.", "Bake at 350F for 1 hour."]},
+    {"title": "Tomato Soup", "ingredients": ["6 tomatoes", "1 onion"],
+     "directions": ["Chop the vegetables.", "Simmer for 30 minutes.", "Blend until smooth."]},
+] * 20
+
+
+def write_jsonl(path: Path, records, gz: bool = False) -> Path:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+@pytest.fixture
+def stories_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "stories.jsonl", [{"text": t} for t in STORIES])
+
+
+@pytest.fixture
+def recipes_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "recipes.jsonl.gz", RECIPES, gz=True)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "tinystories.jsonl.gz").exists():
+        pytest.skip(f"the shared corpora are not at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Token shards of a test go to its own temp folder, never to ~/.cache."""
+    monkeypatch.setenv("EXPANDLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from expandlm.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_every_command_end_to_end(capsys, tmp_path, stories_file):
+    tok_dir, model_dir = tmp_path / "tok", tmp_path / "model"
+    code, out, _ = run(capsys, "tokenizer", "--domain", "stories", "--data", str(stories_file),
+                       "--vocab-size", "300", "--out", str(tok_dir))
+    assert code == 0 and "bytes/token" in out and (tok_dir / "tokenizer.json").exists()
+
+    code, out, err = run(capsys, "train", "--domain", "stories", "--data", str(stories_file), "--tokenizer",
+                         str(tok_dir), "--preset", "nano", "--max-steps", "12", "--batch-size", "4",
+                         "--eval-interval", "6", "--no-progress", "--out", str(model_dir))
+    assert code == 0, err
+    assert "parameters" in out and "val bpb" in out
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # a standard checkpoint
+    assert len(AutoTokenizer.from_pretrained(model_dir)) == model.config.vocab_size
+    record = json.loads((model_dir / "run.json").read_text())
+    assert record["status"] == "done" and record["seed"] == 0 and record["versions"]["torch"]
+    assert record["spec"]["train"]["max_steps"] == 12 and record["steps"] == 12
+
+    code, out, err = run(capsys, "eval", "--model", str(model_dir), "--domain", "stories", "--data",
+                         str(stories_file))
+    result = json.loads(out)
+    assert code == 0 and result["bpb"] > 0 and result["documents"] == 60
+    assert json.loads((model_dir / "eval-stories.json").read_text())["bpb"] == result["bpb"]
+
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--domain", "stories", "--prompt", "Lily",
+                       "--num-samples", "2", "--max-new-tokens", "10", "--json")
+    samples = json.loads(out)
+    assert code == 0 and len(samples) == 2 and all(s["text"].startswith("Lily") for s in samples)
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--domain", "stories", "--prompt", "Lily",
+                       "--max-new-tokens", "10")
+    assert code == 0 and out.startswith("Lily")
+
+    # a second run into the same folder is refused rather than overwriting it
+    code, _, err = run(capsys, "train", "--domain", "stories", "--data", str(stories_file), "--out", str(model_dir))
+    assert code == 2 and "already holds a run" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--domain", "poems", "--data", "x.jsonl", "--out", "o"], "unknown domain 'poems'"),
+    (["train", "--domain", "stories", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: no such file"),
+    (["train", "--resume", "--out", "nowhere"], "nothing to resume"),
+    (["generate", "--model", "nowhere", "--domain", "stories"], "nowhere: no config.json"),
+])
+def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("expandlm: error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_line_in_corpus_is_reported(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "oops"\n')
+    code, _, err = run(capsys, "train", "--domain", "stories", "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{bad}:2: invalid JSON" in err
+    assert not (tmp_path / "o" / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_writes_report_and_results(capsys, tmp_path, shared_data):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--preset", "nano", "--minutes", "0.1", "--limit", "300",
+            "--data-dir", str(shared_data), "--no-progress"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert [r["domain"] for r in results["experts"]] == ["stories", "recipes"]
+    assert all(r["val_bpb"] > 0 and r["tokens"] > 0 for r in results["experts"])
+    assert all(len(results["samples"][d]) == 2 for d in ("stories", "recipes"))
+    report = (out / "report.md").read_text()
+    assert "| domain | params | tokens | minutes | val_bpb |" in report and (out / "learning_curves.png").exists()
+    assert "| stories |" in stdout
+    # a second run reuses the finished experts
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and "reusing the finished expert" in stdout

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from expandlm.domains import get_domain
+from expandlm.errors import UserError
+from expandlm.generate import SamplingConfig, generate, request_ids
+from expandlm.model import PRESETS, build_model
+from expandlm.tokenizer import bytes_tokenizer
+
+tok = bytes_tokenizer()
+stories = get_domain("stories")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(PRESETS["nano"], tok, seed=0).eval()
+
+
+def test_request_starts_with_bos_and_tag():
+    ids = request_ids(tok, stories, "Hi <|eos|>")
+    assert ids[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|stories|>")]
+    assert tok.eos_token_id not in ids[2:] and tok.decode(ids[2:]) == "Hi <|eos|>"
+
+
+def test_seeded_sampling_is_reproducible_and_batched(model):
+    cfg = SamplingConfig(seed=7, max_new_tokens=20)
+    a = generate(model, tok, stories, "Once", num_samples=3, sampling=cfg)
+    b = generate(model, tok, stories, "Once", num_samples=3, sampling=cfg)
+    assert [s.text for s in a] == [s.text for s in b] and len(a) == 3
+    assert all(s.text.startswith("Once") for s in a)
+    assert len({s.text for s in a}) > 1
+    c = generate(model, tok, stories, "Once", num_samples=3, sampling=SamplingConfig(seed=8, max_new_tokens=20))
+    assert [s.text for s in c] != [s.text for s in a]
+
+
+def test_stops_at_eos():
+    m = build_model(PRESETS["nano"], tok, seed=0).eval()
+    with torch.no_grad():  # make <|eos|> the only likely token
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[tok.eos_token_id] = 1.0
+        m.model.norm.weight.fill_(100.0)
+    s = generate(m, tok, stories, "x", sampling=SamplingConfig(temperature=0, max_new_tokens=30))[0]
+    assert s.finished and s.new_tokens <= 2 and s.text == "x"
+
+
+def test_streams_one_sample(model, capsys):
+    s = generate(model, tok, stories, "Hey", sampling=SamplingConfig(seed=1, max_new_tokens=10), stream=True)[0]
+    assert capsys.readouterr().out.startswith("Hey")
+    assert s.text.startswith("Hey")
+
+
+def test_prompt_longer_than_context(model):
+    with pytest.raises(UserError, match="context is 128"):
+        generate(model, tok, stories, "x" * 500)
