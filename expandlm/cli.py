@@ -15,14 +15,11 @@ from .errors import UserError
 
 def _quiet_libraries() -> None:
     """Keep the terminal for our progress bar and results: silence library chatter."""
-    import logging
     import warnings
 
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    # accelerate warns on every checkpoint that the tied lm_head is stored once; that is intended.
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
 
 

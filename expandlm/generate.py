@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, TextStreamer, set_seed
 
 from .domains import Domain
 from .errors import UserError
-from .tokenizer import load_tokenizer, require_tag
+from .tokenizer import encode_texts, load_tokenizer, require_tag
 
 
 @dataclass
@@ -36,7 +36,7 @@ def request_ids(tokenizer, domain: Domain, prompt: str = "") -> list[int]:
     """`<|bos|><|domain|>` + the prompt's tokens (special-token strings in the prompt stay plain text)."""
     ids = [tokenizer.bos_token_id, require_tag(tokenizer, domain)]
     if prompt:
-        ids += tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids += encode_texts(tokenizer, [prompt])[0]
     return ids
 
 

@@ -7,6 +7,7 @@ bar; metrics as JSONL; atomic checkpoints that a killed run resumes from exactly
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,17 @@ from .evaluate import evaluate_bpb
 from .shards import PackedBatches, TokenShard
 
 CHECKPOINT = "checkpoint"
+
+
+class _TiedWeightNotice(logging.Filter):
+    """accelerate warns on every checkpoint that the tied lm_head is stored once; that is intended."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+for _name in ("accelerate.utils.other", "accelerate.checkpointing"):  # where accelerate logs it
+    logging.getLogger(_name).addFilter(_TiedWeightNotice())
+
 METRICS = "metrics.jsonl"
 
 
@@ -137,6 +149,7 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
     `out_dir/checkpoint` holds the resumable state; `out_dir/metrics.jsonl` the loss and bpb curve.
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     distributed_state()
     accelerator = accelerator or Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)

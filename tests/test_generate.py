@@ -33,14 +33,14 @@ def test_seeded_sampling_is_reproducible_and_batched(model):
     assert [s.text for s in c] != [s.text for s in a]
 
 
-def test_stops_at_eos():
-    m = build_model(PRESETS["nano"], tok, seed=0).eval()
-    with torch.no_grad():  # make <|eos|> the only likely token
-        m.lm_head.weight.zero_()
-        m.lm_head.weight[tok.eos_token_id] = 1.0
-        m.model.norm.weight.fill_(100.0)
-    s = generate(m, tok, stories, "x", sampling=SamplingConfig(temperature=0, max_new_tokens=30))[0]
-    assert s.finished and s.new_tokens <= 2 and s.text == "x"
+def test_text_ends_at_eos_and_unfinished_samples_are_flagged(model, monkeypatch):
+    ids = request_ids(tok, stories, "x")
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    rows = [ids + [a, tok.eos_token_id, tok.pad_token_id], ids + [a, b, b]]
+    monkeypatch.setattr(model, "generate", lambda **kw: torch.tensor(rows))
+    done, cut = generate(model, tok, stories, "x", num_samples=2, sampling=SamplingConfig(max_new_tokens=3))
+    assert (done.text, done.finished) == ("xa", True)
+    assert (cut.text, cut.finished, cut.new_tokens) == ("xabb", False, 3)
 
 
 def test_streams_one_sample(model, capsys):
