@@ -78,14 +78,15 @@ def cmd_eval(args) -> None:
     from .corpus import load_corpus
     from .domains import get_domain
     from .evaluate import evaluate_bpb
-    from .generate import load_model
+    from .serving import load_served
     from .shards import build_shard
 
     domain = get_domain(args.domain)
-    model, tokenizer = load_model(args.model)
+    served = load_served(args.model)
     corpus = load_corpus(args.data, domain, split=args.split, limit=args.max_docs)
+    shard = build_shard(corpus, served.tokenizer, args.cache_dir)
     result = {"model": str(args.model), "domain": domain.name, "data": str(args.data),
-              **evaluate_bpb(model, build_shard(corpus, tokenizer, args.cache_dir))}
+              **evaluate_bpb(served.for_domain(domain.name), shard)}
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{domain.name}.json"
     write_json_atomic(out, result)
     print(json.dumps(result, indent=2))
@@ -94,22 +95,61 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     from .domains import get_domain
-    from .generate import SamplingConfig, generate, load_model
+    from .generate import SamplingConfig, generate
+    from .routing import route_request
+    from .serving import load_served
 
-    model, tokenizer = load_model(args.model)
+    if (args.domain is None) == (args.request is None):
+        raise UserError("generate needs exactly one of --domain (with an optional --prompt) or --request")
+    served = load_served(args.model)
+    domain_name, prompt, routed = args.domain, args.prompt, None
+    if args.request is not None:
+        routed = route_request(args.request, served)
+        domain_name, prompt = routed.domain, routed.prompt
+        print(f"[routed to {routed.domain} ({routed.confidence:.0%} confident; {routed.reason}); "
+              f"prompt {prompt!r}]", file=sys.stderr)
+    model = served.for_domain(domain_name)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, seed=args.seed)
     stream = args.num_samples == 1 and not args.json
-    samples = generate(model, tokenizer, get_domain(args.domain), args.prompt, args.num_samples, sampling,
+    samples = generate(model, served.tokenizer, get_domain(domain_name), prompt, args.num_samples, sampling,
                        stream=stream)
     if args.json:
-        print(json.dumps([s.__dict__ for s in samples], ensure_ascii=False, indent=2))
+        result = {"domain": domain_name, "samples": [s.__dict__ for s in samples]}
+        if routed:
+            result["routing"] = {"domain": routed.domain, "confidence": routed.confidence, "scores": routed.scores,
+                                 "reason": routed.reason, "prompt": routed.prompt}
+        print(json.dumps(result, ensure_ascii=False, indent=2))
     elif stream:
         print()
     else:
         for i, s in enumerate(samples, 1):
             note = "" if s.finished else " (hit the length limit)"
             print(f"--- sample {i}{note}\n{s.text}\n")
+
+
+def cmd_adapt(args) -> None:
+    from .adapt import AdaptSpec, adapt
+
+    if not args.resume and None in (args.base, args.strategy, args.domain, args.data):
+        raise UserError("adapt needs --base, --strategy, --domain and --data (or --resume with an earlier --out)")
+    options = {}
+    for item in args.option or []:
+        if "=" not in item:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option new_blocks=2")
+        key, value = item.split("=", 1)
+        options[key.strip()] = value.strip()
+    spec = AdaptSpec(base=args.base, strategy=args.strategy, domain=args.domain, data=args.data, out=args.out,
+                     options=options, val_data=args.val_data, expand_vocab=args.expand_vocab, limit=args.limit,
+                     cache_dir=args.cache_dir, train=_train_config(args))
+    adapt(spec, resume=args.resume)
+
+
+def cmd_compare(args) -> None:
+    from .compare import Study, load_config
+
+    Study(load_config(args.config), args.out, progress=not args.no_progress).run()
+    print(f"report: {args.out}/report.md  results: {args.out}/results.json")
 
 
 def cmd_demo(args) -> None:
@@ -119,28 +159,11 @@ def cmd_demo(args) -> None:
                         hub=args.hub, limit=args.limit, seed=args.seed, progress=not args.no_progress))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .model import PRESETS
-
-    p = argparse.ArgumentParser(prog="expandlm", description="Small domain-specific language models that "
-                                "learn new domains without forgetting old ones.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a domain corpus")
-    t.add_argument("--domain", required=True)
-    t.add_argument("--data", required=True, help="a .jsonl(.gz), .txt, .parquet file or a hub dataset id")
-    t.add_argument("--vocab-size", type=_positive_int, default=2048)
-    t.add_argument("--limit", type=_positive_int, help="use only the first N documents")
-    t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_tokenizer)
-
-    tr = sub.add_parser("train", help="train a domain expert from scratch (or --resume one)")
-    tr.add_argument("--domain")
+def _training_flags(tr: argparse.ArgumentParser) -> None:
+    """Flags shared by `train` and `adapt`: data, output, budget, optimisation, bookkeeping."""
+    tr.add_argument("--domain", help="the domain to train on")
     tr.add_argument("--data", help="training corpus: a .jsonl(.gz), .txt, .parquet file or a hub dataset id")
     tr.add_argument("--val-data", help="validation corpus (default: hold out 1%% of --data)")
-    tr.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    tr.add_argument("--tokenizer", help="a tokenizer folder, or gpt2 / bytes (default: train a BPE on --data)")
-    tr.add_argument("--vocab-size", type=_positive_int, help="vocabulary of the trained BPE (default: the preset's)")
     tr.add_argument("--out", required=True)
     budget = tr.add_argument_group("budget (the smallest given wins; none: one epoch)")
     budget.add_argument("--minutes", type=_positive_float)
@@ -162,7 +185,39 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cache-dir", help="token shard cache (default: $EXPANDLM_CACHE or ~/.cache/expandlm)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .model import PRESETS
+
+    p = argparse.ArgumentParser(prog="expandlm", description="Small domain-specific language models that "
+                                "learn new domains without forgetting old ones.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a domain corpus")
+    t.add_argument("--domain", required=True)
+    t.add_argument("--data", required=True, help="a .jsonl(.gz), .txt, .parquet file or a hub dataset id")
+    t.add_argument("--vocab-size", type=_positive_int, default=2048)
+    t.add_argument("--limit", type=_positive_int, help="use only the first N documents")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer)
+
+    tr = sub.add_parser("train", help="train a domain expert from scratch (or --resume one)")
+    tr.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    tr.add_argument("--tokenizer", help="a tokenizer folder, or gpt2 / bytes (default: train a BPE on --data)")
+    tr.add_argument("--vocab-size", type=_positive_int, help="vocabulary of the trained BPE (default: the preset's)")
+    _training_flags(tr)
     tr.set_defaults(func=cmd_train)
+
+    ad = sub.add_parser("adapt", help="make a trained model serve a new domain with a strategy")
+    ad.add_argument("--base", help="the model folder to adapt (e.g. an expert from `train`)")
+    ad.add_argument("--strategy", help="full_ft | lora | joint | replay | ewc | expand | expand_paths")
+    ad.add_argument("--option", action="append", metavar="KEY=VALUE",
+                    help="a strategy option, repeatable: new_blocks=2, r=16, fraction=0.2, lam=1, from_scratch=false")
+    ad.add_argument("--expand-vocab", type=int, default=0, metavar="N",
+                    help="append N tokens learned from the new domain (old tokenization kept)")
+    _training_flags(ad)
+    ad.set_defaults(func=cmd_adapt)
 
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
     e.add_argument("--model", required=True)
@@ -176,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="write text of a domain on request")
     g.add_argument("--model", required=True)
-    g.add_argument("--domain", required=True)
+    g.add_argument("--domain", help="the domain to write (its tag starts the text)")
     g.add_argument("--prompt", default="", help="a story opening, a recipe title, ...")
+    g.add_argument("--request", help="free text such as 'write a recipe for banana bread': routed to a domain")
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -186,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int)
     g.add_argument("--json", action="store_true", help="print the samples as JSON")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("compare", help="run a whole study from a YAML config (strategies × evaluation suite)")
+    c.add_argument("config", help="e.g. configs/stories-recipes.yaml (configs/smoke.yaml: a few minutes)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="train, evaluate and sample one expert per domain (the README's main command)")
     d.add_argument("--out", default="runs/demo")

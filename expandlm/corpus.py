@@ -165,6 +165,19 @@ def split_holdout(corpus: Corpus, fraction: float = 0.01, max_docs: int = 500) -
     return train, held
 
 
+def load_train_val(source: str, domain: Domain, val_source: str | None = None, limit: int | None = None,
+                   val_limit: int | None = None) -> tuple[Corpus, Corpus]:
+    """A domain's training and validation corpora: the validation file when given, else a held-out slice.
+    `limit` / `val_limit` keep only the first documents of each."""
+    corpus = load_corpus(source, domain, limit=limit)
+    if val_source:
+        return corpus, load_corpus(val_source, domain, split="validation", limit=val_limit)
+    train, held = split_holdout(corpus)
+    if val_limit and val_limit < len(held.documents):
+        held = Corpus(domain, held.source, held.documents[:val_limit], held.fingerprint + f":first{val_limit}")
+    return train, held
+
+
 def default_data_dir() -> Path | None:
     """Where the bundled corpora live: $EXPANDLM_DATA, else ../shared/data beside the checkout or cwd."""
     candidates = [os.environ.get("EXPANDLM_DATA"), "../shared/data",

@@ -12,17 +12,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .artifacts import move_files_into, read_json, versions, write_json_atomic
-from .corpus import default_data_dir, load_corpus, split_holdout
+from .corpus import default_data_dir, load_train_val
 from .domains import get_domain
 from .errors import UserError
 from .evaluate import evaluate_bpb
+from .serving import MODEL_CARD
 from .model import build_model, count_params, get_preset, preset_dict
 from .shards import PackedBatches, build_shard
 from .tokenizer import load_tokenizer, train_bpe
 from .train import CHECKPOINT, TrainConfig, clear_run, distributed_state, train
 
 RUN_RECORD = "run.json"
-MODEL_CARD = "expandlm.json"
 
 
 @dataclass
@@ -35,6 +35,7 @@ class ExpertSpec:
     vocab_size: int | None = None     # for the trained BPE; default: the preset's
     val_data: str | None = None       # default: hold out 1% of the training documents
     limit: int | None = None          # use only the first N training documents
+    val_limit: int | None = None      # use only the first N validation documents
     cache_dir: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -44,7 +45,7 @@ def log(*args) -> None:
         print(*args, flush=True)
 
 
-def _check_out(out: Path, resume: bool) -> None:
+def check_out(out: Path, resume: bool) -> None:
     if resume:
         if not (out / CHECKPOINT / "train_state.json").exists():
             raise UserError(f"{out}: nothing to resume (no {CHECKPOINT}/ from an earlier run); drop --resume")
@@ -61,7 +62,7 @@ def spec_from_record(out: Path) -> ExpertSpec:
 def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
     """Train one domain's expert; returns the run record (also written to `out/run.json`)."""
     out = Path(spec.out)
-    _check_out(out, resume)
+    check_out(out, resume)
     if resume:
         progress = spec.train.progress
         spec = spec_from_record(out)
@@ -70,11 +71,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
     dist = distributed_state()
     domain, preset = get_domain(spec.domain), get_preset(spec.preset)
     t0 = time.time()
-    corpus = load_corpus(spec.data, domain, limit=spec.limit)
-    if spec.val_data:
-        val_corpus = load_corpus(spec.val_data, domain, split="validation")
-    else:
-        corpus, val_corpus = split_holdout(corpus)
+    corpus, val_corpus = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
     if not resume and dist.is_main_process:
         clear_run(out)
     with dist.main_process_first():  # one process trains the tokenizer and writes the shards
@@ -86,7 +83,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
             log(f"training a {spec.vocab_size or preset.vocab}-token byte-level BPE on {len(corpus.documents)} documents")
             tokenizer = train_bpe(corpus.documents, spec.vocab_size or preset.vocab)
         if dist.is_main_process and not resume:
-            _save_into(out, tokenizer.save_pretrained)
+            save_into(out, tokenizer.save_pretrained)
         train_shard = build_shard(corpus, tokenizer, spec.cache_dir)
         val_shard = build_shard(val_corpus, tokenizer, spec.cache_dir)
     prep_s = time.time() - t0
@@ -100,16 +97,19 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
         f"validation {val_shard.meta['documents']:,} documents")
     record = {"kind": "expert", "spec": asdict(spec), "preset": preset_dict(preset), "seed": spec.train.seed,
               "versions": versions(), "params": n_params, "trainable_params": count_params(model, True),
-              "data": {"train": train_shard.meta, "validation": val_shard.meta}, "status": "running"}
+              "data": {"train": train_shard.meta, "validation": val_shard.meta}, "status": "running",
+              # where each domain the model serves came from: adapting it later reuses these
+              "domain_data": {domain.name: {"train": spec.data, "val": spec.val_data, "limit": spec.limit,
+                                            "val_limit": spec.val_limit}}}
     if dist.is_main_process:
         write_json_atomic(out / RUN_RECORD, record if not resume else {**read_json(out / RUN_RECORD), "status": "running"})
     batches = PackedBatches([train_shard], preset.context, spec.train.batch_size, spec.train.seed)
     model, state = train(model, batches, out, spec.train, val_shard=val_shard, resume=resume)
 
     if dist.is_main_process:
-        log("evaluating on the full validation set")
+        log(f"evaluating on {val_shard.meta['documents']:,} validation documents")
         final = evaluate_bpb(model, val_shard)
-        _save_into(out, model.save_pretrained)
+        save_into(out, model.save_pretrained)
         write_json_atomic(out / MODEL_CARD, {"domains": [domain.name], "strategy": "scratch", "preset": spec.preset})
         record.update(status="done", steps=state.step, tokens=state.tokens, train_seconds=round(state.elapsed_s, 1),
                       resumed_from=state.resumed_from,
@@ -121,7 +121,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
     return record
 
 
-def _save_into(out: Path, save_fn) -> None:
+def save_into(out: Path, save_fn) -> None:
     """Run a `save_pretrained` into a temp folder beside `out`, then move each file in atomically."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))

@@ -49,3 +49,108 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> P
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
+    import numpy as np
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [v if v is not None else 0 for v in values], width, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def write_study_report(out: Path, results: dict) -> None:
+    """`report.md` with the strategy table, the plots, the tokenizer study and sample generations."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .artifacts import write_text_atomic
+    from .train import read_metrics
+
+    cfg, rows = results["config"], results["models"]
+    old, new = cfg["old_domain"], cfg["new_domain"]
+    seed0 = [r for r in rows if r["seed"] == cfg["seeds"][0]]
+    labels = [r["label"] for r in seed0]
+
+    fig, (ax_bpb, ax_forget) = plt.subplots(1, 2, figsize=(14, 4.5))
+    _bars(ax_bpb, labels, {f"{old} bpb": [r["bpb"][old] for r in seed0], f"{new} bpb": [r["bpb"][new] for r in seed0]},
+          "validation bits per byte", "bpb on both domains (lower is better)")
+    before = next(r["bpb"][old] for r in seed0 if r["strategy"] == "base")
+    ax_bpb.axhline(before, color="C0", ls="--", lw=0.8)
+    forget = [r for r in seed0 if r["forgetting"] is not None and r["strategy"] != "base"]
+    _bars(ax_forget, [r["label"] for r in forget], {"forgetting": [100 * r["forgetting_rel"] for r in forget]},
+          f"{old} bpb change after adaptation (%)", f"forgetting of {old}")
+    _save(fig, out / "bpb_and_forgetting.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in seed0:
+        if r["strategy"] == "base":
+            continue
+        curve = [m for m in read_metrics(out / r["model"]) if "val_bpb" in m]
+        ax.plot([m["tokens"] for m in curve], [m["val_bpb"] for m in curve], marker=".", label=r["label"])
+    ax.set(xlabel=f"training tokens", ylabel=f"{new} validation bpb", title=f"learning curves on {new}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out / "learning_curves.png")
+
+    table = []
+    for r in rows:
+        acc = r["domain_accuracy"] or {}
+        health = r["story_health"] or {}
+        table.append({"model": r["label"], "seed": r["seed"], f"bpb {old}": r["bpb"][old], f"bpb {new}": r["bpb"][new],
+                      "forgetting": _pct(r["forgetting_rel"]), "new-domain gap": _pct(r["new_domain_gap"]),
+                      f"ctrl acc {old}": acc.get(old), f"ctrl acc {new}": acc.get(new),
+                      "recipe valid": r["recipe_validity"], "stories ended": health.get("finished_share"),
+                      "distinct-2": health.get("distinct_2"), "trainable": r["trainable_params"],
+                      "total": r["total_params"], "tokens": r["tokens"],
+                      "minutes": None if r["seconds"] is None else round(r["seconds"] / 60, 2)})
+    lines = [f"# expandlm study: {old} → {new} ({cfg['preset']} preset)", "",
+             f"Base: a {old} expert trained on {cfg['base_tokens']:,} tokens. Every strategy then trains on "
+             f"{cfg['adapt_tokens']:,} tokens (the {new} scratch expert too, the reference of the new-domain gap). "
+             "bpb: bits per byte on each domain's validation set. forgetting: relative change of the old "
+             "domain's bpb. ctrl acc: share of samples requested for a domain that a held-out classifier "
+             "(trained on real text only) assigns to it.", "",
+             markdown_table(table, list(table[0])), "",
+             "![bpb and forgetting](bpb_and_forgetting.png)", "", "![learning curves](learning_curves.png)", ""]
+    if results.get("tokenizer_study"):
+        tok_rows = results["tokenizer_study"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        kinds = list(dict.fromkeys(r["tokenizer"] for r in tok_rows))
+        domains = list(dict.fromkeys(r["domain"] for r in tok_rows))
+        _bars(ax, kinds, {d: [next((r["bpb"] for r in tok_rows if r["domain"] == d and r["tokenizer"] == k), None)
+                              for k in kinds] for d in domains}, "validation bpb", "tokenizer study (equal tokens)")
+        _save(fig, out / "tokenizer_study.png")
+        lines += ["## Tokenizer study", "", markdown_table(tok_rows, list(tok_rows[0])), "",
+                  "![tokenizer study](tokenizer_study.png)", ""]
+    lines += ["## Samples", "", "Two samples per model and domain; all of them are in `samples.json`.", ""]
+    samples = {}
+    for r in seed0:
+        suite = json.loads((out / r["model"] / "suite.json").read_text())
+        samples[r["label"]] = suite.get("samples", {})
+        for domain, drawn in suite.get("samples", {}).items():
+            for i, s in enumerate(drawn[:2], 1):
+                lines += [f"### {r['label']}: {domain} {i}{'' if s['finished'] else ' (hit the length limit)'}",
+                          "", "```", s["text"], "```", ""]
+    write_text_atomic(out / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False))
+    write_text_atomic(out / "report.md", "\n".join(lines))

@@ -104,10 +104,15 @@ class PackedBatches:
     """Deterministic training batches: the token streams are cut into non-overlapping windows of
     `context + 1` tokens; each epoch visits all windows in a seeded random order. Batch `m` is a pure
     function of (seed, m), so a resumed run sees exactly the data an uninterrupted one would, and
-    `rank`/`world` give each data-parallel process its own disjoint samples."""
+    `rank`/`world` give each data-parallel process its own disjoint samples.
 
-    def __init__(self, shards: list[TokenShard], context: int, batch_size: int, seed: int):
+    With `weights` (one per shard: a data mixture such as replay's), each sample first draws its shard
+    with those probabilities, then a window of that shard, from a generator seeded by (seed, batch)."""
+
+    def __init__(self, shards: list[TokenShard], context: int, batch_size: int, seed: int,
+                 weights: list[float] | None = None):
         self.shards, self.context, self.batch_size, self.seed = shards, context, batch_size, seed
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         self._tokens = [s.tokens for s in shards]
         index = []
         for k, shard in enumerate(shards):
@@ -119,6 +124,10 @@ class PackedBatches:
             sizes = ", ".join(f"{s.meta['source']} ({s.meta['tokens']} tokens)" for s in shards)
             raise UserError(f"training data too small for context {context}: {sizes}")
         self._epoch, self._perm = -1, None
+        if self.weights is not None:
+            if len(self.weights) != len(shards) or (self.weights < 0).any() or self.weights.sum() <= 0:
+                raise UserError(f"mixture weights {weights} do not fit {len(shards)} shards")
+            self._by_shard = [np.flatnonzero(self.windows[:, 0] == k) for k in range(len(shards))]
 
     @property
     def tokens_per_epoch(self) -> int:
@@ -130,11 +139,21 @@ class PackedBatches:
             self._perm, self._epoch = torch.randperm(len(self.windows), generator=g).numpy(), epoch
         return self._perm
 
+    def _mixed(self, micro_step: int, rank: int, world: int) -> list[tuple[int, int]]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + micro_step) * 1009 + rank)
+        picks = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g).tolist()
+        out = []
+        for k in picks:
+            rows = self._by_shard[k]
+            out.append(tuple(self.windows[rows[int(torch.randint(len(rows), (1,), generator=g))]]))
+        return out
+
     def batch(self, micro_step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-        first = (micro_step * world + rank) * self.batch_size
-        rows = []
-        for i in range(first, first + self.batch_size):
-            epoch, j = divmod(i, len(self.windows))
-            k, start = self.windows[self._order(epoch)[j]]
-            rows.append(np.asarray(self._tokens[k][start:start + self.context + 1], dtype=np.int64))
+        if self.weights is not None:
+            picks = self._mixed(micro_step, rank, world)
+        else:
+            first = (micro_step * world + rank) * self.batch_size
+            picks = [self.windows[self._order(i // len(self.windows))[i % len(self.windows)]]
+                     for i in range(first, first + self.batch_size)]
+        rows = [np.asarray(self._tokens[k][start:start + self.context + 1], dtype=np.int64) for k, start in picks]
         return torch.from_numpy(np.stack(rows))

@@ -74,13 +74,17 @@ def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
+NO_DECAY_ATTR = "_expandlm_no_decay"
+
+
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on norms (1-D tensors)."""
+    """AdamW over the trainable parameters; no weight decay on norms (1-D tensors) nor on tensors
+    marked with NO_DECAY_ATTR (partly frozen ones: decoupled decay would move their frozen rows)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, NO_DECAY_ATTR, False)]
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, NO_DECAY_ATTR, False)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False)
 
@@ -193,6 +197,7 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
         tmp = [tempfile.mkdtemp(prefix=CHECKPOINT + ".tmp-", dir=out_dir) if accelerator.is_main_process else ""]
         tmp_name = broadcast_object_list(tmp)[0] if world > 1 else tmp[0]  # every process writes its RNG state
         accelerator.save_state(tmp_name)
+        accelerator.wait_for_everyone()  # every process's RNG file is in the folder before it moves
         if accelerator.is_main_process:
             write_json_atomic(Path(tmp_name) / "train_state.json", asdict(state))
             replace_dir(Path(tmp_name), ckpt)

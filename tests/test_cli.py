@@ -37,7 +37,7 @@ def test_every_command_end_to_end(capsys, tmp_path, stories_file):
 
     code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--domain", "stories", "--prompt", "Lily",
                        "--num-samples", "2", "--max-new-tokens", "10", "--json")
-    samples = json.loads(out)
+    samples = json.loads(out)["samples"]
     assert code == 0 and len(samples) == 2 and all(s["text"].startswith("Lily") for s in samples)
     code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--domain", "stories", "--prompt", "Lily",
                        "--max-new-tokens", "10")
@@ -48,11 +48,37 @@ def test_every_command_end_to_end(capsys, tmp_path, stories_file):
     assert code == 2 and "already holds a run" in err
 
 
+def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_file):
+    base, both = tmp_path / "base", tmp_path / "both"
+    common = ["--preset", "nano", "--max-steps", "6", "--batch-size", "4", "--eval-interval", "0", "--no-progress"]
+    assert run(capsys, "train", "--domain", "stories", "--data", str(stories_file), "--out", str(base), *common)[0] == 0
+    code, out, err = run(capsys, "adapt", "--base", str(base), "--strategy", "expand_paths", "--option",
+                         "new_blocks=1", "--domain", "recipes", "--data", str(recipes_file), "--out", str(both),
+                         *common[2:])
+    assert code == 0, err
+    assert json.loads((both / "expandlm.json").read_text())["domains"] == ["stories", "recipes"]
+    for request, domain, prompt in [("write a recipe for banana bread", "recipes", "Banana Bread"),
+                                    ("tell me a story about a brave little cat", "stories", "Once upon a time")]:
+        code, out, err = run(capsys, "generate", "--model", str(both), "--request", request, "--max-new-tokens", "5",
+                             "--json")
+        result = json.loads(out)
+        assert code == 0 and result["domain"] == domain and result["routing"]["domain"] == domain
+        assert result["samples"][0]["text"].startswith(prompt)
+        assert f"routed to {domain}" in err
+    assert (both / "router.joblib").exists()
+    code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "expand", "--option", "blocks=2",
+                       "--domain", "recipes", "--data", str(recipes_file), "--out", str(tmp_path / "x"))
+    assert code == 2 and "unknown option 'blocks'" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--domain", "poems", "--data", "x.jsonl", "--out", "o"], "unknown domain 'poems'"),
     (["train", "--domain", "stories", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: no such file"),
     (["train", "--resume", "--out", "nowhere"], "nothing to resume"),
     (["generate", "--model", "nowhere", "--domain", "stories"], "nowhere: no config.json"),
+    (["generate", "--model", "nowhere"], "exactly one of --domain"),
+    (["adapt", "--out", "o"], "adapt needs --base"),
+    (["compare", "missing.yaml", "--out", "o"], "missing.yaml: no such config file"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

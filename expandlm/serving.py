@@ -1,0 +1,87 @@
+"""Serving a model folder for a requested domain, whatever strategy made it.
+
+`expandlm.json` beside the checkpoint says how each domain runs: the whole model (most strategies),
+a LoRA adapter switched on or off (`adapter`), or a layer path (`paths`, from expand_paths).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .artifacts import read_json
+from .domains import get_domain
+from .errors import UserError
+from .tokenizer import load_tokenizer
+
+MODEL_CARD = "expandlm.json"
+
+
+@dataclass
+class ServedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    card: dict
+    path: Path
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.card.get("domains", []))
+
+    def for_domain(self, name: str) -> torch.nn.Module:
+        """The model configured to answer requests for `name` (adapter / layer path selected)."""
+        if self.domains and name not in self.domains:
+            raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
+        get_domain(name)
+        return select_domain(self.model, self.card, name)
+
+
+def select_domain(model, card: dict, name: str):
+    if "adapter" in card:
+        (model.enable_adapter_layers if card["adapter"].get(name) else model.disable_adapter_layers)()
+    if "paths" in card:
+        inner = model.model
+        if not hasattr(inner, "_expandlm_all_layers"):
+            inner._expandlm_all_layers = list(inner.layers)  # plain list: not registered as submodules
+        layers = [inner._expandlm_all_layers[i] for i in card["paths"][name]]
+        for i, layer in enumerate(layers):
+            layer.self_attn.layer_idx = i  # the KV cache is indexed by position along the path
+        inner.layers = torch.nn.ModuleList(layers)
+        model.config.num_hidden_layers = len(layers)
+    return model
+
+
+def restore_all_layers(model) -> None:
+    """Undo a layer-path selection (before saving: the checkpoint holds every block)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "_expandlm_all_layers"):
+        for i, layer in enumerate(inner._expandlm_all_layers):
+            layer.self_attn.layer_idx = i
+        inner.layers = torch.nn.ModuleList(inner._expandlm_all_layers)
+        model.config.num_hidden_layers = len(inner.layers)
+        del inner._expandlm_all_layers
+
+
+def resolve_base(card: dict, path: Path) -> Path:
+    base = Path(card["base"])
+    return base if base.is_absolute() else (path / base).resolve()
+
+
+def load_served(path: str | os.PathLike) -> ServedModel:
+    path = Path(path)
+    card = read_json(path / MODEL_CARD, "model card") if (path / MODEL_CARD).exists() else {}
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+        base = resolve_base(card, path)
+        if not (base / "config.json").exists():
+            raise UserError(f"{path}: its base model {base} is missing (a LoRA adapter needs its base)")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
+    elif (path / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        raise UserError(f"{path}: no config.json; expected a model folder written by expandlm")
+    model.eval()
+    return ServedModel(model, load_tokenizer(path), card, path)

@@ -1,0 +1,55 @@
+"""ewc: full fine-tuning on B with an elastic penalty toward the old weights (Kirkpatrick et al. 2017).
+
+penalty = λ/2 · Σ_i F_i (θ_i − θ*_i)², with F the diagonal (empirical) Fisher information estimated on
+the old domains' data: the mean squared gradient of the next-token loss. F is normalised to mean 1
+over all parameters so that λ reads the same at every model size.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from ..shards import PackedBatches
+from ..train import causal_lm_loss
+from . import AdaptContext, Strategy, register
+
+
+def diagonal_fisher(model, batches: PackedBatches, num_batches: int) -> dict[str, torch.Tensor]:
+    fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    for i in range(num_batches):
+        model.zero_grad(set_to_none=True)
+        causal_lm_loss(model, batches.batch(i)).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach() ** 2 / num_batches
+    model.zero_grad(set_to_none=True)
+    mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp_min(1e-30)
+    return {n: f / mean for n, f in fisher.items()}
+
+
+@register
+@dataclass
+class EWC(Strategy):
+    name = "ewc"
+    summary = "every parameter, on B, pulled toward A's weights by a Fisher-weighted penalty"
+    lam: float = 1.0
+    fisher_batches: int = 16
+    fisher_batch_size: int = 8
+
+    def build(self, base, ctx: AdaptContext):
+        context = base.config.max_position_embeddings
+        shards = list(ctx.old_shards.values())
+        batches = PackedBatches(shards, context, self.fisher_batch_size, seed=ctx.seed + 1)
+        fisher = diagonal_fisher(base, batches, self.fisher_batches)
+        # name → (θ*, F); a plain attribute, not a dataclass field, so it stays out of the saved options
+        self.anchor = {n: (p.detach().clone(), fisher[n]) for n, p in base.named_parameters() if n in fisher}
+        return base
+
+    def loss(self, model, batch):
+        penalty = 0.0
+        for n, p in model.named_parameters():
+            anchor = self.anchor.get(n.removeprefix("module.").removeprefix("_orig_mod."))
+            if anchor is not None:
+                theta, f = anchor[0].to(p.device), anchor[1].to(p.device)
+                penalty = penalty + (f * (p - theta) ** 2).sum()
+        return causal_lm_loss(model, batch) + self.lam / 2 * penalty

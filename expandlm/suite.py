@@ -1,0 +1,238 @@
+"""Generation-quality metrics of design.md §6: recipe validity, story health, domain control accuracy.
+
+Domain control accuracy needs a held-out judge: `DomainClassifier`, a TF-IDF + logistic regression
+model trained only on real text of every domain (never on generated text, so a model cannot "pass"
+by imitating its own mistakes).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+# ---------------------------------------------------------------------------------------------------
+# recipe validity
+
+_BULLET = re.compile(r"- \S")
+_STEP = re.compile(r"(\d+)\. \S")
+
+
+def recipe_validity(text: str, finished: bool) -> bool:
+    """True when `text` has the layout of design.md §2 and the sample ended before the length limit:
+
+        <title>               a non-empty first line that is not a section header
+        (blank lines)
+        Ingredients:
+        - <ingredient>        at least two, one per line, no gaps
+        (blank lines)
+        Directions:
+        1. <step>             at least one; numbered 1, 2, 3, ... in order, nothing after them
+
+    Trailing whitespace on any line and at the end is ignored; a missing or reordered section is not.
+    Steps must count up from 1: a model that writes "1. 3. 2." has not learned the layout.
+    """
+    if not finished:
+        return False
+    lines = [line.rstrip() for line in text.rstrip().split("\n")]
+    headers = ("Ingredients:", "Directions:")
+    if not lines[0] or lines[0] in headers:
+        return False
+    i = 1
+
+    def skip_blank() -> None:
+        nonlocal i
+        while i < len(lines) and not lines[i]:
+            i += 1
+
+    skip_blank()
+    if i >= len(lines) or lines[i] != "Ingredients:":
+        return False
+    i += 1
+    start = i
+    while i < len(lines) and _BULLET.match(lines[i]):
+        i += 1
+    if i - start < 2:
+        return False
+    skip_blank()
+    if i >= len(lines) or lines[i] != "Directions:":
+        return False
+    steps = lines[i + 1:]
+    if not steps:
+        return False
+    for n, line in enumerate(steps, 1):
+        m = _STEP.match(line)
+        if not m or int(m.group(1)) != n:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# story health
+
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words: runs of letters and digits, with inner apostrophes kept ("don't", "Lily's"
+    are one word each). Punctuation and whitespace separate words and are dropped, so "cat." and
+    "cat," count as the same word."""
+    return _WORD.findall(text.lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def story_health(samples: list[tuple[str, bool]]) -> dict:
+    """Health of generated stories, given (text, finished) pairs (tokenised with `words`):
+
+    - finished_share: share of samples that ended with end-of-text before the length limit.
+    - distinct_2: distinct word bigrams / all word bigrams, pooled over samples (bigrams never span
+      two samples). 1.0 means no bigram ever repeats; a looping model goes toward 0.
+    - repeated_4gram_rate: share of word 4-grams that repeat an earlier 4-gram of the same sample,
+      pooled over samples. 0.0 for text that never repeats itself.
+    Both rates are 0.0 when the samples have no bigram (or 4-gram) at all.
+    """
+    if not samples:
+        raise UserError("story_health needs at least one sample")
+    bigrams: list[tuple[str, ...]] = []
+    fourgrams = repeats = 0
+    for text, _ in samples:
+        tokens = words(text)
+        bigrams += _ngrams(tokens, 2)
+        seen: set[tuple[str, ...]] = set()
+        for gram in _ngrams(tokens, 4):
+            repeats += gram in seen
+            seen.add(gram)
+            fourgrams += 1
+    return {
+        "finished_share": sum(bool(f) for _, f in samples) / len(samples),
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        "repeated_4gram_rate": repeats / fourgrams if fourgrams else 0.0,
+        "samples": len(samples),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# domain classifier
+
+class DomainClassifier:
+    """Which domain a text reads like: TF-IDF of word 1-2 grams and character 2-4 grams (within
+    words), then logistic regression. The character features keep the judge working on the misspelt,
+    half-formed words of small models' samples, where whole-word features alone miss."""
+
+    FORMAT = 1  # bumped if the saved layout changes
+
+    def __init__(self):
+        self.pipeline = None
+        self.domains: list[str] = []
+        self.per_domain = 0  # training texts per domain after balancing
+
+    @staticmethod
+    def _build(seed: int):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import FeatureUnion, Pipeline
+        features = FeatureUnion([
+            ("word", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, max_features=100_000)),
+            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, min_df=2,
+                                     max_features=100_000)),
+        ])
+        return Pipeline([("features", features),
+                         ("logreg", LogisticRegression(C=10.0, max_iter=1000, random_state=seed))])
+
+    def fit(self, texts_by_domain: dict[str, list[str]], max_per_domain: int | None = 5000,
+            seed: int = 0) -> "DomainClassifier":
+        """Train on real texts. Every domain is subsampled (deterministically, by `seed`) to the size of
+        the smallest one, capped at `max_per_domain`, so no domain wins by sheer numbers."""
+        if len(texts_by_domain) < 2:
+            raise UserError(f"a domain classifier needs at least two domains, got {sorted(texts_by_domain)}")
+        for name, texts in texts_by_domain.items():
+            if not [t for t in texts if t.strip()]:
+                raise UserError(f"domain '{name}' has no non-empty text to train the classifier on")
+        pools = {name: [t for t in texts if t.strip()] for name, texts in sorted(texts_by_domain.items())}
+        n = min(len(p) for p in pools.values())
+        if max_per_domain:
+            n = min(n, max_per_domain)
+        rng = random.Random(seed)
+        X, y = [], []
+        for name, pool in pools.items():
+            keep = sorted(rng.sample(range(len(pool)), n))
+            X += [pool[i] for i in keep]
+            y += [name] * n
+        self.pipeline = self._build(seed).fit(X, y)
+        self.domains = [str(c) for c in self.pipeline.classes_]
+        self.per_domain = n
+        return self
+
+    def _require_fitted(self) -> None:
+        if self.pipeline is None:
+            raise UserError("the domain classifier is not trained; call fit() or load() first")
+
+    def predict_proba(self, texts: list[str]) -> list[dict[str, float]]:
+        self._require_fitted()
+        if not texts:
+            return []
+        probs = self.pipeline.predict_proba(list(texts))
+        return [{d: float(p) for d, p in zip(self.domains, row)} for row in probs]
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [max(p, key=p.get) for p in self.predict_proba(texts)]
+
+    def accuracy(self, texts_by_domain: dict[str, list[str]]) -> dict[str, float]:
+        """Per domain, the share of its texts classified as that domain."""
+        self._require_fitted()
+        out = {}
+        for name, texts in texts_by_domain.items():
+            if name not in self.domains:
+                raise UserError(f"the classifier does not know domain '{name}' (it knows: {', '.join(self.domains)})")
+            if not texts:
+                raise UserError(f"no texts for domain '{name}' to measure accuracy on")
+            out[name] = sum(p == name for p in self.predict(texts)) / len(texts)
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """joblib file, written to a temp file beside `path` then renamed, so a crash never leaves half a file."""
+        import joblib
+        self._require_fitted()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                joblib.dump({"format": self.FORMAT, "domains": self.domains, "per_domain": self.per_domain,
+                             "pipeline": self.pipeline}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DomainClassifier":
+        """Only load files you trust: joblib files are pickles and can run code."""
+        import joblib
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such classifier file (write one with DomainClassifier.save)")
+        try:
+            state = joblib.load(path)
+        except Exception as e:  # pickle raises many types for truncated or foreign files
+            raise UserError(f"{path}: not a readable classifier file ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or state.get("format") != cls.FORMAT or "pipeline" not in state:
+            raise UserError(f"{path}: not a domain classifier file written by DomainClassifier.save")
+        clf = cls()
+        clf.pipeline, clf.domains = state["pipeline"], list(state["domains"])
+        clf.per_domain = state.get("per_domain", 0)
+        return clf
+
+
+def domain_control_accuracy(classifier: DomainClassifier,
+                            samples_by_domain: dict[str, list[str]]) -> dict[str, float]:
+    """For each requested domain d, the share of the samples generated for d that the classifier
+    assigns to d (design.md §6)."""
+    return classifier.accuracy(samples_by_domain)
