@@ -12,14 +12,12 @@ Model FLOPs per token = 6 × parameters + 12 × layers × dim × context (the at
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from expandlm.artifacts import versions, write_json_atomic  # noqa: E402

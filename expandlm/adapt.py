@@ -17,7 +17,7 @@ from .corpus import load_train_val
 from .domains import get_domain
 from .errors import UserError
 from .evaluate import evaluate_bpb
-from .expert import RUN_RECORD, check_out, log, save_into
+from .expert import RUN_RECORD, check_out, log, save_into, spec_from_record
 from .model import count_params
 from .serving import MODEL_CARD, load_served, restore_all_layers, select_domain
 from .shards import PackedBatches, build_shard
@@ -45,19 +45,11 @@ class AdaptSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _spec_from_record(out: Path) -> AdaptSpec:
-    saved = read_json(out / RUN_RECORD, "run record")["spec"]
-    train_cfg = TrainConfig(**{**saved["train"], "betas": tuple(saved["train"]["betas"])})
-    return AdaptSpec(**{**saved, "train": train_cfg})
-
-
 def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     out = Path(spec.out)
     check_out(out, resume)
     if resume:
-        progress = spec.train.progress
-        spec = _spec_from_record(out)
-        spec.train.progress = progress
+        spec = spec_from_record(out, AdaptSpec, spec.train.progress)
     strategy = make_strategy(spec.strategy, spec.options)
     base_dir = Path(spec.base)
     served = load_served(base_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .adapt import AdaptSpec, adapt
-from .artifacts import read_json, versions, write_json_atomic, write_text_atomic
+from .artifacts import read_json, versions, write_json_atomic
 from .corpus import default_data_dir, load_train_val
 from .domains import get_domain
 from .errors import UserError
@@ -29,7 +29,7 @@ from .report import write_study_report
 from .serving import load_served
 from .shards import build_shard
 from .suite import DomainClassifier, domain_control_accuracy, recipe_validity, story_health
-from .tokenizer import load_tokenizer, train_bpe
+from .tokenizer import encode_texts, load_tokenizer, train_bpe
 from .train import CHECKPOINT, TrainConfig
 
 SUITE = "suite.json"
@@ -246,6 +246,17 @@ class Study:
         write_study_report(self.out, results)
         return results
 
+    def validity_ceiling(self, folder: Path) -> float:
+        """Recipe validity of the real validation recipes, each counted as ended only if it fits the
+        model's context with the model's tokenizer (request prefix and <|eos|> included): the most a
+        perfect model could score at this context length."""
+        tok = load_tokenizer(folder)
+        context = read_json(folder / "config.json")["max_position_embeddings"]
+        data, val = self.sources["recipes"]
+        _, val_c = load_train_val(data, get_domain("recipes"), val, val_limit=self.cfg.val_limit)
+        fits = [len(ids) + 3 <= context for ids in encode_texts(tok, val_c.documents)]
+        return sum(recipe_validity(doc, ok) for doc, ok in zip(val_c.documents, fits)) / len(fits)
+
     def _row(self, strategy, label, folder, suite, seed, before, reference, forgetting=True) -> dict:
         record = read_json(folder / RUN_RECORD)
         old, new = self.cfg.old_domain, self.cfg.new_domain
@@ -259,6 +270,7 @@ class Study:
             "new_domain_gap": bpb[new] / reference - 1,
             "domain_accuracy": suite.get("domain_accuracy", {}),
             "recipe_validity": suite.get("recipe_validity"),
+            "recipe_validity_ceiling": self.validity_ceiling(folder) if "recipes" in self.sources else None,
             "story_health": suite.get("story_health"),
             "trainable_params": record.get("trainable_params", params), "total_params": params,
             "tokens": record.get("tokens"), "seconds": record.get("train_seconds"),

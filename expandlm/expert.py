@@ -53,10 +53,12 @@ def check_out(out: Path, resume: bool) -> None:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
 
 
-def spec_from_record(out: Path) -> ExpertSpec:
-    """The spec a run was started with (a resumed run continues with exactly that)."""
+def spec_from_record(out: Path, spec_cls, progress: bool = True):
+    """The spec a run was started with: a resumed run continues with exactly that (only the progress
+    bar follows the new command line)."""
     saved = read_json(out / RUN_RECORD, "run record")["spec"]
-    return ExpertSpec(**{**saved, "train": TrainConfig(**{**saved["train"], "betas": tuple(saved["train"]["betas"])})})
+    train_cfg = TrainConfig(**{**saved["train"], "betas": tuple(saved["train"]["betas"]), "progress": progress})
+    return spec_cls(**{**saved, "train": train_cfg})
 
 
 def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
@@ -64,9 +66,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
     out = Path(spec.out)
     check_out(out, resume)
     if resume:
-        progress = spec.train.progress
-        spec = spec_from_record(out)
-        spec.train.progress = progress
+        spec = spec_from_record(out, ExpertSpec, spec.train.progress)
         log(f"resuming {out} with its saved configuration")
     dist = distributed_state()
     domain, preset = get_domain(spec.domain), get_preset(spec.preset)

@@ -109,7 +109,7 @@ def write_study_report(out: Path, results: dict) -> None:
             continue
         curve = [m for m in read_metrics(out / r["model"]) if "val_bpb" in m]
         ax.plot([m["tokens"] for m in curve], [m["val_bpb"] for m in curve], marker=".", label=r["label"])
-    ax.set(xlabel=f"training tokens", ylabel=f"{new} validation bpb", title=f"learning curves on {new}")
+    ax.set(xlabel="training tokens", ylabel=f"{new} validation bpb", title=f"learning curves on {new}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, out / "learning_curves.png")
@@ -121,7 +121,8 @@ def write_study_report(out: Path, results: dict) -> None:
         table.append({"model": r["label"], "seed": r["seed"], f"bpb {old}": r["bpb"][old], f"bpb {new}": r["bpb"][new],
                       "forgetting": _pct(r["forgetting_rel"]), "new-domain gap": _pct(r["new_domain_gap"]),
                       f"ctrl acc {old}": acc.get(old), f"ctrl acc {new}": acc.get(new),
-                      "recipe valid": r["recipe_validity"], "stories ended": health.get("finished_share"),
+                      "recipe valid": r["recipe_validity"], "(fit ceiling)": r.get("recipe_validity_ceiling"),
+                      "stories ended": health.get("finished_share"),
                       "distinct-2": health.get("distinct_2"), "trainable": r["trainable_params"],
                       "total": r["total_params"], "tokens": r["tokens"],
                       "minutes": None if r["seconds"] is None else round(r["seconds"] / 60, 2)})
@@ -130,7 +131,9 @@ def write_study_report(out: Path, results: dict) -> None:
              f"{cfg['adapt_tokens']:,} tokens (the {new} scratch expert too, the reference of the new-domain gap). "
              "bpb: bits per byte on each domain's validation set. forgetting: relative change of the old "
              "domain's bpb. ctrl acc: share of samples requested for a domain that a held-out classifier "
-             "(trained on real text only) assigns to it.", "",
+             "(trained on real text only) assigns to it. recipe valid: share of generated recipes with the "
+             "full layout that ended before the context limit; (fit ceiling): share of real validation recipes "
+             "that fit the context with the model's tokenizer, the most a perfect model could score.", "",
              markdown_table(table, list(table[0])), "",
              "![bpb and forgetting](bpb_and_forgetting.png)", "", "![learning curves](learning_curves.png)", ""]
     if results.get("tokenizer_study"):

@@ -24,6 +24,7 @@ def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, sh
     for m in models:
         assert REQUIRED <= set(m), m["label"]
         assert set(m["bpb"]) == {"stories", "recipes"} and all(v > 0 for v in m["bpb"].values())
+        assert 0 <= m["recipe_validity_ceiling"] <= 1
     by_label = {m["label"]: m for m in models}
     assert by_label["expand_paths"]["forgetting"] == 0.0  # the old path is untouched, exactly
     assert by_label["lora"]["forgetting"] == 0.0           # adapter off = the base

@@ -13,7 +13,7 @@ default, so a strategy overrides only what makes it different:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -107,4 +107,4 @@ def freeze(module: torch.nn.Module) -> None:
 # The strategies, one module each; importing them registers them.
 from . import expand, expand_paths, ewc, full_ft, joint, lora, replay  # noqa: E402,F401
 
-__all__ = ["AdaptContext", "Strategy", "STRATEGIES", "register", "make_strategy", "freeze", "field"]
+__all__ = ["AdaptContext", "Strategy", "STRATEGIES", "register", "make_strategy", "freeze"]
