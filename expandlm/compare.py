@@ -19,14 +19,14 @@ import yaml
 
 from .adapt import AdaptSpec, adapt
 from .artifacts import read_json, versions, write_json_atomic
-from .corpus import default_data_dir, load_train_val
+from .corpus import default_data_dir, load_corpus, load_train_val
 from .domains import get_domain
 from .errors import UserError
 from .evaluate import evaluate_bpb
 from .expert import RUN_RECORD, ExpertSpec, log, train_expert
 from .generate import SamplingConfig, generate
 from .report import write_study_report
-from .serving import load_served
+from .serving import context_length, load_served
 from .shards import build_shard
 from .suite import DomainClassifier, domain_control_accuracy, recipe_validity, story_health
 from .tokenizer import encode_texts, load_tokenizer, train_bpe
@@ -133,6 +133,13 @@ class Study:
             self.sources[name] = (str(data_dir / d.train_file), str(data_dir / d.valid_file))
         self.cache = str(self.out / "cache")
         self._classifier = None
+        self._val = {}
+
+    def val_corpus(self, name: str):
+        """A domain's validation documents (read once per study)."""
+        if name not in self._val:
+            self._val[name] = load_corpus(self.sources[name][1], get_domain(name), "validation", self.cfg.val_limit)
+        return self._val[name]
 
     # -- training stages (each reused when done, resumed when interrupted) --------------------------
     def _train_cfg(self, seed: int, tokens: int) -> TrainConfig:
@@ -179,15 +186,14 @@ class Study:
             if path.exists():
                 self._classifier = DomainClassifier.load(path)
             else:
-                texts = {}
-                for name, (data, _) in self.sources.items():
-                    train_c, _ = load_train_val(data, get_domain(name), None, self.cfg.evaluation.classifier_docs)
-                    texts[name] = train_c.documents
+                docs = self.cfg.evaluation.classifier_docs
+                texts = {name: load_corpus(data, get_domain(name), limit=docs).documents
+                         for name, (data, _) in self.sources.items()}
                 self._classifier = DomainClassifier().fit(texts, seed=0)
                 self._classifier.save(path)
         return self._classifier
 
-    def suite(self, folder: Path, generate_samples: bool = True) -> dict:
+    def suite(self, folder: Path) -> dict:
         """bpb on both domains, and for every domain the model serves: samples, control accuracy,
         recipe validity, story health. Cached in `folder/suite.json`."""
         cached = folder / SUITE
@@ -198,26 +204,25 @@ class Study:
         # the training run already measured its own domains on the same validation sets
         known = record.get("bpb") or {record["spec"]["domain"]: record["val_bpb"]}
         result = {"bpb": {}, "samples": {}}
-        for name, (data, val) in self.sources.items():
+        for name in self.sources:
             if name in known:
                 result["bpb"][name] = known[name]
                 continue
-            _, val_c = load_train_val(data, get_domain(name), val, val_limit=self.cfg.val_limit)
             model = served.for_domain(name) if name in served.domains else served.model
-            result["bpb"][name] = evaluate_bpb(model, build_shard(val_c, served.tokenizer, self.cache))["bpb"]
-        if generate_samples:
-            ev = self.cfg.evaluation
-            sampling = SamplingConfig(temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=0)
-            for name in served.domains:
-                drawn = generate(served.for_domain(name), served.tokenizer, get_domain(name), "", ev.samples, sampling)
-                result["samples"][name] = [{"text": s.text, "finished": s.finished} for s in drawn]
-            texts = {d: [s["text"] for s in v] for d, v in result["samples"].items()}
-            result["domain_accuracy"] = domain_control_accuracy(self.classifier(), texts) if texts else {}
-            if "recipes" in result["samples"]:
-                rs = result["samples"]["recipes"]
-                result["recipe_validity"] = sum(recipe_validity(s["text"], s["finished"]) for s in rs) / len(rs)
-            if "stories" in result["samples"]:
-                result["story_health"] = story_health([(s["text"], s["finished"]) for s in result["samples"]["stories"]])
+            shard = build_shard(self.val_corpus(name), served.tokenizer, self.cache)
+            result["bpb"][name] = evaluate_bpb(model, shard)["bpb"]
+        ev = self.cfg.evaluation
+        sampling = SamplingConfig(temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=0)
+        for name in served.domains:
+            drawn = generate(served.for_domain(name), served.tokenizer, get_domain(name), "", ev.samples, sampling)
+            result["samples"][name] = [{"text": s.text, "finished": s.finished} for s in drawn]
+        texts = {d: [s["text"] for s in v] for d, v in result["samples"].items()}
+        result["domain_accuracy"] = domain_control_accuracy(self.classifier(), texts) if texts else {}
+        if "recipes" in result["samples"]:
+            rs = result["samples"]["recipes"]
+            result["recipe_validity"] = sum(recipe_validity(s["text"], s["finished"]) for s in rs) / len(rs)
+        if "stories" in result["samples"]:
+            result["story_health"] = story_health([(s["text"], s["finished"]) for s in result["samples"]["stories"]])
         write_json_atomic(cached, result)
         return result
 
@@ -251,9 +256,8 @@ class Study:
         model's context with the model's tokenizer (request prefix and <|eos|> included): the most a
         perfect model could score at this context length."""
         tok = load_tokenizer(folder)
-        context = read_json(folder / "config.json")["max_position_embeddings"]
-        data, val = self.sources["recipes"]
-        _, val_c = load_train_val(data, get_domain("recipes"), val, val_limit=self.cfg.val_limit)
+        context = context_length(folder)
+        val_c = self.val_corpus("recipes")
         fits = [len(ids) + 3 <= context for ids in encode_texts(tok, val_c.documents)]
         return sum(recipe_validity(doc, ok) for doc, ok in zip(val_c.documents, fits)) / len(fits)
 

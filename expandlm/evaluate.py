@@ -41,6 +41,9 @@ def evaluate_bpb(model, shard: TokenShard, max_docs: int | None = None, batch_to
     `forward(input_ids) -> logits` overrides the plain model call (strategies that route a domain
     through its own path use it)."""
     context = context or model.config.max_position_embeddings
+    # Bound the logits tensor (tokens × vocabulary floats): GPT-2's 50k vocabulary would otherwise
+    # need several GB per batch.
+    batch_tokens = max(context, min(batch_tokens, (1 << 26) // model.config.vocab_size))
     device = next(model.parameters()).device
     forward = forward or (lambda ids: model(input_ids=ids).logits)
     pad = model.config.pad_token_id or 0

@@ -70,6 +70,14 @@ def resolve_base(card: dict, path: Path) -> Path:
     return base if base.is_absolute() else (path / base).resolve()
 
 
+def context_length(path: str | os.PathLike) -> int:
+    """The context of a model folder without loading its weights (a LoRA folder: its base's)."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / MODEL_CARD).exists():
+        path = resolve_base(read_json(path / MODEL_CARD, "model card"), path)
+    return read_json(path / "config.json", "model config")["max_position_embeddings"]
+
+
 def load_served(path: str | os.PathLike) -> ServedModel:
     path = Path(path)
     card = read_json(path / MODEL_CARD, "model card") if (path / MODEL_CARD).exists() else {}
