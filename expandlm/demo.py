@@ -13,7 +13,8 @@ from .corpus import default_data_dir
 from .domains import get_domain
 from .errors import UserError
 from .expert import RUN_RECORD, ExpertSpec, log, train_expert
-from .generate import SamplingConfig, generate, load_model
+from .generate import SamplingConfig, generate
+from .serving import load_served
 from .report import markdown_table, plot_curves
 from .train import CHECKPOINT, TrainConfig, read_metrics
 
@@ -66,9 +67,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             spec = ExpertSpec(domain=name, data=data, val_data=val, out=str(expert_dir), preset=cfg.preset,
                               limit=cfg.limit, train=train_cfg)
             record = train_expert(spec, resume=resume)
-        model, tokenizer = load_model(expert_dir)
+        served = load_served(expert_dir)
         prompt = DOMAIN_PROMPTS.get(name, "")
-        drawn = generate(model, tokenizer, get_domain(name), prompt, num_samples=cfg.samples,
+        drawn = generate(served.for_domain(name), served.tokenizer, get_domain(name), prompt, num_samples=cfg.samples,
                          sampling=SamplingConfig(seed=cfg.seed))
         samples[name] = [{"prompt": prompt, "text": s.text, "finished": s.finished} for s in drawn]
         rows.append({"domain": name, "params": record["params"], "tokens": record["tokens"],

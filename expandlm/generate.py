@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TextStreamer, set_seed
+from transformers import TextStreamer, set_seed
 
 from .domains import Domain
 from .errors import UserError
-from .tokenizer import encode_texts, load_tokenizer, require_tag
+from .tokenizer import encode_texts, require_tag
 
 
 @dataclass
@@ -20,16 +19,6 @@ class SamplingConfig:
     top_p: float | None = 0.95
     max_new_tokens: int | None = None  # default: fill the context
     seed: int = 0
-
-
-def load_model(path: str | Path):
-    """A checkpoint folder written by `expandlm train` (any standard Llama checkpoint works)."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise UserError(f"{path}: no config.json; expected a model folder written by `expandlm train`")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.eval()
-    return model, load_tokenizer(path)
 
 
 def request_ids(tokenizer, domain: Domain, prompt: str = "") -> list[int]:

@@ -56,7 +56,9 @@ def _bars(ax, labels: list[str], series: dict[str, list[float]], ylabel: str, ti
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, [v if v is not None else 0 for v in values], width, label=name)
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, [v if v is not None else 0 for v in values], width,
+                      label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
@@ -104,11 +106,10 @@ def write_study_report(out: Path, results: dict) -> None:
     _save(fig, out / "bpb_and_forgetting.png")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in seed0:
-        if r["strategy"] == "base":
-            continue
+    for i, r in enumerate(r for r in seed0 if r["strategy"] != "base"):
         curve = [m for m in read_metrics(out / r["model"]) if "val_bpb" in m]
-        ax.plot([m["tokens"] for m in curve], [m["val_bpb"] for m in curve], marker=".", label=r["label"])
+        ax.plot([m["tokens"] for m in curve], [m["val_bpb"] for m in curve], marker=".", label=r["label"],
+                color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
     ax.set(xlabel="training tokens", ylabel=f"{new} validation bpb", title=f"learning curves on {new}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

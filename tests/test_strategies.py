@@ -143,16 +143,13 @@ def test_whole_model_strategies_produce_a_standard_checkpoint(base, strategy, op
     assert set(record["forgetting"]) == {"stories"}
 
 
-def test_replay_and_joint_mix_the_old_domain_in(base):
-    from expandlm.shards import PackedBatches
-    from expandlm.serving import load_served as _load
-    root, _ = base
-    tok = _load(root / "base").tokenizer
-    recipes_tag, stories_tag = tok.convert_tokens_to_ids("<|recipes|>"), tok.convert_tokens_to_ids("<|stories|>")
-    record, out = _adapt(base, "replay", name="replay-mix", options={"fraction": 0.5})
+def test_mixture_batches_draw_each_shard_by_weight(base):
     from expandlm.corpus import load_corpus
     from expandlm.domains import get_domain
-    from expandlm.shards import build_shard
+    from expandlm.shards import PackedBatches, build_shard
+    root, _ = base
+    tok = load_served(root / "base").tokenizer
+    recipes_tag, stories_tag = tok.convert_tokens_to_ids("<|recipes|>"), tok.convert_tokens_to_ids("<|stories|>")
     shards = [build_shard(load_corpus(base[1], get_domain("recipes")), tok, root / "cache"),
               build_shard(load_corpus(root / "stories.jsonl", get_domain("stories")), tok, root / "cache")]
     batches = PackedBatches(shards, 16, 64, seed=0, weights=[0.5, 0.5])
