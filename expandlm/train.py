@@ -16,7 +16,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +145,7 @@ def plan_steps(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int, micro_
 
 
 def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_shard: TokenShard | None = None,
-          loss_fn=causal_lm_loss, resume: bool = False, on_save: Callable[[Path], None] | None = None,
-          accelerator: Accelerator | None = None) -> tuple[torch.nn.Module, TrainState]:
+          loss_fn=causal_lm_loss, resume: bool = False) -> tuple[torch.nn.Module, TrainState]:
     """Train `model` (whose frozen parameters stay untouched) on `batches`; returns the unwrapped model.
 
     `out_dir/checkpoint` holds the resumable state; `out_dir/metrics.jsonl` the loss and bpb curve.
@@ -155,7 +153,7 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     distributed_state()
-    accelerator = accelerator or Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     if cfg.compile:
         model = torch.compile(model)
@@ -175,6 +173,8 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
         micro_s = _timed_micro_steps(model, batches, accelerator, loss_fn) if cfg.minutes else None
         state.total_steps = plan_steps(cfg, tokens_per_step, batches.tokens_per_epoch, micro_s,
                                        batches.batch_size * batches.context, eval_tokens)
+        if world > 1:  # step times differ between processes: all follow the main process's plan
+            state.total_steps = broadcast_object_list([state.total_steps])[0]
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, state.total_steps // 20))
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, state.total_steps,
                                                             min_lr_rate=cfg.min_lr_ratio)
@@ -201,8 +201,6 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
         if accelerator.is_main_process:
             write_json_atomic(Path(tmp_name) / "train_state.json", asdict(state))
             replace_dir(Path(tmp_name), ckpt)
-            if on_save:
-                on_save(ckpt)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
