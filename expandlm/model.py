@@ -64,6 +64,14 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def set_layers(model, layers: list) -> None:
+    """Make `layers` the decoder stack of a Llama model (block expansion, per-domain layer paths)."""
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i  # the KV cache is indexed by position in the stack
+    model.model.layers = torch.nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+
+
 def context_length(model) -> int:
     return model.config.max_position_embeddings
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from .artifacts import read_json
 from .domains import get_domain
 from .errors import UserError
+from .model import set_layers
 from .tokenizer import load_tokenizer
 
 MODEL_CARD = "expandlm.json"
@@ -46,11 +47,7 @@ def select_domain(model, card: dict, name: str):
         inner = model.model
         if not hasattr(inner, "_expandlm_all_layers"):
             inner._expandlm_all_layers = list(inner.layers)  # plain list: not registered as submodules
-        layers = [inner._expandlm_all_layers[i] for i in card["paths"][name]]
-        for i, layer in enumerate(layers):
-            layer.self_attn.layer_idx = i  # the KV cache is indexed by position along the path
-        inner.layers = torch.nn.ModuleList(layers)
-        model.config.num_hidden_layers = len(layers)
+        set_layers(model, [inner._expandlm_all_layers[i] for i in card["paths"][name]])
     return model
 
 
@@ -58,10 +55,7 @@ def restore_all_layers(model) -> None:
     """Undo a layer-path selection (before saving: the checkpoint holds every block)."""
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "_expandlm_all_layers"):
-        for i, layer in enumerate(inner._expandlm_all_layers):
-            layer.self_attn.layer_idx = i
-        inner.layers = torch.nn.ModuleList(inner._expandlm_all_layers)
-        model.config.num_hidden_layers = len(inner.layers)
+        set_layers(model, inner._expandlm_all_layers)
         del inner._expandlm_all_layers
 
 

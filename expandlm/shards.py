@@ -139,7 +139,7 @@ class PackedBatches:
             self._perm, self._epoch = torch.randperm(len(self.windows), generator=g).numpy(), epoch
         return self._perm
 
-    def _mixed(self, micro_step: int, rank: int, world: int) -> list[tuple[int, int]]:
+    def _mixed(self, micro_step: int, rank: int) -> list[tuple[int, int]]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + micro_step) * 1009 + rank)
         picks = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g).tolist()
         out = []
@@ -150,7 +150,7 @@ class PackedBatches:
 
     def batch(self, micro_step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
         if self.weights is not None:
-            picks = self._mixed(micro_step, rank, world)
+            picks = self._mixed(micro_step, rank)
         else:
             first = (micro_step * world + rank) * self.batch_size
             picks = [self.windows[self._order(i // len(self.windows))[i % len(self.windows)]]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import set_layers
 from . import AdaptContext, Strategy, freeze, register
 
 
@@ -40,10 +41,7 @@ def expand_blocks(model, new_blocks: int, position: str = "interleave") -> tuple
                 block.mlp.down_proj.weight.zero_()
             new_idx.append(len(layers))
             layers.append(block)
-    for i, layer in enumerate(layers):
-        layer.self_attn.layer_idx = i  # the KV cache is indexed by it
-    model.model.layers = torch.nn.ModuleList(layers)
-    model.config.num_hidden_layers = len(layers)
+    set_layers(model, layers)
     return old_idx, new_idx
 
 
