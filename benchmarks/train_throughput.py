@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from expandlm.artifacts import versions, write_json_atomic  # noqa: E402
+from expandlm.atomic import write_json  # noqa: E402
+from expandlm.run_folder import RunFolder, versions  # noqa: E402
 from expandlm.corpus import default_data_dir, load_corpus  # noqa: E402
 from expandlm.domains import get_domain  # noqa: E402
 from expandlm.model import build_model, count_params, get_preset  # noqa: E402
 from expandlm.report import markdown_table  # noqa: E402
 from expandlm.shards import PackedBatches, build_shard  # noqa: E402
 from expandlm.tokenizer import train_bpe  # noqa: E402
-from expandlm.train import TrainConfig, causal_lm_loss, make_optimizer, read_metrics, train  # noqa: E402
+from expandlm.train import TrainConfig, causal_lm_loss, make_optimizer, train  # noqa: E402
 
 
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -64,7 +65,7 @@ def expandlm_loop(model, batches, cfg: TrainConfig, steps: int, warmup: int) -> 
                              "eval_interval": 0, "checkpoint_interval": 10**9, "progress": False})
         assert steps % warmup == 0, "steps must be a multiple of warmup (the log window)"
         train(model, batches, Path(out), cfg)
-        windows = [r for r in read_metrics(Path(out)) if "loss" in r][1:]
+        windows = [r for r in RunFolder(Path(out)).metrics() if "loss" in r][1:]
     tokens_per_window = warmup * batches.batch_size * batches.context
     seconds = sum(tokens_per_window / r["tokens_per_s"] for r in windows)
     return len(windows) * tokens_per_window / seconds
@@ -104,7 +105,7 @@ def main() -> None:
         rows.append(row)
         print(markdown_table([row], list(row)), flush=True)
     print("\n" + markdown_table(rows, list(rows[0])))
-    write_json_atomic(args.out, {"rows": rows, "threads": torch.get_num_threads(), "versions": versions(),
+    write_json(args.out, {"rows": rows, "threads": torch.get_num_threads(), "versions": versions(),
                                  "args": vars(args)})
     print(f"→ {args.out}")
 

@@ -1,10 +1,14 @@
-"""Command line: `expandlm tokenizer | train | eval | generate | demo`.
+"""Command line: `expandlm tokenizer | train | adapt | eval | generate | export | compare | demo`.
 
+The flags of `train`, `adapt`, `generate` and `demo` are made from the fields of their config
+dataclasses (`config.flags`), so every default and help text is written once, beside the field; a
+`--config FILE.yaml` gives the same settings as a file (flags given on the command line win).
 User errors end in one `expandlm: error: ...` line (exit 2), never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,11 +34,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+def _spec(args, spec_cls, command: str):
+    """A spec from `--config` (if given) overlaid with the flags given on the command line."""
+    from .config import build, given, load_yaml
+    from .train import TrainConfig
+
+    data = load_yaml(args.config) if args.config else {}
+    data.update(given(args, spec_cls))
+    train_field = {f.name: f for f in dataclasses.fields(spec_cls)}.get("train")
+    if train_field is not None:  # the spec's own training defaults, then the file's, then the flags
+        train = data.get("train") or {}
+        if not isinstance(train, dict):
+            raise UserError(f"{args.config}: 'train' must be a mapping of training settings")
+        data["train"] = {**dataclasses.asdict(train_field.default_factory()), **train, **given(args, TrainConfig)}
+    required = [f.name for f in dataclasses.fields(spec_cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if required:
+        flags = ", ".join("--" + n.replace("_", "-") for n in required)
+        raise UserError(f"{command} needs {flags} (as flags or keys of --config), or --resume with the --out "
+                        "of an earlier run")
+    return build(spec_cls, data, args.config or "command line")
+
+
+def _resumed(args, spec_cls):
+    from .expert import saved_spec
+    from .run_folder import RunFolder
+
+    if getattr(args, "out", None) is None:
+        raise UserError("--resume needs --out, the folder of the run to continue")
+    folder = RunFolder(args.out)
+    folder.begin(resume=True)
+    return saved_spec(folder, spec_cls, progress=getattr(args, "progress", True))
 
 
 def cmd_tokenizer(args) -> None:
@@ -53,28 +83,40 @@ def cmd_tokenizer(args) -> None:
     print(f"{n_bytes / n_tokens:.2f} bytes/token on {len(sample)} {domain.name} documents")
 
 
-def _train_config(args):
-    from .train import TrainConfig
-    return TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                       warmup_steps=args.warmup_steps, max_steps=args.max_steps, max_tokens=args.max_tokens,
-                       minutes=args.minutes, eval_interval=args.eval_interval, eval_docs=args.eval_docs,
-                       checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval, seed=args.seed, precision=args.precision,
-                       compile=args.compile, progress=not args.no_progress)
-
-
 def cmd_train(args) -> None:
     from .expert import ExpertSpec, train_expert
 
-    if not args.resume and (args.domain is None or args.data is None):
-        raise UserError("train needs --domain and --data (or --resume with the --out of an earlier run)")
-    spec = ExpertSpec(domain=args.domain, data=args.data, out=args.out, preset=args.preset,
-                      tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_data=args.val_data,
-                      limit=args.limit, cache_dir=args.cache_dir, train=_train_config(args))
+    spec = _resumed(args, ExpertSpec) if args.resume else _spec(args, ExpertSpec, "train")
     train_expert(spec, resume=args.resume)
 
 
+def cmd_adapt(args) -> None:
+    from .adapt import AdaptSpec, adapt
+    from .config import parse_text
+    from .strategies import strategy_class
+
+    if args.resume:
+        adapt(_resumed(args, AdaptSpec), resume=True)
+        return
+    options = {}
+    if args.option:
+        if not getattr(args, "strategy", None):
+            raise UserError("--option needs --strategy")
+        options_cls = strategy_class(args.strategy).Options
+        for item in args.option:
+            if "=" not in item:
+                raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option new_blocks=2")
+            key, value = (part.strip() for part in item.split("=", 1))
+            known = {f.name for f in dataclasses.fields(options_cls)}
+            options[key] = parse_text(options_cls, key, value) if key in known else value
+    spec = _spec(args, AdaptSpec, "adapt")
+    if options:
+        spec = dataclasses.replace(spec, options={**spec.options, **options})
+    adapt(spec)
+
+
 def cmd_eval(args) -> None:
-    from .artifacts import write_json_atomic
+    from .atomic import write_json
     from .corpus import load_corpus
     from .domains import get_domain
     from .evaluate import evaluate_bpb
@@ -88,12 +130,13 @@ def cmd_eval(args) -> None:
     result = {"model": str(args.model), "domain": domain.name, "data": str(args.data),
               **evaluate_bpb(served.for_domain(domain.name), shard)}
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{domain.name}.json"
-    write_json_atomic(out, result)
+    write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"bpb {result['bpb']:.4f} on {result['documents']} {domain.name} documents → {out}", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
+    from .config import build, given
     from .domains import get_domain
     from .generate import SamplingConfig, generate
     from .routing import route_request
@@ -101,6 +144,7 @@ def cmd_generate(args) -> None:
 
     if (args.domain is None) == (args.request is None):
         raise UserError("generate needs exactly one of --domain (with an optional --prompt) or --request")
+    sampling = build(SamplingConfig, given(args, SamplingConfig), "sampling flags")
     served = load_served(args.model)
     domain_name, prompt, routed = args.domain, args.prompt, None
     if args.request is not None:
@@ -109,8 +153,6 @@ def cmd_generate(args) -> None:
         print(f"[routed to {routed.domain} ({routed.confidence:.0%} confident; {routed.reason}); "
               f"prompt {prompt!r}]", file=sys.stderr)
     model = served.for_domain(domain_name)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed)
     stream = args.num_samples == 1 and not args.json
     samples = generate(model, served.tokenizer, get_domain(domain_name), prompt, args.num_samples, sampling,
                        stream=stream)
@@ -128,67 +170,50 @@ def cmd_generate(args) -> None:
             print(f"--- sample {i}{note}\n{s.text}\n")
 
 
-def cmd_adapt(args) -> None:
-    from .adapt import AdaptSpec, adapt
+def cmd_export(args) -> None:
+    from .serving import load_served
 
-    if not args.resume and None in (args.base, args.strategy, args.domain, args.data):
-        raise UserError("adapt needs --base, --strategy, --domain and --data (or --resume with an earlier --out)")
-    options = {}
-    for item in args.option or []:
-        if "=" not in item:
-            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option new_blocks=2")
-        key, value = item.split("=", 1)
-        options[key.strip()] = value.strip()
-    spec = AdaptSpec(base=args.base, strategy=args.strategy, domain=args.domain, data=args.data, out=args.out,
-                     options=options, val_data=args.val_data, expand_vocab=args.expand_vocab, limit=args.limit,
-                     cache_dir=args.cache_dir, train=_train_config(args))
-    adapt(spec, resume=args.resume)
+    served = load_served(args.model, device="cpu")
+    folder = served.export(args.domain, args.out)
+    print(f"{args.domain} of {args.model} ({served.strategy.name}) → {folder.path} "
+          "(AutoModelForCausalLM / AutoTokenizer load it)")
 
 
 def cmd_compare(args) -> None:
     from .compare import Study, load_config
 
-    Study(load_config(args.config), args.out, progress=not args.no_progress).run()
+    Study(load_config(args.config), args.out, progress=args.progress).run()
     print(f"report: {args.out}/report.md  results: {args.out}/results.json")
 
 
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.out, preset=args.preset, minutes=args.minutes, data_dir=args.data_dir,
-                        hub=args.hub, limit=args.limit, seed=args.seed, progress=not args.no_progress))
+    run_demo(_spec(args, DemoConfig, "demo"))
 
 
-def _training_flags(tr: argparse.ArgumentParser) -> None:
-    """Flags shared by `train` and `adapt`: data, output, budget, optimisation, bookkeeping."""
-    tr.add_argument("--domain", help="the domain to train on")
-    tr.add_argument("--data", help="training corpus: a .jsonl(.gz), .txt, .parquet file or a hub dataset id")
-    tr.add_argument("--val-data", help="validation corpus (default: hold out 1%% of --data)")
-    tr.add_argument("--out", required=True)
-    budget = tr.add_argument_group("budget (the smallest given wins; none: one epoch)")
-    budget.add_argument("--minutes", type=_positive_float)
-    budget.add_argument("--max-steps", type=_positive_int)
-    budget.add_argument("--max-tokens", type=_positive_int)
-    opt = tr.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per micro-batch per process")
-    opt.add_argument("--grad-accum", type=_positive_int, default=1)
-    opt.add_argument("--lr", type=_positive_float, default=2e-3)
-    opt.add_argument("--warmup-steps", type=int)
-    opt.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
-    tr.add_argument("--eval-interval", type=int, default=100, help="steps between validation passes")
-    tr.add_argument("--eval-docs", type=_positive_int, default=200, help="validation documents per pass")
-    tr.add_argument("--checkpoint-interval", type=_positive_int, default=200, help="steps between checkpoints")
-    tr.add_argument("--log-interval", type=_positive_int, default=10, help="steps between metrics records")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--limit", type=_positive_int, help="use only the first N training documents")
-    tr.add_argument("--cache-dir", help="token shard cache (default: $EXPANDLM_CACHE or ~/.cache/expandlm)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    tr.add_argument("--no-progress", action="store_true")
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a YAML file with any of the settings below (flags given here win)")
+
+
+def _training_command(p: argparse.ArgumentParser, spec_cls) -> None:
+    """Flags of `train` / `adapt`: the spec's fields, then the training loop's."""
+    from .config import flags
+    from .train import TrainConfig
+
+    _with_config(p)
+    flags(p, spec_cls)
+    flags(p.add_argument_group("training loop (budgets: the smallest given wins; none: one epoch)"), TrainConfig)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .model import PRESETS
+    from .adapt import AdaptSpec
+    from .config import flags
+    from .demo import DemoConfig
+    from .expert import ExpertSpec
+    from .generate import SamplingConfig
+    from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="expandlm", description="Small domain-specific language models that "
                                 "learn new domains without forgetting old ones.")
@@ -203,20 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tokenizer)
 
     tr = sub.add_parser("train", help="train a domain expert from scratch (or --resume one)")
-    tr.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    tr.add_argument("--tokenizer", help="a tokenizer folder, or gpt2 / bytes (default: train a BPE on --data)")
-    tr.add_argument("--vocab-size", type=_positive_int, help="vocabulary of the trained BPE (default: the preset's)")
-    _training_flags(tr)
+    _training_command(tr, ExpertSpec)
     tr.set_defaults(func=cmd_train)
 
     ad = sub.add_parser("adapt", help="make a trained model serve a new domain with a strategy")
-    ad.add_argument("--base", help="the model folder to adapt (e.g. an expert from `train`)")
-    ad.add_argument("--strategy", help="full_ft | lora | joint | replay | ewc | expand | expand_paths")
+    _training_command(ad, AdaptSpec)
     ad.add_argument("--option", action="append", metavar="KEY=VALUE",
-                    help="a strategy option, repeatable: new_blocks=2, r=16, fraction=0.2, lam=1, from_scratch=false")
-    ad.add_argument("--expand-vocab", type=int, default=0, metavar="N",
-                    help="append N tokens learned from the new domain (old tokenization kept)")
-    _training_flags(ad)
+                    help="a strategy option, repeatable: new_blocks=2, r=16, target_modules=q_proj,v_proj, "
+                         "fraction=0.2, lam=1, from_scratch=false")
     ad.set_defaults(func=cmd_adapt)
 
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
@@ -235,44 +254,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="", help="a story opening, a recipe title, ...")
     g.add_argument("--request", help="free text such as 'write a recipe for banana bread': routed to a domain")
     g.add_argument("--num-samples", type=_positive_int, default=1)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--max-new-tokens", type=_positive_int)
     g.add_argument("--json", action="store_true", help="print the samples as JSON")
+    flags(g.add_argument_group("sampling"), SamplingConfig)
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export", help="write one domain of a multi-domain model as a standard checkpoint")
+    x.add_argument("model", help="a model folder (from train or adapt)")
+    x.add_argument("--domain", required=True, help="the domain whose model to write")
+    x.add_argument("--out", required=True, help="the checkpoint folder to write")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("compare", help="run a whole study from a YAML config (strategies × evaluation suite)")
     c.add_argument("config", help="e.g. configs/stories-recipes.yaml (configs/smoke.yaml: a few minutes)")
     c.add_argument("--out", required=True)
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="train, evaluate and sample one expert per domain (the README's main command)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    d.add_argument("--minutes", type=_positive_float, default=6.0, help="training budget per domain")
-    d.add_argument("--data-dir", help="folder with the corpora (default: $EXPANDLM_DATA or ../shared/data)")
-    d.add_argument("--hub", action="store_true", help="load the corpora from the Hugging Face Hub (online)")
-    d.add_argument("--limit", type=_positive_int, help="use only the first N documents per corpus")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-progress", action="store_true")
+    _with_config(d)
+    flags(d, DemoConfig)
+    flags(d.add_argument_group("training loop of every expert"), TrainConfig)
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    _quiet_libraries()
     try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
         args.func(args)
     except UserError as e:
         print(f"expandlm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nexpandlm: interrupted (a `train` run continues with --resume)", file=sys.stderr)
+        print("\nexpandlm: interrupted (a `train` or `adapt` run continues with --resume)", file=sys.stderr)
         return 130
     return 0
 

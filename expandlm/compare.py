@@ -10,115 +10,83 @@ stopped. Writes `results.json`, `report.md`, plots and sample generations.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .adapt import AdaptSpec, adapt
-from .artifacts import read_json, versions, write_json_atomic
+from .atomic import read_json, write_json
+from .config import arg, build, config, load_yaml
 from .corpus import default_data_dir, load_corpus, load_train_val
 from .domains import get_domain
 from .errors import UserError
 from .evaluate import evaluate_bpb
-from .expert import RUN_RECORD, ExpertSpec, log, train_expert
+from .expert import ExpertSpec, log, train_expert
 from .generate import SamplingConfig, generate
 from .report import write_study_report
+from .run_folder import SUITE, RunFolder, versions
 from .serving import context_length, load_served
 from .shards import build_shard
-from .suite import DomainClassifier, domain_control_accuracy, recipe_validity, story_health
+from .suite import DomainClassifier, domain_control_accuracy, text_health
 from .tokenizer import encode_texts, load_tokenizer, train_bpe
-from .train import CHECKPOINT, TrainConfig
-
-SUITE = "suite.json"
+from .train import TrainConfig
 
 
-@dataclass
+@config
 class StrategyRun:
-    name: str
-    label: str | None = None
-    options: dict = field(default_factory=dict)
-    expand_vocab: int = 0
+    name: str = arg(help="a registered strategy")
+    label: str | None = arg(None, "the run's name in the study (default: the strategy's)")
+    options: dict = arg(help="the strategy's options", factory=dict)
+    expand_vocab: int = arg(0, "tokens learned from the new domain and appended to the tokenizer")
 
     @property
     def key(self) -> str:
         return self.label or self.name
 
 
-@dataclass
+@config
 class EvalConfig:
-    samples: int = 50              # generated samples per domain for control accuracy / validity / health
-    max_new_tokens: int | None = None
-    temperature: float = 0.8
-    classifier_docs: int = 3000    # real training documents per domain for the held-out classifier
+    samples: int = arg(50, "generated samples per domain (control accuracy, validity, health)")
+    max_new_tokens: int | None = arg(None, "tokens per sample (default: fill the context)")
+    temperature: float = arg(0.8, "sampling temperature of the samples")
+    classifier_docs: int = arg(3000, "real training documents per domain for the held-out classifier")
 
 
-@dataclass
+@config
 class TokenizerStudy:
-    tokenizers: list = field(default_factory=lambda: ["custom", "shared", "gpt2", "bytes"])
-    tokens: int = 500_000          # training tokens per model (equal for every tokenizer)
+    tokenizers: list[str] = arg(help="custom | shared | gpt2 | bytes", factory=lambda: ["custom", "shared", "gpt2", "bytes"])
+    tokens: int = arg(500_000, "training tokens per model (equal for every tokenizer)")
 
 
-@dataclass
+@config
 class StudyConfig:
-    preset: str = "tiny"
-    seeds: list = field(default_factory=lambda: [0])
-    old_domain: str = "stories"
-    new_domain: str = "recipes"
-    data_dir: str | None = None    # default: $EXPANDLM_DATA or ../shared/data
-    limit: int | None = None       # first N documents of each corpus
-    val_limit: int | None = None   # first N documents of each validation set (None: all)
-    base_tokens: int = 2_000_000   # the old domain's expert
-    adapt_tokens: int = 1_000_000  # every strategy, and the new domain's scratch expert
-    train: dict = field(default_factory=dict)  # TrainConfig overrides (batch_size, lr, ...)
-    strategies: list = field(default_factory=list)
-    tokenizer_study: TokenizerStudy | None = None
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    old_domain: str = arg(help="the base expert's domain")
+    new_domain: str = arg(help="the domain every strategy adds")
+    preset: str = arg("tiny", "model size of every model")
+    seeds: list[int] = arg(help="one full study per seed", factory=lambda: [0])
+    data_dir: str | None = arg(None, "folder with the corpora (default: $EXPANDLM_DATA or ../shared/data)")
+    limit: int | None = arg(None, "first N documents of each corpus")
+    val_limit: int | None = arg(None, "first N documents of each validation set (None: all)")
+    base_tokens: int = arg(2_000_000, "training tokens of the old domain's expert")
+    adapt_tokens: int = arg(1_000_000, "training tokens of every strategy and of the new domain's scratch expert")
+    train: TrainConfig = arg(help="training loop settings of every run (budget and seed are set per stage)",
+                             factory=TrainConfig)
+    strategies: list[StrategyRun] = arg(help="the strategies to compare", factory=list)
+    tokenizer_study: TokenizerStudy | None = arg(None, "also compare tokenizers at equal tokens")
+    evaluation: EvalConfig = arg(help="the evaluation suite", factory=EvalConfig)
 
-
-def _from_dict(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise UserError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise UserError(f"{where}: {e}") from None
+    @property
+    def domains(self) -> list[str]:
+        return [self.old_domain, self.new_domain]
 
 
 def load_config(path: str | Path) -> StudyConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    cfg = _from_dict(StudyConfig, raw or {}, str(path))
-    cfg.strategies = [_from_dict(StrategyRun, s, f"{path}: strategies[{i}]") for i, s in enumerate(cfg.strategies)]
-    if cfg.tokenizer_study is not None:
-        cfg.tokenizer_study = _from_dict(TokenizerStudy, cfg.tokenizer_study, f"{path}: tokenizer_study")
-    cfg.evaluation = _from_dict(EvalConfig, cfg.evaluation if isinstance(cfg.evaluation, dict) else {},
-                                f"{path}: evaluation")
-    _from_dict(TrainConfig, cfg.train, f"{path}: train")
+    cfg = build(StudyConfig, load_yaml(path), str(path))
     keys = [s.key for s in cfg.strategies]
     if len(set(keys)) != len(keys):
         raise UserError(f"{path}: strategies: two runs share a label; give each a distinct 'label'")
-    for name in (cfg.old_domain, cfg.new_domain):
+    for name in cfg.domains:
         get_domain(name)
     return cfg
-
-
-def _clear_unresumable(folder: Path, state: str) -> None:
-    """A stage killed before its first checkpoint left nothing worth keeping: start it again."""
-    if state == "new" and folder.exists():
-        shutil.rmtree(folder)
 
 
 class Study:
@@ -126,7 +94,7 @@ class Study:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
         self.sources = {}
-        for name in (cfg.old_domain, cfg.new_domain):
+        for name in cfg.domains:
             d = get_domain(name)
             if data_dir is None or not (data_dir / d.train_file).exists():
                 raise UserError(f"corpus for '{name}' not found in {data_dir}; set data_dir in the config")
@@ -143,17 +111,10 @@ class Study:
 
     # -- training stages (each reused when done, resumed when interrupted) --------------------------
     def _train_cfg(self, seed: int, tokens: int) -> TrainConfig:
-        base = {"eval_interval": 50, "eval_docs": 100, **self.cfg.train}
-        return TrainConfig(**{**base, "max_tokens": tokens, "seed": seed, "progress": self.progress})
-
-    @staticmethod
-    def _state(folder: Path) -> str:
-        if (folder / RUN_RECORD).exists() and read_json(folder / RUN_RECORD).get("status") == "done":
-            return "done"
-        return "resume" if (folder / CHECKPOINT / "train_state.json").exists() else "new"
+        return dataclasses.replace(self.cfg.train, max_tokens=tokens, seed=seed, progress=self.progress)
 
     def expert(self, domain: str, folder: Path, seed: int, tokens: int, tokenizer: str | None = None) -> Path:
-        state = self._state(folder)
+        state = RunFolder(folder).auto()
         if state == "done":
             return folder
         data, val = self.sources[domain]
@@ -161,12 +122,11 @@ class Study:
         spec = ExpertSpec(domain=domain, data=data, val_data=val, out=str(folder), preset=self.cfg.preset,
                           tokenizer=tokenizer, limit=self.cfg.limit, val_limit=self.cfg.val_limit, cache_dir=self.cache,
                           train=self._train_cfg(seed, tokens))
-        _clear_unresumable(folder, state)
         train_expert(spec, resume=state == "resume")
         return folder
 
     def adapted(self, run: StrategyRun, base: Path, folder: Path, seed: int) -> Path:
-        state = self._state(folder)
+        state = RunFolder(folder).auto()
         if state == "done":
             return folder
         data, val = self.sources[self.cfg.new_domain]
@@ -174,7 +134,6 @@ class Study:
         spec = AdaptSpec(base=str(base), strategy=run.name, domain=self.cfg.new_domain, data=data, val_data=val,
                          out=str(folder), options=run.options, expand_vocab=run.expand_vocab, limit=self.cfg.limit,
                          val_limit=self.cfg.val_limit, cache_dir=self.cache, train=self._train_cfg(seed, self.cfg.adapt_tokens))
-        _clear_unresumable(folder, state)
         adapt(spec, resume=state == "resume")
         return folder
 
@@ -194,16 +153,14 @@ class Study:
         return self._classifier
 
     def suite(self, folder: Path) -> dict:
-        """bpb on both domains, and for every domain the model serves: samples, control accuracy,
-        recipe validity, story health. Cached in `folder/suite.json`."""
+        """bpb on every domain of the study, and for every domain the model serves: samples, control
+        accuracy, structural validity (domains with a check), text health. Cached in `folder/suite.json`."""
         cached = folder / SUITE
         if cached.exists():
             return read_json(cached)
         served = load_served(folder)
-        record = read_json(folder / RUN_RECORD)
-        # the training run already measured its own domains on the same validation sets
-        known = record.get("bpb") or {record["spec"]["domain"]: record["val_bpb"]}
-        result = {"bpb": {}, "samples": {}}
+        known = RunFolder(folder).record()["bpb"]  # the run measured its own domains on the same sets
+        result = {"bpb": {}, "samples": {}, "validity": {}, "health": {}}
         for name in self.sources:
             if name in known:
                 result["bpb"][name] = known[name]
@@ -214,16 +171,15 @@ class Study:
         ev = self.cfg.evaluation
         sampling = SamplingConfig(temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=0)
         for name in served.domains:
-            drawn = generate(served.for_domain(name), served.tokenizer, get_domain(name), "", ev.samples, sampling)
+            domain = get_domain(name)
+            drawn = generate(served.for_domain(name), served.tokenizer, domain, "", ev.samples, sampling)
             result["samples"][name] = [{"text": s.text, "finished": s.finished} for s in drawn]
+            if domain.check is not None:
+                result["validity"][name] = sum(domain.valid(s.text, s.finished) for s in drawn) / len(drawn)
+            result["health"][name] = text_health([(s.text, s.finished) for s in drawn])
         texts = {d: [s["text"] for s in v] for d, v in result["samples"].items()}
         result["domain_accuracy"] = domain_control_accuracy(self.classifier(), texts) if texts else {}
-        if "recipes" in result["samples"]:
-            rs = result["samples"]["recipes"]
-            result["recipe_validity"] = sum(recipe_validity(s["text"], s["finished"]) for s in rs) / len(rs)
-        if "stories" in result["samples"]:
-            result["story_health"] = story_health([(s["text"], s["finished"]) for s in result["samples"]["stories"]])
-        write_json_atomic(cached, result)
+        write_json(cached, result)
         return result
 
     # -- the study ----------------------------------------------------------------------------------
@@ -247,22 +203,21 @@ class Study:
         tokenizer_rows = self.tokenizer_study(cfg.seeds[0]) if cfg.tokenizer_study else []
         results = {"config": dataclasses.asdict(cfg), "versions": versions(), "models": rows,
                    "tokenizer_study": tokenizer_rows, "seconds": round(time.time() - started, 1)}
-        write_json_atomic(self.out / "results.json", results)
+        write_json(self.out / "results.json", results)
         write_study_report(self.out, results)
         return results
 
-    def validity_ceiling(self, folder: Path) -> float:
-        """Recipe validity of the real validation recipes, each counted as ended only if it fits the
-        model's context with the model's tokenizer (request prefix and <|eos|> included): the most a
-        perfect model could score at this context length."""
-        tok = load_tokenizer(folder)
-        context = context_length(folder)
-        val_c = self.val_corpus("recipes")
-        fits = [len(ids) + 3 <= context for ids in encode_texts(tok, val_c.documents)]
-        return sum(recipe_validity(doc, ok) for doc, ok in zip(val_c.documents, fits)) / len(fits)
+    def validity_ceiling(self, folder: Path, name: str) -> float:
+        """Structural validity of the real validation documents of `name`, each counted as ended only
+        if it fits the model's context with the model's tokenizer (request prefix and <|eos|> included):
+        the most a perfect model could score at this context length."""
+        tok, context, domain = load_tokenizer(folder), context_length(folder), get_domain(name)
+        docs = self.val_corpus(name).documents
+        fits = [len(ids) + 3 <= context for ids in encode_texts(tok, docs)]
+        return sum(domain.valid(doc, ok) for doc, ok in zip(docs, fits)) / len(fits)
 
     def _row(self, strategy, label, folder, suite, seed, before, reference, forgetting=True) -> dict:
-        record = read_json(folder / RUN_RECORD)
+        record = RunFolder(folder).record()
         old, new = self.cfg.old_domain, self.cfg.new_domain
         bpb = suite["bpb"]
         params = record.get("total_params", record.get("params"))
@@ -273,9 +228,10 @@ class Study:
             "forgetting_rel": (bpb[old] - before) / before if forgetting else None,
             "new_domain_gap": bpb[new] / reference - 1,
             "domain_accuracy": suite.get("domain_accuracy", {}),
-            "recipe_validity": suite.get("recipe_validity"),
-            "recipe_validity_ceiling": self.validity_ceiling(folder) if "recipes" in self.sources else None,
-            "story_health": suite.get("story_health"),
+            "validity": suite.get("validity", {}),
+            "validity_ceiling": {d: self.validity_ceiling(folder, d) for d in self.sources
+                                 if get_domain(d).check is not None},
+            "health": suite.get("health", {}),
             "trainable_params": record.get("trainable_params", params), "total_params": params,
             "tokens": record.get("tokens"), "seconds": record.get("train_seconds"),
         }
@@ -296,7 +252,7 @@ class Study:
                 spec = {"custom": None, "shared": str(shared), "gpt2": "gpt2", "bytes": "bytes"}.get(kind, kind)
                 folder = self.out / "tokenizer-study" / f"{name}-{kind}"
                 self.expert(name, folder, seed, study.tokens, tokenizer=spec)
-                record = read_json(folder / RUN_RECORD)
+                record = RunFolder(folder).record()
                 tok = load_tokenizer(folder)
                 rows.append({"domain": name, "tokenizer": kind, "vocab": len(tok), "params": record["params"],
                              "tokens": record["tokens"], "bytes_per_token": round(

@@ -1,43 +1,37 @@
 """A domain expert end to end: corpus → tokenizer → token shards → model → train → evaluate → checkpoint.
 
-The output folder is a standard Hugging Face checkpoint (`AutoModelForCausalLM` / `AutoTokenizer`
-load it), plus `run.json` (config, seed, versions, data, metrics), `metrics.jsonl` (the curves),
-`expandlm.json` (which domains the model serves) and `checkpoint/` (the resumable training state).
+The run folder (`run_folder.py`) holds a standard Hugging Face checkpoint (`AutoModelForCausalLM` /
+`AutoTokenizer` load it), the run record, the curves, the model card and the resumable state.
 """
 from __future__ import annotations
 
-import tempfile
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from .artifacts import move_files_into, read_json, versions, write_json_atomic
+from .config import arg, build, config, path_fields
 from .corpus import default_data_dir, load_train_val
 from .domains import get_domain
-from .errors import UserError
 from .evaluate import evaluate_bpb
-from .serving import MODEL_CARD
 from .model import build_model, count_params, get_preset, preset_dict
+from .run_folder import RunFolder
 from .shards import PackedBatches, build_shard
 from .tokenizer import load_tokenizer, train_bpe
-from .train import CHECKPOINT, TrainConfig, clear_run, distributed_state, train
-
-RUN_RECORD = "run.json"
+from .train import TrainConfig, distributed_state, train
 
 
-@dataclass
+@config
 class ExpertSpec:
-    domain: str
-    data: str
-    out: str
-    preset: str = "tiny"
-    tokenizer: str | None = None      # a saved tokenizer folder, `gpt2` or `bytes`; None: train a BPE
-    vocab_size: int | None = None     # for the trained BPE; default: the preset's
-    val_data: str | None = None       # default: hold out 1% of the training documents
-    limit: int | None = None          # use only the first N training documents
-    val_limit: int | None = None      # use only the first N validation documents
-    cache_dir: str | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
+    domain: str = arg(help="the domain to train on")
+    data: str = arg(help="training corpus: a .jsonl(.gz), .txt, .parquet file or a hub dataset id", path=True)
+    out: str = arg(help="the run folder to write", path=True)
+    preset: str = arg("tiny", "model size: nano | tiny | small | base")
+    tokenizer: str | None = arg(None, "a tokenizer folder, or gpt2 / bytes (default: train a BPE on --data)", path=True)
+    vocab_size: int | None = arg(None, "vocabulary of the trained BPE (default: the preset's)")
+    val_data: str | None = arg(None, "validation corpus (default: hold out 1% of --data)", path=True)
+    limit: int | None = arg(None, "use only the first N training documents")
+    val_limit: int | None = arg(None, "use only the first N validation documents")
+    cache_dir: str | None = arg(None, "token shard cache (default: $EXPANDLM_CACHE or ~/.cache/expandlm)", path=True)
+    train: TrainConfig = arg(help="training loop settings", factory=TrainConfig)
 
 
 def log(*args) -> None:
@@ -45,45 +39,51 @@ def log(*args) -> None:
         print(*args, flush=True)
 
 
-def check_out(out: Path, resume: bool) -> None:
-    if resume:
-        if not (out / CHECKPOINT / "train_state.json").exists():
-            raise UserError(f"{out}: nothing to resume (no {CHECKPOINT}/ from an earlier run); drop --resume")
-    elif (out / CHECKPOINT).exists() or (out / RUN_RECORD).exists():
-        raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+def stored_spec(spec, folder: RunFolder) -> dict:
+    """A spec as a run record stores it: paths relative to the run folder."""
+    data = dataclasses.asdict(spec)
+    for name in path_fields(type(spec)):
+        data[name] = folder.portable(data[name]) if name != "out" else "."
+    return data
 
 
-def spec_from_record(out: Path, spec_cls, progress: bool = True):
-    """The spec a run was started with: a resumed run continues with exactly that (only the progress
-    bar follows the new command line)."""
-    saved = read_json(out / RUN_RECORD, "run record")["spec"]
-    train_cfg = TrainConfig(**{**saved["train"], "betas": tuple(saved["train"]["betas"]), "progress": progress})
-    return spec_cls(**{**saved, "train": train_cfg})
+def saved_spec(folder: RunFolder, spec_cls, progress: bool = True):
+    """The spec a run was started with, its paths usable from here: a resumed run continues with
+    exactly that (only the progress bar follows the new command line)."""
+    data = dict(folder.record()["spec"])
+    for name in path_fields(spec_cls):
+        data[name] = folder.resolve(data[name]) if name != "out" else str(folder.path)
+    data["train"] = {**data["train"], "progress": progress}
+    return build(spec_cls, data, f"{folder / 'run.json'}: spec")
+
+
+def domain_source(spec, folder: RunFolder) -> dict:
+    """Where a domain's data came from, for the record (adapting and routing reuse it)."""
+    return {"train": folder.portable(spec.data), "val": folder.portable(spec.val_data), "limit": spec.limit,
+            "val_limit": spec.val_limit}
 
 
 def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
     """Train one domain's expert; returns the run record (also written to `out/run.json`)."""
-    out = Path(spec.out)
-    check_out(out, resume)
+    folder = RunFolder(spec.out)
+    folder.begin(resume)
     if resume:
-        spec = spec_from_record(out, ExpertSpec, spec.train.progress)
-        log(f"resuming {out} with its saved configuration")
+        spec = saved_spec(folder, ExpertSpec, spec.train.progress)
+        log(f"resuming {folder.path} with its saved configuration")
     dist = distributed_state()
     domain, preset = get_domain(spec.domain), get_preset(spec.preset)
     t0 = time.time()
     corpus, val_corpus = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
-    if not resume and dist.is_main_process:
-        clear_run(out)
     with dist.main_process_first():  # one process trains the tokenizer and writes the shards
         if resume or not dist.is_main_process:
-            tokenizer = load_tokenizer(out)
+            tokenizer = load_tokenizer(folder.path)
         elif spec.tokenizer:
             tokenizer = load_tokenizer(spec.tokenizer, default_data_dir())
         else:
             log(f"training a {spec.vocab_size or preset.vocab}-token byte-level BPE on {len(corpus.documents)} documents")
             tokenizer = train_bpe(corpus.documents, spec.vocab_size or preset.vocab)
-        if dist.is_main_process and not resume:
-            save_into(out, tokenizer.save_pretrained)
+        if not resume:
+            folder.save(tokenizer.save_pretrained)
         train_shard = build_shard(corpus, tokenizer, spec.cache_dir)
         val_shard = build_shard(val_corpus, tokenizer, spec.cache_dir)
     prep_s = time.time() - t0
@@ -95,35 +95,26 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
     log(f"data: {train_shard.meta['documents']:,} documents, {train_shard.meta['tokens']:,} tokens "
         f"({train_shard.meta['bytes'] / train_shard.meta['tokens']:.2f} bytes/token); "
         f"validation {val_shard.meta['documents']:,} documents")
-    record = {"kind": "expert", "spec": asdict(spec), "preset": preset_dict(preset), "seed": spec.train.seed,
-              "versions": versions(), "params": n_params, "trainable_params": count_params(model, True),
-              "data": {"train": train_shard.meta, "validation": val_shard.meta}, "status": "running",
-              # where each domain the model serves came from: adapting it later reuses these
-              "domain_data": {domain.name: {"train": spec.data, "val": spec.val_data, "limit": spec.limit,
-                                            "val_limit": spec.val_limit}}}
-    if dist.is_main_process:
-        write_json_atomic(out / RUN_RECORD, record if not resume else {**read_json(out / RUN_RECORD), "status": "running"})
+    record = folder.new_record(
+        "expert", stored_spec(spec, folder), spec.train.seed, preset=preset_dict(preset), params=n_params,
+        trainable_params=count_params(model, True), data={"train": train_shard.meta, "validation": val_shard.meta},
+        domain_data={domain.name: domain_source(spec, folder)})
+    if resume:
+        record = {**folder.record(), "status": "running"}
+    folder.write_record(record)
     batches = PackedBatches([train_shard], preset.context, spec.train.batch_size, spec.train.seed)
-    model, state = train(model, batches, out, spec.train, val_shard=val_shard, resume=resume)
+    model, state = train(model, batches, folder, spec.train, val_shard=val_shard, resume=resume)
 
     if dist.is_main_process:
         log(f"evaluating on {val_shard.meta['documents']:,} validation documents")
         final = evaluate_bpb(model, val_shard)
-        save_into(out, model.save_pretrained)
-        write_json_atomic(out / MODEL_CARD, {"domains": [domain.name], "strategy": "scratch", "preset": spec.preset})
+        folder.save(model.save_pretrained)
+        folder.write_card({"domains": [domain.name], "strategy": "scratch", "preset": spec.preset})
         record.update(status="done", steps=state.step, tokens=state.tokens, train_seconds=round(state.elapsed_s, 1),
-                      resumed_from=state.resumed_from,
-                      prep_seconds=round(prep_s, 1), val=final, val_bpb=final["bpb"])
-        write_json_atomic(out / RUN_RECORD, record)
+                      resumed_from=state.resumed_from, prep_seconds=round(prep_s, 1), val=final,
+                      val_bpb=final["bpb"], bpb={domain.name: final["bpb"]})
+        folder.write_record(record)
         log(f"{domain.name}: val bpb {final['bpb']:.4f} after {state.tokens:,} tokens in {state.elapsed_s / 60:.1f} min "
-            f"→ {out}")
+            f"→ {folder.path}")
     dist.wait_for_everyone()
     return record
-
-
-def save_into(out: Path, save_fn) -> None:
-    """Run a `save_pretrained` into a temp folder beside `out`, then move each file in atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
-    save_fn(tmp)
-    move_files_into(tmp, out)

@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from transformers import TextStreamer, set_seed
 
+from .config import arg, config
 from .domains import Domain
 from .errors import UserError
 from .tokenizer import encode_texts, require_tag
 
 
-@dataclass
+@config
 class SamplingConfig:
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = 0.95
-    max_new_tokens: int | None = None  # default: fill the context
-    seed: int = 0
+    temperature: Annotated[float, Field(ge=0)] = arg(0.8, "0 for greedy decoding")
+    top_k: Annotated[int, Field(gt=0)] | None = arg(50, "sample among the k most likely tokens")
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = arg(0.95, "nucleus sampling: the smallest set with this mass")
+    max_new_tokens: Annotated[int, Field(gt=0)] | None = arg(None, "tokens to generate (default: fill the context)")
+    seed: int = arg(0, "random seed: the same seed gives the same samples")
 
 
 def request_ids(tokenizer, domain: Domain, prompt: str = "") -> list[int]:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import atomic_path, read_json, write_text
+from .run_folder import SUITE
+
 
 def _fmt(value) -> str:
     if isinstance(value, bool) or value is None:
@@ -41,14 +44,8 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> P
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    _save(fig, Path(path))
+    return Path(path)
 
 
 def _bars(ax, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
@@ -69,10 +66,9 @@ def _bars(ax, labels: list[str], series: dict[str, list[float]], ylabel: str, ti
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _pct(value) -> str:
@@ -87,8 +83,7 @@ def write_study_report(out: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .artifacts import write_text_atomic
-    from .train import read_metrics
+    from .run_folder import RunFolder
 
     cfg, rows = results["config"], results["models"]
     old, new = cfg["old_domain"], cfg["new_domain"]
@@ -107,7 +102,7 @@ def write_study_report(out: Path, results: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, r in enumerate(r for r in seed0 if r["strategy"] != "base"):
-        curve = [m for m in read_metrics(out / r["model"]) if "val_bpb" in m]
+        curve = [m for m in RunFolder(out / r["model"]).metrics() if "val_bpb" in m]
         ax.plot([m["tokens"] for m in curve], [m["val_bpb"] for m in curve], marker=".", label=r["label"],
                 color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
     ax.set(xlabel="training tokens", ylabel=f"{new} validation bpb", title=f"learning curves on {new}")
@@ -115,26 +110,32 @@ def write_study_report(out: Path, results: dict) -> None:
     ax.legend(fontsize=8)
     _save(fig, out / "learning_curves.png")
 
+    domains = [old, new]
     table = []
     for r in rows:
         acc = r["domain_accuracy"] or {}
-        health = r["story_health"] or {}
-        table.append({"model": r["label"], "seed": r["seed"], f"bpb {old}": r["bpb"][old], f"bpb {new}": r["bpb"][new],
-                      "forgetting": _pct(r["forgetting_rel"]), "new-domain gap": _pct(r["new_domain_gap"]),
-                      f"ctrl acc {old}": acc.get(old), f"ctrl acc {new}": acc.get(new),
-                      "recipe valid": r["recipe_validity"], "(fit ceiling)": r.get("recipe_validity_ceiling"),
-                      "stories ended": health.get("finished_share"),
-                      "distinct-2": health.get("distinct_2"), "trainable": r["trainable_params"],
-                      "total": r["total_params"], "tokens": r["tokens"],
-                      "minutes": None if r["seconds"] is None else round(r["seconds"] / 60, 2)})
+        row = {"model": r["label"], "seed": r["seed"], **{f"bpb {d}": r["bpb"][d] for d in domains},
+               "forgetting": _pct(r["forgetting_rel"]), "new-domain gap": _pct(r["new_domain_gap"]),
+               **{f"ctrl acc {d}": acc.get(d) for d in domains}}
+        for d, ceiling in r["validity_ceiling"].items():
+            row[f"{d} valid"] = r["validity"].get(d)
+            row["(fit ceiling)"] = ceiling
+        for d in domains:
+            health = r["health"].get(d) or {}
+            row[f"{d} ended"] = health.get("finished_share")
+            row[f"{d} distinct-2"] = health.get("distinct_2")
+        row.update({"trainable": r["trainable_params"], "total": r["total_params"], "tokens": r["tokens"],
+                    "minutes": None if r["seconds"] is None else round(r["seconds"] / 60, 2)})
+        table.append(row)
     lines = [f"# expandlm study: {old} → {new} ({cfg['preset']} preset)", "",
              f"Base: a {old} expert trained on {cfg['base_tokens']:,} tokens. Every strategy then trains on "
              f"{cfg['adapt_tokens']:,} tokens (the {new} scratch expert too, the reference of the new-domain gap). "
              "bpb: bits per byte on each domain's validation set. forgetting: relative change of the old "
              "domain's bpb. ctrl acc: share of samples requested for a domain that a held-out classifier "
-             "(trained on real text only) assigns to it. recipe valid: share of generated recipes with the "
-             "full layout that ended before the context limit; (fit ceiling): share of real validation recipes "
-             "that fit the context with the model's tokenizer, the most a perfect model could score.", "",
+             "(trained on real text only) assigns to it. valid: share of generated samples that pass the domain's "
+             "structural check and ended before the context limit; (fit ceiling): the same share of the real "
+             "validation documents that fit the context with the model's tokenizer, the most a perfect model "
+             "could score. ended, distinct-2: text health of the samples.", "",
              markdown_table(table, list(table[0])), "",
              "![bpb and forgetting](bpb_and_forgetting.png)", "", "![learning curves](learning_curves.png)", ""]
     if results.get("tokenizer_study"):
@@ -150,11 +151,11 @@ def write_study_report(out: Path, results: dict) -> None:
     lines += ["## Samples", "", "Two samples per model and domain; all of them are in `samples.json`.", ""]
     samples = {}
     for r in seed0:
-        suite = json.loads((out / r["model"] / "suite.json").read_text())
+        suite = read_json(out / r["model"] / SUITE)
         samples[r["label"]] = suite.get("samples", {})
         for domain, drawn in suite.get("samples", {}).items():
             for i, s in enumerate(drawn[:2], 1):
                 lines += [f"### {r['label']}: {domain} {i}{'' if s['finished'] else ' (hit the length limit)'}",
                           "", "```", s["text"], "```", ""]
-    write_text_atomic(out / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False))
-    write_text_atomic(out / "report.md", "\n".join(lines))
+    write_text(out / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False))
+    write_text(out / "report.md", "\n".join(lines))

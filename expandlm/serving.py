@@ -1,7 +1,7 @@
 """Serving a model folder for a requested domain, whatever strategy made it.
 
-`expandlm.json` beside the checkpoint says how each domain runs: the whole model (most strategies),
-a LoRA adapter switched on or off (`adapter`), or a layer path (`paths`, from expand_paths).
+`expandlm.json` beside the checkpoint names the strategy; the strategy loads the folder and gives,
+per domain, a view of the shared model (`Strategy.serve`) or a standard checkpoint (`Strategy.export`).
 """
 from __future__ import annotations
 
@@ -10,80 +10,78 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from .artifacts import read_json
+from .atomic import read_json
 from .domains import get_domain
 from .errors import UserError
-from .model import set_layers
+from .run_folder import RUN_RECORD, RunFolder
+from .strategies import Strategy, strategy_of
 from .tokenizer import load_tokenizer
 
-MODEL_CARD = "expandlm.json"
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
 class ServedModel:
+    folder: RunFolder
     model: torch.nn.Module
     tokenizer: object
     card: dict
-    path: Path
+    strategy: Strategy
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
 
     @property
     def domains(self) -> list[str]:
         return list(self.card.get("domains", []))
 
-    def for_domain(self, name: str) -> torch.nn.Module:
-        """The model configured to answer requests for `name` (adapter / layer path selected)."""
+    def _check(self, name: str) -> None:
+        get_domain(name)
         if self.domains and name not in self.domains:
             raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
-        get_domain(name)
-        return select_domain(self.model, self.card, name)
 
+    def for_domain(self, name: str):
+        """The model as it answers requests for `name` (a view: the shared model is not changed)."""
+        self._check(name)
+        return self.strategy.serve(self.model, self.card, name)
 
-def select_domain(model, card: dict, name: str):
-    if "adapter" in card:
-        (model.enable_adapter_layers if card["adapter"].get(name) else model.disable_adapter_layers)()
-    if "paths" in card:
-        inner = model.model
-        if not hasattr(inner, "_expandlm_all_layers"):
-            inner._expandlm_all_layers = list(inner.layers)  # plain list: not registered as submodules
-        set_layers(model, [inner._expandlm_all_layers[i] for i in card["paths"][name]])
-    return model
+    def export(self, name: str, out: str | os.PathLike) -> RunFolder:
+        """`name`'s model as a standard checkpoint folder (`AutoModelForCausalLM` loads it)."""
+        self._check(name)
+        model = self.strategy.export(self.model, self.card, name)
+        folder = RunFolder(out)
+        folder.save(model.save_pretrained)
+        folder.save(self.tokenizer.save_pretrained)
+        folder.write_card({"domains": [name], "strategy": Strategy.name, "preset": self.card.get("preset"),
+                           "exported_from": folder.portable(self.path)})
+        return folder
 
-
-def restore_all_layers(model) -> None:
-    """Undo a layer-path selection (before saving: the checkpoint holds every block)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "_expandlm_all_layers"):
-        set_layers(model, inner._expandlm_all_layers)
-        del inner._expandlm_all_layers
-
-
-def resolve_base(card: dict, path: Path) -> Path:
-    base = Path(card["base"])
-    return base if base.is_absolute() else (path / base).resolve()
+    def domain_data(self) -> dict:
+        """Where each served domain's training data came from (paths usable from here)."""
+        data = self.folder.record().get("domain_data", {}) if (self.folder / RUN_RECORD).exists() else {}
+        return {d: {k: (self.folder.resolve(v) if k in ("train", "val") else v) for k, v in entry.items()}
+                for d, entry in data.items()}
 
 
 def context_length(path: str | os.PathLike) -> int:
     """The context of a model folder without loading its weights (a LoRA folder: its base's)."""
-    path = Path(path)
-    if not (path / "config.json").exists() and (path / MODEL_CARD).exists():
-        path = resolve_base(read_json(path / MODEL_CARD, "model card"), path)
-    return read_json(path / "config.json", "model config")["max_position_embeddings"]
+    folder = RunFolder(path)
+    if not (folder / "config.json").exists() and "base" in folder.card():
+        folder = RunFolder(folder.path / folder.card()["base"])
+    return read_json(folder / "config.json", "model config")["max_position_embeddings"]
 
 
-def load_served(path: str | os.PathLike) -> ServedModel:
-    path = Path(path)
-    card = read_json(path / MODEL_CARD, "model card") if (path / MODEL_CARD).exists() else {}
-    if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-        base = resolve_base(card, path)
-        if not (base / "config.json").exists():
-            raise UserError(f"{path}: its base model {base} is missing (a LoRA adapter needs its base)")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
-    elif (path / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(path)
-    else:
-        raise UserError(f"{path}: no config.json; expected a model folder written by expandlm")
+def load_served(path: str | os.PathLike, device: str | torch.device | None = None) -> ServedModel:
+    """A model folder ready to serve, on `device` (default: the GPU when there is one)."""
+    folder = RunFolder(path)
+    if not folder.path.is_dir():
+        raise UserError(f"{folder.path}: no such model folder")
+    card = folder.card()
+    strategy = strategy_of(card)
+    model = strategy.load(folder, card).to(device or default_device())
     model.eval()
-    return ServedModel(model, load_tokenizer(path), card, path)
+    return ServedModel(folder, model, load_tokenizer(folder.path), card, strategy)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .corpus import Corpus
 from .errors import UserError
 from .tokenizer import require_tag, text_encoder, tokenizer_hash
@@ -71,9 +70,7 @@ def build_shard(corpus: Corpus, tokenizer, cache_dir: Path | None = None) -> Tok
     tag = require_tag(tokenizer, corpus.domain)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     encoder = text_encoder(tokenizer)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
+    with atomic_path(folder, folder=True) as tmp:  # readers see a complete shard or none
         starts, total = [0], 0
         with open(tmp / "tokens.bin", "wb") as out:
             for i in range(0, len(corpus.documents), ENCODE_BATCH):
@@ -90,13 +87,6 @@ def build_shard(corpus: Corpus, tokenizer, cache_dir: Path | None = None) -> Tok
                 "documents": len(corpus.documents), "tokens": total, "bytes": corpus.num_bytes,
                 "vocab_size": len(tokenizer)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, folder)  # atomic: readers see a complete shard or none
-        except OSError:  # another process finished the same shard first
-            if not (folder / "meta.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return TokenShard(folder, json.loads((folder / "meta.json").read_text()))
 
 

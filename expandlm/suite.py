@@ -1,4 +1,6 @@
-"""Generation-quality metrics of design.md §6: recipe validity, story health, domain control accuracy.
+"""Generation-quality metrics of design.md §6: structural validity, text health, domain control accuracy.
+
+Structural validity is each domain's own check (`Domain.valid`, e.g. the recipe layout).
 
 Domain control accuracy needs a held-out judge: `DomainClassifier`, a TF-IDF + logistic regression
 model trained only on real text of every domain (never on generated text, so a model cannot "pass"
@@ -9,69 +11,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import UserError
 
 # ---------------------------------------------------------------------------------------------------
-# recipe validity
-
-_BULLET = re.compile(r"- \S")
-_STEP = re.compile(r"(\d+)\. \S")
-
-
-def recipe_validity(text: str, finished: bool) -> bool:
-    """True when `text` has the layout of design.md §2 and the sample ended before the length limit:
-
-        <title>               a non-empty first line that is not a section header
-        (blank lines)
-        Ingredients:
-        - <ingredient>        at least two, one per line, no gaps
-        (blank lines)
-        Directions:
-        1. <step>             at least one; numbered 1, 2, 3, ... in order, nothing after them
-
-    Trailing whitespace on any line and at the end is ignored; a missing or reordered section is not.
-    Steps must count up from 1: a model that writes "1. 3. 2." has not learned the layout.
-    """
-    if not finished:
-        return False
-    lines = [line.rstrip() for line in text.rstrip().split("\n")]
-    headers = ("Ingredients:", "Directions:")
-    if not lines[0] or lines[0] in headers:
-        return False
-    i = 1
-
-    def skip_blank() -> None:
-        nonlocal i
-        while i < len(lines) and not lines[i]:
-            i += 1
-
-    skip_blank()
-    if i >= len(lines) or lines[i] != "Ingredients:":
-        return False
-    i += 1
-    start = i
-    while i < len(lines) and _BULLET.match(lines[i]):
-        i += 1
-    if i - start < 2:
-        return False
-    skip_blank()
-    if i >= len(lines) or lines[i] != "Directions:":
-        return False
-    steps = lines[i + 1:]
-    if not steps:
-        return False
-    for n, line in enumerate(steps, 1):
-        m = _STEP.match(line)
-        if not m or int(m.group(1)) != n:
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------
-# story health
+# text health (every domain)
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 
@@ -87,8 +33,8 @@ def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
 
-def story_health(samples: list[tuple[str, bool]]) -> dict:
-    """Health of generated stories, given (text, finished) pairs (tokenised with `words`):
+def text_health(samples: list[tuple[str, bool]]) -> dict:
+    """Health of generated text of any domain, given (text, finished) pairs (tokenised with `words`):
 
     - finished_share: share of samples that ended with end-of-text before the length limit.
     - distinct_2: distinct word bigrams / all word bigrams, pooled over samples (bigrams never span
@@ -98,7 +44,7 @@ def story_health(samples: list[tuple[str, bool]]) -> dict:
     Both rates are 0.0 when the samples have no bigram (or 4-gram) at all.
     """
     if not samples:
-        raise UserError("story_health needs at least one sample")
+        raise UserError("text_health needs at least one sample")
     bigrams: list[tuple[str, ...]] = []
     fourgrams = repeats = 0
     for text, _ in samples:
@@ -200,16 +146,9 @@ class DomainClassifier:
         import joblib
         self._require_fitted()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                joblib.dump({"format": self.FORMAT, "domains": self.domains, "per_domain": self.per_domain,
-                             "pipeline": self.pipeline}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            joblib.dump({"format": self.FORMAT, "domains": self.domains, "per_domain": self.per_domain,
+                         "pipeline": self.pipeline}, tmp)
         return path
 
     @classmethod

@@ -10,26 +10,31 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .artifacts import replace_dir, write_json_atomic
+from pydantic import Field
+
+from .atomic import atomic_path, write_json, write_text
+from .config import arg, config
 from .errors import UserError
 from .evaluate import evaluate_bpb
+from .run_folder import METRICS, TRAIN_STATE, RunFolder
 from .shards import PackedBatches, TokenShard
 
-CHECKPOINT = "checkpoint"
+Positive = Annotated[int, Field(gt=0)]
 
 
 class _TiedWeightNotice(logging.Filter):
@@ -41,30 +46,28 @@ class _TiedWeightNotice(logging.Filter):
 for _name in ("accelerate.utils.other", "accelerate.checkpointing"):  # where accelerate logs it
     logging.getLogger(_name).addFilter(_TiedWeightNotice())
 
-METRICS = "metrics.jsonl"
 
-
-@dataclass
+@config
 class TrainConfig:
-    batch_size: int = 32           # sequences per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
-    warmup_steps: int | None = None  # default: 5% of the steps, at most 200
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    max_steps: int | None = None   # budgets: the smallest one given wins; none given = one epoch
-    max_tokens: int | None = None
-    minutes: float | None = None
-    eval_interval: int = 100       # steps between validation passes (0: only at the end)
-    eval_docs: int = 200           # validation documents per periodic pass
-    log_interval: int = 10
-    checkpoint_interval: int = 200  # steps; a checkpoint is also written every 5 minutes and at the end
-    seed: int = 0
-    precision: str = "auto"        # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
-    compile: bool = False
-    progress: bool = True
+    batch_size: Positive = arg(32, "sequences per micro-batch per process")
+    grad_accum: Positive = arg(1, "micro-batches per optimizer step")
+    lr: Annotated[float, Field(gt=0)] = arg(2e-3, "peak learning rate (linear warmup, then cosine)")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = arg(0.1, "the cosine decays to lr × this")
+    warmup_steps: Annotated[int, Field(ge=0)] | None = arg(None, "default: 5% of the steps, at most 200")
+    weight_decay: Annotated[float, Field(ge=0)] = arg(0.1, "AdamW's decoupled weight decay (not on norms)")
+    betas: tuple[float, float] = arg((0.9, 0.95), "AdamW's betas (comma-separated on the command line)")
+    grad_clip: Annotated[float, Field(ge=0)] = arg(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_steps: Positive | None = arg(None, "budget in optimizer steps")
+    max_tokens: Positive | None = arg(None, "budget in training tokens")
+    minutes: Annotated[float, Field(gt=0)] | None = arg(None, "budget in minutes of wall time (re-planned as it goes)")
+    eval_interval: Annotated[int, Field(ge=0)] = arg(100, "steps between validation passes (0: only at the end)")
+    eval_docs: Positive = arg(200, "validation documents per periodic pass")
+    log_interval: Positive = arg(10, "steps between metrics records")
+    checkpoint_interval: Positive = arg(200, "steps between checkpoints (also every 5 minutes and at the end)")
+    seed: int = arg(0, "seed of the weights, the data order and sampling")
+    precision: Literal["auto", "no", "bf16", "fp16"] = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = arg(False, "torch.compile the model")
+    progress: bool = arg(True, "show a progress bar")
 
 
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -111,29 +114,34 @@ class TrainState:
     resumed_from: list[int] = field(default_factory=list)  # the steps this run was resumed at
 
 
-def _timed_micro_steps(model, batches, accelerator, loss_fn, n: int = 4, warmup: int = 2) -> float:
+def _timed_micro_steps(model, batches, accelerator, loss_fn, n: int = 4, warmup: int = 2,
+                       clock=time.perf_counter) -> float:
     """Seconds per micro-step, measured on forward+backward passes whose gradients are then dropped
     (the weights and optimizer are untouched, so calibration does not change the run)."""
     times = []
     for i in range(warmup + n):
-        t0 = time.perf_counter()
+        t0 = clock()
         batch = batches.batch(i).to(accelerator.device)
         accelerator.backward(loss_fn(model, batch))
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     model.zero_grad(set_to_none=True)
     return sum(times[warmup:]) / n  # the first passes include one-off allocation costs
 
 
+def _step_cap(cfg: TrainConfig, tokens_per_step: int) -> int | None:
+    """The fixed budgets (max_steps, max_tokens) in steps: the smaller one, None when neither is given."""
+    caps = [c for c in (cfg.max_steps, cfg.max_tokens and math.ceil(cfg.max_tokens / tokens_per_step)) if c]
+    return min(caps) if caps else None
+
+
 def plan_steps(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int, micro_step_s: float | None = None,
                micro_tokens: int = 1, eval_tokens: float = 0.0) -> int:
-    """Total optimizer steps from the budgets. A minutes budget is turned into steps once, from the
-    measured micro-step time (plus the validation passes, whose forward-only tokens cost about a third
-    of a training token), so the LR schedule is fixed and a resumed run follows the same one."""
-    candidates = []
-    if cfg.max_steps:
-        candidates.append(cfg.max_steps)
-    if cfg.max_tokens:
-        candidates.append(math.ceil(cfg.max_tokens / tokens_per_step))
+    """Total optimizer steps from the budgets, planned before the first step. Fixed budgets (steps, tokens,
+    one epoch) stay this plan. A minutes budget starts from the measured micro-step time (plus the
+    validation passes, whose forward-only tokens cost about a third of a training token) and is only a
+    first estimate: `train` re-plans it from the measured pace as the run goes (`replan_steps`)."""
+    cap = _step_cap(cfg, tokens_per_step)
+    candidates = [cap] if cap else []
     if cfg.minutes:
         per_step = micro_step_s * cfg.grad_accum
         if cfg.eval_interval:
@@ -144,15 +152,46 @@ def plan_steps(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int, micro_
     return max(1, min(candidates))
 
 
-def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_shard: TokenShard | None = None,
-          loss_fn=causal_lm_loss, resume: bool = False) -> tuple[torch.nn.Module, TrainState]:
+def replan_steps(cfg: TrainConfig, step: int, elapsed_s: float, step_s: float, cap: int | None = None,
+                 reserve_s: float = 0.0, last_step_s: float = 0.0) -> int:
+    """A minutes budget re-planned mid-run: the `step`s done plus as many more as the time left (less
+    `reserve_s`, kept for the final validation) holds at `step_s` seconds per step; `cap` (max_steps /
+    max_tokens) wins when smaller. Returns `step` itself, i.e. stop now, once the next step would not fit,
+    at `step_s` nor at `last_step_s` (a machine that just turned busy shows in its last step first)."""
+    left = cfg.minutes * 60 - elapsed_s - reserve_s
+    if left < max(step_s, last_step_s):
+        return step
+    return min(step + int(left / step_s), cap) if cap else step + int(left / step_s)
+
+
+class CosinePlan:
+    """LR factor for LambdaLR: linear warmup over `warmup` steps, then a cosine down to `min_ratio` at step
+    `total` (the curve of transformers' cosine-with-min-lr schedule). `total` may move while the run goes
+    (a re-planned minutes budget) and the decay follows it. An object rather than a closure so that
+    LambdaLR's state_dict keeps its fields: a resumed run goes on with the warmup its run started with."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, cfg: TrainConfig,
+          val_shard: TokenShard | None = None, loss_fn=causal_lm_loss, resume: bool = False,
+          clock=time.monotonic) -> tuple[torch.nn.Module, TrainState]:
     """Train `model` (whose frozen parameters stay untouched) on `batches`; returns the unwrapped model.
 
-    `out_dir/checkpoint` holds the resumable state; `out_dir/metrics.jsonl` the loss and bpb curve.
+    The run folder's `checkpoint/` holds the resumable state, its `metrics.jsonl` the loss and bpb curve.
+    `clock` times the minutes budget (tests pass a simulated one).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    distributed_state()
+    folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+    metrics = folder / METRICS
+    if distributed_state().is_main_process:
+        folder.path.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     if cfg.compile:
@@ -162,26 +201,31 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
     world, rank = accelerator.num_processes, accelerator.process_index
     tokens_per_step = batches.batch_size * batches.context * cfg.grad_accum * world
     state = TrainState()
-    ckpt = out_dir / CHECKPOINT
-    if resume and (ckpt / "train_state.json").exists():
-        state = TrainState(**json.loads((ckpt / "train_state.json").read_text()))
+    eval_tokens = min(cfg.eval_docs, val_shard.meta["documents"]) * (
+        val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
+    ckpt = folder.checkpoint
+    if resume and (ckpt / TRAIN_STATE).exists():
+        state = TrainState(**json.loads((ckpt / TRAIN_STATE).read_text()))
         state.resumed_from.append(state.step)
     else:
         resume = False
-        eval_tokens = min(cfg.eval_docs, val_shard.meta["documents"]) * (
-            val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
-        micro_s = _timed_micro_steps(model, batches, accelerator, loss_fn) if cfg.minutes else None
+        micro_s = _timed_micro_steps(model, batches, accelerator, loss_fn, clock=clock) if cfg.minutes else None
         state.total_steps = plan_steps(cfg, tokens_per_step, batches.tokens_per_epoch, micro_s,
                                        batches.batch_size * batches.context, eval_tokens)
         if world > 1:  # step times differ between processes: all follow the main process's plan
             state.total_steps = broadcast_object_list([state.total_steps])[0]
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, state.total_steps // 20))
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, state.total_steps,
-                                                            min_lr_rate=cfg.min_lr_ratio)
+    if cfg.minutes:  # the plan moves (see the loop), and the decay must end where the run ends
+        lr_plan = CosinePlan(warmup, state.total_steps, cfg.min_lr_ratio)
+        scheduler = LambdaLR(optimizer, lr_plan)
+    else:  # fixed budgets: the schedule studies were run with, unchanged
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, state.total_steps,
+                                                                min_lr_rate=cfg.min_lr_ratio)
     accelerator.register_for_checkpointing(scheduler)
     if resume:
         accelerator.load_state(str(ckpt))
-    _truncate_metrics(out_dir / METRICS, state.step, accelerator)
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics, state.step)
 
     def validate() -> float | None:
         if val_shard is None:
@@ -194,23 +238,33 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
 
     def save_checkpoint():
         accelerator.wait_for_everyone()
-        tmp = [tempfile.mkdtemp(prefix=CHECKPOINT + ".tmp-", dir=out_dir) if accelerator.is_main_process else ""]
-        tmp_name = broadcast_object_list(tmp)[0] if world > 1 else tmp[0]  # every process writes its RNG state
-        accelerator.save_state(tmp_name)
-        accelerator.wait_for_everyone()  # every process's RNG file is in the folder before it moves
-        if accelerator.is_main_process:
-            write_json_atomic(Path(tmp_name) / "train_state.json", asdict(state))
-            replace_dir(Path(tmp_name), ckpt)
+        # the main process owns the atomic folder; every process writes its own RNG state into it
+        with atomic_path(ckpt, folder=True) if accelerator.is_main_process else nullcontext("") as tmp:
+            tmp_name = broadcast_object_list([str(tmp)])[0] if world > 1 else str(tmp)
+            accelerator.save_state(tmp_name)
+            accelerator.wait_for_everyone()  # every process's RNG file is in the folder before it moves
+            if accelerator.is_main_process:
+                write_json(Path(tmp_name) / TRAIN_STATE, asdict(state))
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_main_process))
     model.train()
-    started, last_save = time.time() - state.elapsed_s, time.time()
+    started, last_save = clock() - state.elapsed_s, time.time()
+    # A minutes budget is re-planned from the pace: wall time per step, validation and checkpoints
+    # included, over the recent steps: the last 5% of the budget and at least 10 steps. Not the whole
+    # run, so that a machine turning busy or idle shows within seconds; long enough to smooth out noise.
+    horizon_s = (cfg.minutes or 0) * 60 / 20
+    step_ends, pace = deque(), None  # clock() after each step of this process; seconds per step
+    cap, first_step = _step_cap(cfg, tokens_per_step), state.step
+    # a validation pass costs about this many steps (forward-only tokens at a third of a training token),
+    # measured once one has run; the final one's time is kept aside so the run ends with it at the budget
+    val_steps = eval_tokens / 3 / (batches.batch_size * batches.context * cfg.grad_accum)
     postfix = {"loss": "-", "tok_s": "-", "val_bpb": "-"}
     window_loss, window_steps, window_tokens, window_t0 = torch.zeros((), device=accelerator.device), 0, 0, time.time()
     autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
     while state.step < state.total_steps:
+        step_t0 = clock()
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             batch = batches.batch(state.step * cfg.grad_accum + micro, rank, world).to(accelerator.device)
@@ -222,43 +276,58 @@ def train(model, batches: PackedBatches, out_dir: Path, cfg: TrainConfig, val_sh
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens += tokens_per_step
+        if cfg.minutes:
+            now = clock()
+            step_ends.append(now)
+            while len(step_ends) > 11 and now - step_ends[1] >= horizon_s:
+                step_ends.popleft()
+            # One process re-plans after every step (it costs nothing); several must all take the same
+            # steps, so they follow the main process's plan, broadcast at fixed steps: early ones (the
+            # calibration may be off) and every log_interval. Time is up when the next step would not fit.
+            here = state.step - first_step
+            if here >= 2 and (world == 1 or here in (2, 4, 8) or state.step % cfg.log_interval == 0):
+                pace = (now - step_ends[0]) / (len(step_ends) - 1)
+                total = replan_steps(cfg, state.step, now - started, pace, cap, val_steps * pace, now - step_t0)
+                if world > 1:
+                    total = broadcast_object_list([total])[0]
+                state.total_steps = lr_plan.total = bar.total = total
+        scheduler.step()  # after the re-plan: the LR of the next step follows the new plan
+        optimizer.zero_grad(set_to_none=True)
+        last = state.step >= state.total_steps  # the plan's end, or a minutes budget's time is up
         window_loss += step_loss
         window_steps += 1
         window_tokens += tokens_per_step
         bar.update(1)
 
-        log_now = state.step % cfg.log_interval == 0 or state.step == state.total_steps
+        log_now = state.step % cfg.log_interval == 0 or last
         if log_now:
             loss_mean = accelerator.reduce(window_loss, "mean").item() / window_steps
             dt = time.time() - window_t0
             record = {"step": state.step, "tokens": state.tokens, "loss": round(loss_mean, 5),
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / max(dt, 1e-9), 1),
-                      "elapsed_s": round(time.time() - started, 2)}
+                      "elapsed_s": round(clock() - started, 2)}
             postfix.update(loss=f"{loss_mean:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.set_postfix(postfix)
-            _append_metrics(out_dir / METRICS, record, accelerator)
+            _append_metrics(metrics, record, accelerator)
             window_loss.zero_()
             window_steps, window_tokens, window_t0 = 0, 0, time.time()
-        if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or state.step == state.total_steps:
+        if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or last:
+            val_t0 = clock()
             bpb = validate()
+            if pace and val_shard is not None:
+                val_steps = (clock() - val_t0) / pace
             if bpb is not None:
                 state.val_bpb = bpb
-                _append_metrics(out_dir / METRICS, {"step": state.step, "tokens": state.tokens, "val_bpb": bpb},
+                _append_metrics(metrics, {"step": state.step, "tokens": state.tokens, "val_bpb": bpb},
                                 accelerator)
                 postfix["val_bpb"] = f"{bpb:.3f}"
                 bar.set_postfix(postfix)
-        state.elapsed_s = time.time() - started
-        out_of_time = cfg.minutes is not None and state.elapsed_s > cfg.minutes * 60 * 1.05
-        if (state.step % cfg.checkpoint_interval == 0 or time.time() - last_save > 300
-                or state.step == state.total_steps or out_of_time):
+        state.elapsed_s = clock() - started
+        if state.step % cfg.checkpoint_interval == 0 or time.time() - last_save > 300 or last:
             save_checkpoint()
             last_save = time.time()
-        if out_of_time:  # a hard stop: the step estimate was too optimistic
-            break
     bar.close()
     return accelerator.unwrap_model(model), state
 
@@ -269,24 +338,9 @@ def _append_metrics(path: Path, record: dict, accelerator) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int, accelerator) -> None:
+def _truncate_metrics(path: Path, step: int) -> None:
     """A resumed run restarts from its checkpoint: drop records logged after it, so the curve has no
-    duplicates. A fresh run starts a fresh file."""
-    if not accelerator.is_main_process or not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_metrics(out_dir: Path) -> list[dict]:
-    path = Path(out_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def clear_run(out_dir: Path) -> None:
-    """Remove a previous run's resumable state and metrics (a fresh, non-resumed run)."""
-    shutil.rmtree(Path(out_dir) / CHECKPOINT, ignore_errors=True)
-    (Path(out_dir) / METRICS).unlink(missing_ok=True)
-    for p in Path(out_dir).glob(CHECKPOINT + ".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
+    duplicates."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        write_text(path, "".join(line + "\n" for line in kept))

@@ -68,14 +68,14 @@ def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_
     assert (both / "router.joblib").exists()
     code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "expand", "--option", "blocks=2",
                        "--domain", "recipes", "--data", str(recipes_file), "--out", str(tmp_path / "x"))
-    assert code == 2 and "unknown option 'blocks'" in err
+    assert code == 2 and "strategy 'expand' options: unknown key 'blocks'" in err
 
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--domain", "poems", "--data", "x.jsonl", "--out", "o"], "unknown domain 'poems'"),
     (["train", "--domain", "stories", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: no such file"),
     (["train", "--resume", "--out", "nowhere"], "nothing to resume"),
-    (["generate", "--model", "nowhere", "--domain", "stories"], "nowhere: no config.json"),
+    (["generate", "--model", "nowhere", "--domain", "stories"], "nowhere: no such model folder"),
     (["generate", "--model", "nowhere"], "exactly one of --domain"),
     (["adapt", "--out", "o"], "adapt needs --base"),
     (["compare", "missing.yaml", "--out", "o"], "missing.yaml: no such config file"),
@@ -113,3 +113,57 @@ def test_demo_writes_report_and_results(capsys, tmp_path, shared_data):
     # a second run reuses the finished experts
     code, stdout, _ = run(capsys, *argv)
     assert code == 0 and "reusing the finished expert" in stdout
+
+
+NANO = ["--preset", "nano", "--max-steps", "4", "--batch-size", "4", "--eval-interval", "0", "--no-progress"]
+
+
+def test_a_config_file_sets_every_option_and_flags_win(capsys, tmp_path, stories_file):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"domain: stories\ndata: {stories_file}\npreset: nano\nvocab_size: 300\n"
+                      "train: {max_steps: 3, batch_size: 2, lr: 0.001, eval_interval: 0, progress: false}\n")
+    code, _, err = run(capsys, "train", "--config", str(config), "--batch-size", "3", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    spec = json.loads((tmp_path / "m" / "run.json").read_text())["spec"]
+    assert (spec["train"]["max_steps"], spec["train"]["batch_size"], spec["train"]["lr"]) == (3, 3, 0.001)
+    assert spec["vocab_size"] == 300 and spec["data"] == "../stories.jsonl"  # relative to the run folder
+    config.write_text("domain: stories\ndata: x.jsonl\ntrain: {max_tokens: 2e6}\n")
+    code, _, err = run(capsys, "train", "--config", str(config), "--out", str(tmp_path / "n"))
+    assert code == 2 and f"{config}: 'train.max_tokens': input should be a valid integer" in err
+
+
+def test_list_and_bool_options_from_the_command_line(capsys, tmp_path, stories_file, recipes_file):
+    base = tmp_path / "base"
+    assert run(capsys, "train", "--domain", "stories", "--data", str(stories_file), "--out", str(base), *NANO)[0] == 0
+    code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "lora", "--option", "r=2",
+                       "--option", "target_modules=q_proj,v_proj", "--domain", "recipes", "--data",
+                       str(recipes_file), "--out", str(tmp_path / "lora"), *NANO[2:])
+    assert code == 0, err
+    adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["r"] == 2
+    code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "joint", "--option", "from_scratch=maybe",
+                       "--domain", "recipes", "--data", str(recipes_file), "--out", str(tmp_path / "j"), *NANO[2:])
+    assert code == 2 and "'from_scratch': input should be a valid boolean" in err
+
+
+def test_models_work_from_another_directory(capsys, tmp_path, monkeypatch, stories_file, recipes_file):
+    """Paths given relative to one working directory keep working from any other."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for f in (stories_file, recipes_file):
+        (work / f.name).write_bytes(f.read_bytes())
+    monkeypatch.chdir(work)
+    assert run(capsys, "train", "--domain", "stories", "--data", "stories.jsonl", "--out", "runs/base", *NANO)[0] == 0
+    code, _, err = run(capsys, "adapt", "--base", "runs/base", "--strategy", "full_ft", "--domain", "recipes",
+                       "--data", recipes_file.name, "--out", "runs/both", *NANO[2:])
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)  # elsewhere: the router trains from the recorded corpora, adapt reads them
+    code, out, err = run(capsys, "generate", "--model", "work/runs/both", "--request", "a recipe for soup",
+                         "--max-new-tokens", "4", "--json")
+    assert code == 0 and json.loads(out)["domain"] == "recipes", err
+    code, _, err = run(capsys, "adapt", "--base", "work/runs/base", "--strategy", "replay", "--domain", "recipes",
+                       "--data", "work/recipes.jsonl.gz", "--out", "again", *NANO[2:])  # replays the recorded stories
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / "work" / "runs")
+    code, _, err = run(capsys, "train", "--resume", "--out", "base")
+    assert code == 2 and "nothing to resume" in err

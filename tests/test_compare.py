@@ -8,7 +8,7 @@ from expandlm.compare import load_config
 from expandlm.errors import UserError
 from tests.conftest import REPO
 
-REQUIRED = {"strategy", "bpb", "forgetting", "new_domain_gap", "domain_accuracy", "recipe_validity",
+REQUIRED = {"strategy", "bpb", "forgetting", "new_domain_gap", "domain_accuracy", "validity", "validity_ceiling", "health",
             "trainable_params", "total_params", "tokens", "seconds"}
 
 
@@ -24,7 +24,7 @@ def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, sh
     for m in models:
         assert REQUIRED <= set(m), m["label"]
         assert set(m["bpb"]) == {"stories", "recipes"} and all(v > 0 for v in m["bpb"].values())
-        assert 0 <= m["recipe_validity_ceiling"] <= 1
+        assert set(m["validity_ceiling"]) == {"recipes"} and 0 <= m["validity_ceiling"]["recipes"] <= 1
     by_label = {m["label"]: m for m in models}
     assert by_label["expand_paths"]["forgetting"] == 0.0  # the old path is untouched, exactly
     assert by_label["lora"]["forgetting"] == 0.0           # adapter off = the base
@@ -52,20 +52,27 @@ def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, sh
 
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("preset: tiny\nstrategies:\n  - {name: full_ft, epochs: 3}\n")
-    with pytest.raises(UserError, match=r"bad.yaml: strategies\[0\]: unknown field\(s\) epochs"):
+    domains = "old_domain: stories\nnew_domain: recipes\n"
+    bad.write_text(domains + "strategies:\n  - {name: full_ft, epochs: 3}\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'strategies.0.epochs'$"):
         load_config(bad)
-    bad.write_text("preset: tiny\nbase_tokenz: 5\n")
-    with pytest.raises(UserError, match="unknown field\\(s\\) base_tokenz"):
+    bad.write_text(domains + "base_tokenz: 5\n")
+    with pytest.raises(UserError, match=r"unknown key 'base_tokenz' \(known keys: old_domain"):
+        load_config(bad)
+    bad.write_text("preset: tiny\n")
+    with pytest.raises(UserError, match="'old_domain' is required; 'new_domain' is required"):
+        load_config(bad)
+    bad.write_text("old_domain: stories\nnew_domain: poems\n")
+    with pytest.raises(UserError, match="unknown domain 'poems'"):
         load_config(bad)
     bad.write_text("preset: [tiny\n")
     with pytest.raises(UserError, match=r"bad.yaml:\d+: invalid YAML"):
         load_config(bad)
-    bad.write_text("strategies:\n  - {name: expand}\n  - {name: expand}\n")
+    bad.write_text(domains + "strategies:\n  - {name: expand}\n  - {name: expand}\n")
     with pytest.raises(UserError, match="share a label"):
         load_config(bad)
-    bad.write_text("train: {batch: 3}\n")
-    with pytest.raises(UserError, match="bad.yaml: train: unknown field"):
+    bad.write_text(domains + "train: {batch: 3}\n")
+    with pytest.raises(UserError, match="bad.yaml: unknown key 'train.batch'"):
         load_config(bad)
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from expandlm.domains import DOMAINS, get_domain, render_recipe
+from expandlm.domains import DOMAINS, get_domain
+from expandlm.domains.recipes import render_recipe
 from expandlm.errors import UserError
 
 

@@ -3,7 +3,9 @@ import pytest
 from expandlm.corpus import load_corpus
 from expandlm.domains import get_domain
 from expandlm.errors import UserError
-from expandlm.routing import recipe_prompt, route, split_request, story_prompt
+from expandlm.domains.recipes import recipe_prompt
+from expandlm.domains.stories import story_prompt
+from expandlm.routing import route, split_request
 from expandlm.suite import DomainClassifier
 
 
@@ -71,11 +73,13 @@ def test_lone_keyword_decides_but_two_genres_leave_it_to_the_classifier():
     assert (r.domain, r.confidence, r.reason) == ("stories", 0.7, "classifier")
 
 
-def test_other_domains_get_the_topic_as_is_and_unknown_genres_are_ignored():
+def test_other_domains_get_the_topic_as_is_and_genres_of_unserved_domains_are_ignored(monkeypatch):
+    from expandlm.domains import DOMAINS, Domain
+    monkeypatch.setitem(DOMAINS, "poems", Domain("poems"))  # a domain with no request words of its own
     r = route("write a poem about the sea", Fixed(poems=0.8, stories=0.2))
     assert (r.domain, r.prompt, r.reason) == ("poems", "a poem about the sea", "classifier")
-    r = route("a recipe for soup", Fixed(poems=0.6, stories=0.4))  # no recipes domain here
-    assert (r.domain, r.prompt) == ("poems", "soup")
+    r = route("a recipe for soup", Fixed(poems=0.6, stories=0.4))  # the model serves no recipes
+    assert (r.domain, r.prompt, r.reason) == ("poems", "a recipe for soup", "classifier")
 
 
 def test_split_request():

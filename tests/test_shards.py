@@ -42,10 +42,23 @@ def test_cache_reuses_same_content(corpus, tok, tmp_path):
     assert not list((tmp_path / "shards").glob("*.tmp-*"))
 
 
-def test_uint32_for_large_vocab(corpus, shared_data, tmp_path):
+def test_gpt2_ids_fit_uint16(corpus, shared_data, tmp_path):
     from expandlm.tokenizer import gpt2_tokenizer
     shard = build_shard(corpus, gpt2_tokenizer(shared_data / "tokenizers" / "gpt2"), tmp_path)
-    assert shard.meta["dtype"] == "uint16"  # 50,262 ids still fit in uint16
+    assert shard.meta["dtype"] == "uint16" and shard.tokens.dtype == np.uint16  # 50,262 ids fit
+
+
+def test_uint32_for_a_vocabulary_past_65536(corpus, tmp_path):
+    from expandlm.tokenizer import bytes_tokenizer
+    tok = bytes_tokenizer()
+    tok.add_tokens([f"<filler{i}>" for i in range(65536)] + ["cat"])  # "cat" gets an id past uint16
+    cat = tok.convert_tokens_to_ids("cat")
+    assert cat > np.iinfo(np.uint16).max
+    shard = build_shard(corpus, tok, tmp_path)
+    assert shard.meta["dtype"] == "uint32" and shard.tokens.dtype == np.uint32
+    first = next(doc for doc in shard.documents() if cat in doc)  # stored whole, not wrapped around
+    assert first.max() == cat and int((shard.tokens == cat).sum()) == sum(
+        ids.count(cat) for ids in encode_texts(tok, corpus.documents))
 
 
 def test_batches_deterministic_disjoint_and_cover_an_epoch(corpus, tok, tmp_path):

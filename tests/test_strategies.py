@@ -1,21 +1,26 @@
-"""Mechanics of the strategies (not their outcomes): what they add, freeze and leave unchanged."""
+"""Strategies: what each one adds, freezes and leaves unchanged, that its options change what trains,
+and that serving a domain (a view) and exporting it (a standard checkpoint) compute the same thing."""
 import json
+import threading
 
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expandlm.adapt import AdaptSpec, adapt
+from expandlm.corpus import load_corpus
+from expandlm.domains import get_domain
 from expandlm.errors import UserError
 from expandlm.expert import ExpertSpec, train_expert
-from expandlm.model import PRESETS, build_model
+from expandlm.generate import SamplingConfig, generate
+from expandlm.model import PRESETS, build_model, count_params
 from expandlm.serving import load_served
-from expandlm.strategies import STRATEGIES, make_strategy
-from expandlm.strategies.ewc import EWC
+from expandlm.shards import PackedBatches, build_shard
+from expandlm.strategies import STRATEGIES, AdaptContext, make_strategy
 from expandlm.strategies.expand import expand_blocks, new_block_positions
 from expandlm.tokenizer import bytes_tokenizer
-from expandlm.train import TrainConfig
+from expandlm.train import TrainConfig, causal_lm_loss
 
 FAST = dict(max_steps=4, batch_size=4, eval_interval=0, eval_docs=5, progress=False, log_interval=2)
 
@@ -33,13 +38,20 @@ def base(tmp_path_factory):
     return root, recipes
 
 
-def _adapt(base, strategy, name=None, **kw):
+def _adapt(base, strategy, name=None, options=None, expand_vocab=0, **kw):
     root, recipes = base
     out = root / (name or strategy)
-    options = kw.pop("options", {})
     spec = AdaptSpec(base=str(root / "base"), strategy=strategy, domain="recipes", data=str(recipes), out=str(out),
-                     options=options, cache_dir=str(root / "cache"), train=TrainConfig(**{**FAST, **kw}))
+                     options=options or {}, expand_vocab=expand_vocab, cache_dir=str(root / "cache"),
+                     train=TrainConfig(**{**FAST, **kw}))
     return adapt(spec), out
+
+
+def _context(base, tokenizer):
+    root, recipes = base
+    shard = lambda path, d: build_shard(load_corpus(path, get_domain(d)), tokenizer, root / "cache")  # noqa: E731
+    return AdaptContext(["stories"], get_domain("recipes"), shard(recipes, "recipes"),
+                        {"stories": shard(root / "stories.jsonl", "stories")}, tokenizer, len(tokenizer), "nano")
 
 
 def _logits(model, ids):
@@ -51,19 +63,36 @@ def _ids(tok, domain="stories"):
     return torch.tensor([[tok.bos_token_id, tok.convert_tokens_to_ids(f"<|{domain}|>"), 70, 80, 90, 100]])
 
 
+def _greedy(model, tok, domain, n=12):
+    return generate(model, tok, get_domain(domain), "", 1, SamplingConfig(temperature=0, max_new_tokens=n))[0].text
+
+
+# -- options ---------------------------------------------------------------------------------------
+
 def test_every_design_strategy_is_registered():
     assert {"full_ft", "lora", "joint", "replay", "ewc", "expand", "expand_paths"} <= set(STRATEGIES)
 
 
-def test_strategy_options_are_checked():
+def test_strategy_options_are_typed_and_checked():
     with pytest.raises(UserError, match="unknown strategy 'magic'"):
         make_strategy("magic")
-    with pytest.raises(UserError, match="unknown option 'rank' \\(known: r, alpha"):
+    with pytest.raises(UserError, match=r"unknown key 'rank' \(known keys: r, alpha"):
         make_strategy("lora", {"rank": 4})
-    with pytest.raises(UserError, match="fraction must be between 0 and 1"):
+    with pytest.raises(UserError, match=r"'fraction': input should be less than 1, got 1.5"):
         make_strategy("replay", {"fraction": 1.5})
-    assert make_strategy("expand", {"new_blocks": "3"}).new_blocks == 3
+    with pytest.raises(UserError, match=r"'position': input should be 'interleave' or 'end'"):
+        make_strategy("expand", {"position": "middle"})
+    assert make_strategy("expand", {"new_blocks": "3"}).options.new_blocks == 3
+    assert make_strategy("joint", {"from_scratch": "false"}).options.from_scratch is False
 
+
+def test_capabilities_are_declared_not_name_checked():
+    assert not STRATEGIES["lora"].supports_vocab_expansion and STRATEGIES["expand"].supports_vocab_expansion
+    assert STRATEGIES["expand_paths"].keeps_old_domains and STRATEGIES["lora"].keeps_old_domains
+    assert not STRATEGIES["full_ft"].keeps_old_domains
+
+
+# -- expansion -------------------------------------------------------------------------------------
 
 def test_expanded_model_computes_exactly_the_base_at_init():
     tok = bytes_tokenizer()
@@ -84,41 +113,109 @@ def test_block_positions():
     assert new_block_positions(6, 2, "end") == [5, 5]
 
 
+@pytest.mark.parametrize("options, new_layers", [({"new_blocks": 1}, [2]), ({"new_blocks": 2}, [1, 3]),
+                                                 ({"new_blocks": 2, "position": "end"}, [2, 3])])
+def test_expand_options_change_what_trains(base, options, new_layers):
+    model = AutoModelForCausalLM.from_pretrained(base[0] / "base")
+    block = count_params(model.model.layers[0])
+    adapted = make_strategy("expand", options).build(model, _context(base, load_served(base[0] / "base").tokenizer))
+    assert adapted.state["new_layers"] == new_layers
+    trainable = {n.split(".")[2] for n, p in adapted.model.named_parameters() if p.requires_grad}
+    assert trainable == {str(i) for i in new_layers}
+    assert count_params(adapted.model, trainable_only=True) == block * options["new_blocks"]
+
+
 def test_expand_trains_only_new_blocks_and_frozen_tensors_stay_bit_identical(base):
     root, _ = base
     old = AutoModelForCausalLM.from_pretrained(root / "base").state_dict()
     record, out = _adapt(base, "expand", options={"new_blocks": 2})
-    new = AutoModelForCausalLM.from_pretrained(out)
+    state = AutoModelForCausalLM.from_pretrained(out).state_dict()
     card = json.loads((out / "expandlm.json").read_text())
-    assert card["domains"] == ["stories", "recipes"] and new.config.num_hidden_layers == 4
-    old_layers = card["new_layers"]
-    mapping = {}  # old layer index → index in the expanded model
-    for i in range(4):
-        if i not in old_layers:
-            mapping[len(mapping)] = i
-    state = new.state_dict()
+    assert card["domains"] == ["stories", "recipes"] and card["new_layers"] == [1, 3]
+    mapping = {0: 0, 1: 2}  # old layer index → index in the expanded model
     for name, tensor in old.items():
         if ".layers." in name:
             i = int(name.split(".layers.")[1].split(".")[0])
             name = name.replace(f".layers.{i}.", f".layers.{mapping[i]}.")
         assert torch.equal(state[name], tensor), name
-    trained = [state[f"model.layers.{i}.mlp.down_proj.weight"] for i in old_layers]
-    assert all(t.any() for t in trained)  # the zero-initialised projections did learn
-    assert record["trainable_params"] < record["total_params"] / 2
+    assert all(state[f"model.layers.{i}.mlp.down_proj.weight"].any() for i in card["new_layers"])  # they learned
+    assert record["trainable_params"] == 2 * count_params(AutoModelForCausalLM.from_pretrained(root / "base").model.layers[0])
 
 
-def test_expand_paths_leaves_old_domain_outputs_bit_identical(base):
-    root, _ = base
-    base_model = AutoModelForCausalLM.from_pretrained(root / "base")
-    _, out = _adapt(base, "expand_paths")
-    served = load_served(out)
+@pytest.fixture(scope="module")
+def paths(base):
+    return _adapt(base, "expand_paths")[1]
+
+
+def test_expand_paths_serves_old_domains_bit_identically_through_a_view(base, paths):
+    base_model = AutoModelForCausalLM.from_pretrained(base[0] / "base")
+    served = load_served(paths)
     ids = _ids(served.tokenizer)
-    assert torch.equal(_logits(served.for_domain("stories"), ids), _logits(base_model, ids))
-    assert not torch.equal(_logits(served.for_domain("recipes"), ids), _logits(base_model, ids))
-    assert torch.equal(_logits(served.for_domain("stories"), ids), _logits(base_model, ids))  # switching back
+    stories, recipes = served.for_domain("stories"), served.for_domain("recipes")
+    assert torch.equal(_logits(stories, ids), _logits(base_model, ids))
+    assert not torch.equal(_logits(recipes, ids), _logits(base_model, ids))
+    assert torch.equal(_logits(stories, ids), _logits(base_model, ids))  # the recipes call changed nothing
+    # the plain model (no domain active) runs every block: the new domain's path
+    assert torch.equal(_logits(served.model, ids), _logits(recipes, ids))
 
 
-def test_lora_saves_a_peft_adapter_and_keeps_the_base(base):
+def test_a_model_moved_after_a_domain_is_selected_moves_every_block(paths):
+    served = load_served(paths)
+    stories = served.for_domain("stories")
+    served.model.to(torch.float64)
+    assert {p.dtype for p in served.model.parameters()} == {torch.float64}
+    ids = _ids(served.tokenizer)
+    assert _logits(stories, ids).dtype == torch.float64
+    assert _logits(served.for_domain("recipes"), ids).dtype == torch.float64
+
+
+def test_concurrent_requests_for_two_domains_get_what_each_gets_alone(paths):
+    served = load_served(paths)
+    alone = {d: _greedy(served.for_domain(d), served.tokenizer, d, 40) for d in served.domains}
+    together, barrier = {}, threading.Barrier(len(alone))
+
+    def ask(domain):
+        barrier.wait()
+        for _ in range(3):
+            together.setdefault(domain, set()).add(_greedy(served.for_domain(domain), served.tokenizer, domain, 40))
+
+    threads = [threading.Thread(target=ask, args=(d,)) for d in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == {d: {text} for d, text in alone.items()}
+
+
+def test_export_writes_each_domain_as_a_standard_checkpoint(base, paths, tmp_path, capsys):
+    from expandlm.cli import main
+    base_model = AutoModelForCausalLM.from_pretrained(base[0] / "base")
+    served = load_served(paths)
+    for domain in served.domains:
+        assert main(["export", str(paths), "--domain", domain, "--out", str(tmp_path / domain)]) == 0
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / domain)
+        tok = AutoTokenizer.from_pretrained(tmp_path / domain)
+        ids = _ids(tok, domain)
+        assert torch.equal(_logits(exported, ids), _logits(served.for_domain(domain), ids))
+        assert _greedy(exported, tok, domain) == _greedy(served.for_domain(domain), served.tokenizer, domain)
+    stories = AutoModelForCausalLM.from_pretrained(tmp_path / "stories")
+    assert stories.config.num_hidden_layers == base_model.config.num_hidden_layers
+    assert torch.equal(_logits(stories, _ids(served.tokenizer)), _logits(base_model, _ids(served.tokenizer)))
+    assert main(["export", str(paths), "--domain", "code", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown domain 'code'" in capsys.readouterr().err
+
+
+def test_a_model_whose_strategy_cannot_be_adapted_again_is_refused(base, paths):
+    root, recipes = base
+    spec = AdaptSpec(base=str(paths), strategy="full_ft", domain="recipes", data=str(recipes),
+                     out=str(root / "again-paths"), train=TrainConfig(**FAST))
+    with pytest.raises(UserError, match="adapting a expand_paths model again is not supported"):
+        adapt(spec)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+
+def test_lora_saves_a_peft_adapter_and_keeps_the_base(base, tmp_path):
     root, _ = base
     base_model = AutoModelForCausalLM.from_pretrained(root / "base")
     record, out = _adapt(base, "lora", options={"r": 4})
@@ -126,62 +223,90 @@ def test_lora_saves_a_peft_adapter_and_keeps_the_base(base):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), out)
     served = load_served(out)
     ids = _ids(served.tokenizer)
+    recipes = served.for_domain("recipes")
     assert torch.equal(_logits(served.for_domain("stories"), ids), _logits(base_model, ids))
-    assert torch.allclose(_logits(served.for_domain("recipes"), ids), _logits(peft_model, ids))
-    assert record["trainable_params"] < record["total_params"]
+    assert torch.equal(_logits(recipes, ids), _logits(peft_model, ids))
+    assert not torch.equal(_logits(recipes, ids), _logits(base_model, ids))
+    for domain in served.domains:  # exported: the base itself, and the adapter merged in
+        served.export(domain, tmp_path / domain)
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / domain)
+        assert torch.allclose(_logits(exported, ids), _logits(served.for_domain(domain), ids), atol=1e-5)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "stories"), ids), _logits(base_model, ids))
 
 
-@pytest.mark.parametrize("strategy, options", [("full_ft", {}), ("replay", {"fraction": 0.3}),
-                                               ("joint", {"from_scratch": True}), ("joint", {"from_scratch": False}),
-                                               ("ewc", {"lam": 10.0, "fisher_batches": 2})])
-def test_whole_model_strategies_produce_a_standard_checkpoint(base, strategy, options):
-    record, out = _adapt(base, strategy, name=f"{strategy}-{len(options)}-{options.get('from_scratch')}",
-                         options=options)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert record["trainable_params"] == record["total_params"] == sum(p.numel() for p in model.parameters())
-    assert set(record["bpb"]) == {"stories", "recipes"} and record["tokens"] == 4 * 4 * 128
-    assert set(record["forgetting"]) == {"stories"}
+def test_lora_target_modules_decide_which_layers_get_adapters(base):
+    served = load_served(base[0] / "base")
+    adapted = make_strategy("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}).build(
+        served.model, _context(base, served.tokenizer))
+    trainable = {n.split(".")[-4] for n, p in adapted.model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj", "v_proj"}
+    dim = served.model.config.hidden_size
+    assert count_params(adapted.model, trainable_only=True) == 2 * 2 * 2 * (dim + dim)  # 2 layers × q,v × A,B
 
 
-def test_mixture_batches_draw_each_shard_by_weight(base):
-    from expandlm.corpus import load_corpus
-    from expandlm.domains import get_domain
-    from expandlm.shards import PackedBatches, build_shard
-    root, _ = base
-    tok = load_served(root / "base").tokenizer
-    recipes_tag, stories_tag = tok.convert_tokens_to_ids("<|recipes|>"), tok.convert_tokens_to_ids("<|stories|>")
-    shards = [build_shard(load_corpus(base[1], get_domain("recipes")), tok, root / "cache"),
-              build_shard(load_corpus(root / "stories.jsonl", get_domain("stories")), tok, root / "cache")]
-    batches = PackedBatches(shards, 16, 64, seed=0, weights=[0.5, 0.5])
-    batch = batches.batch(0)
-    assert torch.equal(batch, PackedBatches(shards, 16, 64, seed=0, weights=[0.5, 0.5]).batch(0))
-    tags = set(batch.flatten().tolist())
-    assert recipes_tag in tags or stories_tag in tags
-    only_new = PackedBatches(shards, 16, 64, seed=0, weights=[1.0, 0.0]).batch(0)
-    assert stories_tag not in set(only_new.flatten().tolist())
+def test_lora_with_vocabulary_expansion_is_refused(base):
+    with pytest.raises(UserError, match="--expand-vocab is not supported by the lora strategy"):
+        _adapt(base, "lora", name="lora-vocab", expand_vocab=16)
 
 
-def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(base):
-    root, _ = base
-    served = load_served(root / "base")
-    model = served.model
-    strategy = EWC(lam=1.0, fisher_batches=2, fisher_batch_size=2)
-    from expandlm.corpus import load_corpus
-    from expandlm.domains import get_domain
-    from expandlm.shards import build_shard
-    from expandlm.strategies import AdaptContext
-    shard = build_shard(load_corpus(root / "stories.jsonl", get_domain("stories")), served.tokenizer, root / "cache")
-    ctx = AdaptContext(root / "base", ["stories"], get_domain("recipes"), shard, {"stories": shard},
-                       served.tokenizer, len(served.tokenizer), "nano")
-    strategy.build(model, ctx)
+# -- whole-model strategies ------------------------------------------------------------------------
+
+def _row_domains(batch, tok):
+    stories, recipes = tok.convert_tokens_to_ids("<|stories|>"), tok.convert_tokens_to_ids("<|recipes|>")
+    return [("stories" if stories in row else "recipes" if recipes in row else None) for row in batch.tolist()]
+
+
+@pytest.mark.parametrize("strategy, options, new_share", [("replay", {"fraction": 0.3}, 0.7),
+                                                          ("joint", {"new_share": 0.25}, 0.25),
+                                                          ("full_ft", {}, 1.0)])
+def test_mixture_proportions_measured_on_drawn_batches(base, strategy, options, new_share):
+    tok = load_served(base[0] / "base").tokenizer
+    ctx = _context(base, tok)
+    mixture = make_strategy(strategy, options).mixture(ctx)
+    batches = PackedBatches([s for s, _ in mixture], 128, 16, seed=0,  # every window holds a domain tag
+                            weights=[w for _, w in mixture] if len(mixture) > 1 else None)
+    rows = [d for m in range(40) for d in _row_domains(batches.batch(m), tok)]
+    assert None not in rows
+    assert abs(rows.count("recipes") / len(rows) - new_share) < 0.05
+
+
+def test_joint_from_scratch_starts_from_fresh_weights_and_continued_from_the_base(base):
+    served = load_served(base[0] / "base")
+    ctx = _context(base, served.tokenizer)
+    ids = _ids(served.tokenizer)
+    before = _logits(served.model, ids)
+    fresh = make_strategy("joint", {"from_scratch": True}).build(served.model, ctx).model
+    continued = make_strategy("joint", {"from_scratch": False}).build(served.model, ctx).model
+    assert fresh is not served.model and not torch.equal(_logits(fresh, ids), before)
+    assert continued is served.model
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_scales_with_lambda(base):
+    served = load_served(base[0] / "base")
+    ctx = _context(base, served.tokenizer)
+    strategy = make_strategy("ewc", {"lam": 1.0, "fisher_batches": 2, "fisher_batch_size": 2})
+    adapted = strategy.build(served.model, ctx)
+    model = adapted.model
     batch = torch.randint(0, 300, (2, 17))
-    from expandlm.train import causal_lm_loss
-    assert torch.isclose(strategy.loss(model, batch), causal_lm_loss(model, batch))
+    assert torch.equal(strategy.loss(adapted, model, batch), causal_lm_loss(model, batch))
+    fisher = torch.cat([f.flatten() for _, f in adapted.state["anchor"].values()])
+    assert torch.isclose(fisher.mean(), torch.tensor(1.0)) and fisher.std() > 0  # normalised to mean 1
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
-    assert strategy.loss(model, batch) > causal_lm_loss(model, batch)
-    assert all((f >= 0).all() for _, f in strategy.anchor.values())
+    one = strategy.penalty(adapted, model)
+    three = make_strategy("ewc", {"lam": 3.0}).penalty(adapted, model)
+    assert one > 0 and torch.isclose(three, 3 * one)
+
+
+@pytest.mark.parametrize("strategy, options", [("full_ft", {}), ("replay", {"fraction": 0.3}),
+                                               ("joint", {"from_scratch": True}), ("ewc", {"lam": 10.0, "fisher_batches": 2})])
+def test_whole_model_strategies_produce_a_standard_checkpoint(base, strategy, options):
+    record, out = _adapt(base, strategy, name=f"{strategy}-whole", options=options)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert record["trainable_params"] == record["total_params"] == sum(p.numel() for p in model.parameters())
+    assert set(record["bpb"]) == {"stories", "recipes"} and record["tokens"] == 4 * 4 * 128
+    assert record["card"]["options"] == {**make_strategy(strategy).options.__dict__, **options}
 
 
 def test_adapting_to_a_domain_already_served_is_refused(base):

@@ -4,9 +4,12 @@ import joblib
 import pytest
 
 from expandlm.corpus import load_corpus
-from expandlm.domains import get_domain, render_recipe
+from expandlm.domains import get_domain
+from expandlm.domains.recipes import render_recipe
 from expandlm.errors import UserError
-from expandlm.suite import DomainClassifier, domain_control_accuracy, recipe_validity, story_health, words
+from expandlm.suite import DomainClassifier, domain_control_accuracy, text_health, words
+
+recipe_validity = get_domain("recipes").valid  # the recipes domain's structural check
 
 RECIPE = """Banana Bread
 
@@ -67,23 +70,23 @@ def test_words_tokenisation():
     assert words("The cat. The cat, the cat!") == words("the cat the cat the cat")
 
 
-def test_story_health_known_numbers():
-    h = story_health([("The cat sat on the mat.", True), ("The cat, the cat, the cat!", False)])
+def test_text_health_known_numbers():
+    h = text_health([("The cat sat on the mat.", True), ("The cat, the cat, the cat!", False)])
     # bigrams: 5 + 5, distinct {the cat, cat sat, sat on, on the, the mat, cat the} = 6
     # 4-grams: 3 + 3; the second sample's third 4-gram repeats its first
     assert h == {"finished_share": 0.5, "distinct_2": 0.6, "repeated_4gram_rate": pytest.approx(1 / 6), "samples": 2}
 
 
-def test_story_health_repeats_do_not_span_samples():
-    h = story_health([("a b c d", True), ("a b c d", True)])
+def test_text_health_repeats_do_not_span_samples():
+    h = text_health([("a b c d", True), ("a b c d", True)])
     assert h["repeated_4gram_rate"] == 0.0 and h["distinct_2"] == 0.5 and h["finished_share"] == 1.0
 
 
-def test_story_health_edge_cases():
-    assert story_health([("Hi", True)]) == {"finished_share": 1.0, "distinct_2": 0.0,
+def test_text_health_edge_cases():
+    assert text_health([("Hi", True)]) == {"finished_share": 1.0, "distinct_2": 0.0,
                                             "repeated_4gram_rate": 0.0, "samples": 1}
     with pytest.raises(UserError, match="at least one sample"):
-        story_health([])
+        text_health([])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,13 +7,16 @@ import time
 
 import pytest
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from expandlm.corpus import load_corpus
 from expandlm.domains import get_domain
 from expandlm.model import PRESETS, build_model
 from expandlm.shards import PackedBatches, build_shard
 from expandlm.tokenizer import train_bpe
-from expandlm.train import TrainConfig, plan_steps, read_metrics, train
+from expandlm.run_folder import RunFolder
+from expandlm.train import (CosinePlan, TrainConfig, causal_lm_loss, plan_steps, replan_steps,
+                            train)
 
 
 @pytest.fixture
@@ -32,7 +35,7 @@ def test_loss_falls_and_frozen_tensors_stay_bit_identical(setup, tmp_path):
         p.requires_grad = n not in frozen
     cfg = TrainConfig(max_steps=40, batch_size=8, lr=3e-3, eval_interval=20, progress=False, log_interval=5)
     model, state = train(model, PackedBatches([shard], 32, 8, 0), tmp_path / "run", cfg, val_shard=shard)
-    curve = read_metrics(tmp_path / "run")
+    curve = RunFolder(tmp_path / "run").metrics()
     losses = [r["loss"] for r in curve if "loss" in r]
     assert state.step == 40 and state.tokens == 40 * 8 * 32
     assert losses[-1] < losses[0] - 1.0
@@ -53,6 +56,100 @@ def test_plan_steps_budgets():
     assert plan_steps(with_eval, 1000, 10**9, micro_step_s=0.5, micro_tokens=1000, eval_tokens=30_000) < 116
 
 
+def test_replan_steps_follows_the_pace_within_the_caps():
+    cfg = TrainConfig(minutes=1)  # 60 s
+    assert replan_steps(cfg, 100, elapsed_s=30, step_s=0.3) == 200
+    assert replan_steps(cfg, 100, elapsed_s=30, step_s=0.9) == 133  # 3x slower: fewer steps fit
+    assert replan_steps(cfg, 100, 30, 0.3, cap=150) == 150  # max_steps / max_tokens still bound it
+    assert replan_steps(cfg, 100, 30, 0.3, reserve_s=15) == 150  # time kept for the final validation
+    assert replan_steps(cfg, 100, 59.8, 0.3) == 100  # the next step would not fit: stop now
+    assert replan_steps(cfg, 100, 75, 0.3) == 100
+    assert replan_steps(cfg, 100, 59, 0.3, last_step_s=1.5) == 100  # the last step says the machine slowed
+
+
+def test_cosine_plan_is_the_fixed_schedule_and_follows_a_moved_end():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    fixed = get_cosine_with_min_lr_schedule_with_warmup(opt, 10, 110, min_lr_rate=0.1).lr_lambdas[0]
+    plan = CosinePlan(warmup=10, total=110, min_ratio=0.1)
+    assert [plan(s) for s in range(111)] == pytest.approx([fixed(s) for s in range(111)], abs=1e-12)
+    plan.total = 60  # re-planned shorter: the decay ends there and stays at the floor
+    assert plan(60) == pytest.approx(0.1) and plan(70) == pytest.approx(0.1) and plan(35) < fixed(35)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    resumed = torch.optim.lr_scheduler.LambdaLR(opt, CosinePlan(1, 2, 0.5))
+    resumed.load_state_dict(sched.state_dict())  # the warmup and plan travel with the checkpoint
+    assert vars(resumed.lr_lambdas[0]) == {"warmup": 10, "total": 60, "min_ratio": 0.1}
+    assert resumed.get_last_lr() == sched.get_last_lr()
+
+
+class SimulatedClock:
+    """A clock whose time passes only in training passes: each micro-step costs `cost(now)` seconds.
+    Makes a minutes run deterministic, with the slowdowns a busy machine would cause."""
+
+    def __init__(self, cost):
+        self.now, self.cost = 0.0, cost
+
+    def __call__(self) -> float:
+        return self.now
+
+    def loss_fn(self, model, batch):
+        self.now += self.cost(self.now)
+        return causal_lm_loss(model, batch)
+
+
+BUDGET_S = 2.0
+SLOWDOWNS = {"3x slower halfway": lambda t: 0.01 if t < BUDGET_S / 2 else 0.03,
+             "3x slower calibration": lambda t: 0.03 if t < 0.18 else 0.01}  # the first 6 passes calibrate
+
+
+def _minutes_run(shard, tok, out, clock, resume=False, **cfg):
+    cfg = TrainConfig(minutes=BUDGET_S / 60, batch_size=8, lr=3e-3, eval_interval=0, eval_docs=5,
+                      log_interval=1, progress=False, **cfg)
+    return train(build_model(PRESETS["nano"], tok, seed=0), PackedBatches([shard], 32, 8, 0), out, cfg,
+                 val_shard=shard, loss_fn=clock.loss_fn, resume=resume, clock=clock)
+
+
+def _assert_ends_at_the_budget(state, out):
+    assert BUDGET_S * 0.97 <= state.elapsed_s <= BUDGET_S * 1.01
+    lrs = [r["lr"] for r in RunFolder(out).metrics() if "lr" in r]
+    assert lrs[-1] == pytest.approx(3e-3 * 0.1)  # the decay ends where the run ends
+    assert lrs[-3] - 3e-4 < 0.01 * (3e-3 - 3e-4)  # and was planned to: the steps before are near the floor
+    assert lrs[len(lrs) // 2] > 0.4 * 3e-3  # not too early either: halfway, the cosine is about halfway down
+    assert RunFolder(out).metrics()[-1] == {"step": state.step, "tokens": state.tokens, "val_bpb": state.val_bpb}
+    assert json.loads((out / "checkpoint" / "train_state.json").read_text())["step"] == state.step
+
+
+@pytest.mark.parametrize("cost", SLOWDOWNS.values(), ids=SLOWDOWNS.keys())
+def test_minutes_budget_replans_when_the_pace_changes(setup, tmp_path, cost):
+    tok, shard = setup
+    _, state = _minutes_run(shard, tok, tmp_path / "run", SimulatedClock(cost))
+    _assert_ends_at_the_budget(state, tmp_path / "run")
+    assert state.total_steps == state.step
+
+
+def test_resumed_minutes_run_replans_the_time_left(setup, tmp_path):
+    tok, shard = setup
+    killed = SimulatedClock(SLOWDOWNS["3x slower halfway"])
+
+    def killed_loss(model, batch):
+        if killed.now > 1.2:
+            raise KeyboardInterrupt  # a lost machine, after the checkpoint at step 100
+        return SimulatedClock.loss_fn(killed, model, batch)
+    killed.loss_fn = killed_loss
+    with pytest.raises(KeyboardInterrupt):
+        _minutes_run(shard, tok, tmp_path / "run", killed, checkpoint_interval=50)
+    at = json.loads((tmp_path / "run" / "checkpoint" / "train_state.json").read_text())
+    assert at["step"] == 100 and at["total_steps"] > 100
+    saved_plan = torch.load(tmp_path / "run" / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert saved_plan["lr_lambdas"] == [{"warmup": 9, "total": at["total_steps"], "min_ratio": 0.1}] * 2  # 2 groups
+    _, state = _minutes_run(shard, tok, tmp_path / "run", SimulatedClock(lambda t: 0.03), resume=True,
+                            checkpoint_interval=50)  # a new process: its clock starts at 0
+    assert state.resumed_from == [100]
+    _assert_ends_at_the_budget(state, tmp_path / "run")
+
+
 def _train_cmd(data, out, *extra):
     return [sys.executable, "-m", "expandlm", "train", "--domain", "stories", "--data", str(data), "--preset", "nano",
             "--max-steps", "400", "--batch-size", "4", "--log-interval", "1", "--checkpoint-interval", "7",
@@ -60,7 +157,7 @@ def _train_cmd(data, out, *extra):
 
 
 def _curve(out):
-    return [(r["step"], r.get("loss"), r.get("val_bpb")) for r in read_metrics(out)]
+    return [(r["step"], r.get("loss"), r.get("val_bpb")) for r in RunFolder(out).metrics()]
 
 
 @pytest.mark.slow
@@ -90,7 +187,7 @@ def test_two_process_data_parallel_run(stories_file, tmp_path):
            "--batch-size", "4", "--eval-interval", "3", "--eval-docs", "5", "--log-interval", "3", "--no-progress",
            "--out", str(tmp_path / "ddp")]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    curve = read_metrics(tmp_path / "ddp")
+    curve = RunFolder(tmp_path / "ddp").metrics()
     assert curve[-1]["step"] == 6 and curve[-1]["tokens"] == 6 * 4 * 128 * 2  # both processes' samples
     assert {p.name for p in (tmp_path / "ddp" / "checkpoint").glob("random_states_*")} == {
         "random_states_0.pkl", "random_states_1.pkl"}

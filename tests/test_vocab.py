@@ -15,7 +15,7 @@ from expandlm.domains import get_domain
 from expandlm.errors import UserError
 from expandlm.model import PRESETS, build_model
 from expandlm.tokenizer import BOS, EOS, PAD, bytes_tokenizer, encode_texts, tokenizer_hash, train_bpe
-from expandlm.train import causal_lm_loss
+from expandlm.train import TrainConfig, causal_lm_loss, make_optimizer
 from expandlm.vocab import NO_DECAY_ATTR, expand_tokenizer, grow_embeddings, train_only_new_rows
 from tests.conftest import RECIPES, STORIES
 
@@ -142,12 +142,14 @@ def test_grow_embeddings_keeps_old_rows_and_logits():
 
 
 def _train(model, decay_embedding: bool, steps: int = 6):
-    """A few real AdamW steps; the embedding goes where `make_optimizer` will put it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    no_decay = [p for p in params if p.dim() < 2 or (getattr(p, NO_DECAY_ATTR, False) and not decay_embedding)]
-    decay = [p for p in params if all(p is not q for q in no_decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-2, betas=(0.9, 0.95))
+    """A few real AdamW steps with the optimizer `train` builds. With `decay_embedding` the embedding
+    loses its no-decay mark first, as it would with an optimizer that ignored the mark."""
+    weight = model.get_input_embeddings().weight
+    if decay_embedding:
+        delattr(weight, NO_DECAY_ATTR)
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    group = next(g for g in opt.param_groups if any(p is weight for p in g["params"]))
+    assert group["weight_decay"] == (0.1 if decay_embedding else 0.0)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         causal_lm_loss(model, torch.randint(0, len(_new), (4, 17), generator=g)).backward()

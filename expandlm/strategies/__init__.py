@@ -1,34 +1,42 @@
-"""Adaptation strategies: how one model comes to serve a new domain B after the old ones (design.md §5).
+"""Adaptation strategies: how one model comes to serve a new domain after the old ones (design.md §5).
 
-A strategy is one small module with one class implementing this interface; registering it with
-`@register` makes it selectable by name in `expandlm adapt` and `expandlm compare`. Each hook has a
-default, so a strategy overrides only what makes it different:
+A strategy is one file with one class, registered by name with `@register`. It owns everything that
+is particular to it, from adapting to serving:
 
-- `build(base, ctx)`: the model to train, from the old expert (add parameters, freeze parameters);
-- `mixture(ctx)`: the training data, as (token shard, weight) pairs;
-- `loss(model, batch)`: the training loss (default: next-token cross entropy);
-- `card(ctx)`: how the saved model serves each domain (adapter on/off, layer path), for `serving.py`;
-- `save(model, out)`: how the trained model is written (default: a standard HF checkpoint).
+    Options                       its options: a validated config dataclass (CLI `--option k=v`, YAML)
+    build(base, ctx) → Adapted    the model to train (add, freeze, re-create parameters) and any state
+                                  the training needs (kept on `Adapted`, never on the strategy)
+    mixture(ctx)                  the training data, as (token shard, weight) pairs
+    loss(adapted, model, batch)   the training loss
+    card(adapted, ctx)            what `expandlm.json` must record to serve each domain later
+    save(model, folder)           how the trained model is written
+    load(folder, card)            the saved model, ready to serve
+    serve(model, card, domain)    the model as `domain` sees it (a view: the shared model never changes)
+    export(model, card, domain)   a standard checkpoint computing exactly what `serve` computes
+
+and declares what it can do: `supports_vocab_expansion`, `keeps_old_domains` (old domains' outputs
+stay bit-identical), `adaptable_again` (its saved model can be adapted to a further domain). Each hook
+has a default for a strategy whose single set of weights serves every domain.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
+from ..config import build, config
 from ..domains import Domain
 from ..errors import UserError
+from ..run_folder import MODEL_CARD, RunFolder
 from ..shards import TokenShard
 from ..train import causal_lm_loss
 
 
 @dataclass
 class AdaptContext:
-    """What every strategy may use: the old expert, the old and new domains' data, the tokenizer."""
-    base_dir: Path
+    """What every strategy may use: the old domains and their data, the new domain and its data."""
     old_domains: list[str]
     new_domain: Domain
     new_shard: TokenShard
@@ -44,26 +52,68 @@ class AdaptContext:
 
 
 @dataclass
-class Strategy:
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
+class Adapted:
+    """The model a strategy trains, and what it computed while building it (EWC's anchor, the
+    indices of new blocks): the trained state, kept apart from the strategy's options."""
+    model: torch.nn.Module
+    state: dict = field(default_factory=dict)
 
-    def build(self, base: torch.nn.Module, ctx: AdaptContext) -> torch.nn.Module:
-        return base
+
+@config
+class NoOptions:
+    pass
+
+
+class Strategy:
+    name: ClassVar[str] = "scratch"   # the card of an expert trained from scratch names this base class
+    summary: ClassVar[str] = "one set of weights, trained from scratch"
+    Options: ClassVar[type] = NoOptions
+    supports_vocab_expansion: ClassVar[bool] = True
+    keeps_old_domains: ClassVar[bool] = False
+    adaptable_again: ClassVar[bool] = True
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else self.Options()
+
+    # -- adapting ---------------------------------------------------------------------------------
+    def build(self, base: torch.nn.Module, ctx: AdaptContext) -> Adapted:
+        return Adapted(base)
 
     def mixture(self, ctx: AdaptContext) -> list[tuple[TokenShard, float]]:
         return [(ctx.new_shard, 1.0)]
 
-    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+    def loss(self, adapted: Adapted, model, batch: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(model, batch)
 
-    def card(self, ctx: AdaptContext) -> dict:
-        """`expandlm.json` for the adapted model: every domain runs the whole model."""
-        return {"domains": ctx.domains, "strategy": self.name, "options": dataclasses.asdict(self),
-                "base": str(ctx.base_dir), "preset": ctx.preset}
+    def card(self, adapted: Adapted, ctx: AdaptContext) -> dict:
+        return {}
 
-    def save(self, model, out: Path) -> None:
-        model.save_pretrained(out)
+    def save(self, model, folder: RunFolder) -> None:
+        folder.save(model.save_pretrained)
+
+    # -- serving ----------------------------------------------------------------------------------
+    def load(self, folder: RunFolder, card: dict):
+        from transformers import AutoModelForCausalLM
+        if not (folder / "config.json").exists():
+            raise UserError(f"{folder.path}: no config.json; expected a model folder written by expandlm")
+        return AutoModelForCausalLM.from_pretrained(folder.path)
+
+    def serve(self, model, card: dict, domain: str):
+        return model
+
+    def export(self, model, card: dict, domain: str):
+        return model
+
+
+def mix(ctx: AdaptContext, new_share: float) -> list[tuple[TokenShard, float]]:
+    """The new domain's data at `new_share` of the windows, the old domains' sharing the rest."""
+    old = [(shard, (1 - new_share) / len(ctx.old_shards)) for shard in ctx.old_shards.values()]
+    return [(ctx.new_shard, new_share), *old]
+
+
+def freeze(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad = False
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -74,37 +124,28 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-def make_strategy(name: str, options: dict | None = None) -> Strategy:
-    """A strategy by name, its options checked against its fields (unknown or mistyped → UserError)."""
+def strategy_class(name: str) -> type[Strategy]:
+    if name == Strategy.name:
+        return Strategy
     if name not in STRATEGIES:
         raise UserError(f"unknown strategy '{name}' (known: {', '.join(STRATEGIES)})")
-    cls = STRATEGIES[name]
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    options = dict(options or {})
-    for key, value in options.items():
-        if key not in known:
-            raise UserError(f"strategy '{name}': unknown option '{key}' "
-                            f"(known: {', '.join(known) or 'none'})")
-        expected = type(known[key].default) if known[key].default is not dataclasses.MISSING else None
-        if expected in (int, float) and isinstance(value, str):
-            try:
-                options[key] = expected(value)
-            except ValueError:
-                raise UserError(f"strategy '{name}': option '{key}' must be {expected.__name__}, got {value!r}") from None
-        elif expected is bool and isinstance(value, str):
-            options[key] = value.lower() in ("1", "true", "yes")
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"strategy '{name}': {e}") from None
+    return STRATEGIES[name]
 
 
-def freeze(module: torch.nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad = False
+def make_strategy(name: str, options: dict | None = None, where: str | None = None) -> Strategy:
+    """A strategy by name with its options validated (an unknown option or a bad value names the option
+    and what was expected)."""
+    cls = strategy_class(name)
+    return cls(build(cls.Options, options or {}, where or f"strategy '{name}' options"))
 
 
-# The strategies, one module each; importing them registers them.
-from . import expand, expand_paths, ewc, full_ft, joint, lora, replay  # noqa: E402,F401
+def strategy_of(card: dict) -> Strategy:
+    """The strategy that serves a saved model, from its card (a card-less folder: one set of weights)."""
+    return make_strategy(card.get("strategy", Strategy.name), card.get("options") or {},
+                         f"{MODEL_CARD}: options")
 
-__all__ = ["AdaptContext", "Strategy", "STRATEGIES", "register", "make_strategy", "freeze"]
+# The strategies, one file each; importing them registers them.
+from . import ewc, expand, expand_paths, full_ft, joint, lora, replay  # noqa: E402,F401
+
+__all__ = ["AdaptContext", "Adapted", "Strategy", "STRATEGIES", "register", "make_strategy", "strategy_of",
+           "freeze", "mix"]

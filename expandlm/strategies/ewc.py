@@ -4,13 +4,15 @@ penalty = λ/2 · Σ_i F_i (θ_i − θ*_i)², with F the diagonal (empirical) F
 the old domains' data: the mean squared gradient of the next-token loss. F is normalised to mean 1
 over all parameters so that λ reads the same at every model size.
 """
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
+from ..config import arg, config
 from ..shards import PackedBatches
 from ..train import causal_lm_loss
-from . import AdaptContext, Strategy, register
+from . import Adapted, AdaptContext, Strategy, register
 
 
 def diagonal_fisher(model, batches: PackedBatches, num_batches: int) -> dict[str, torch.Tensor]:
@@ -28,28 +30,32 @@ def diagonal_fisher(model, batches: PackedBatches, num_batches: int) -> dict[str
 
 
 @register
-@dataclass
 class EWC(Strategy):
     name = "ewc"
     summary = "every parameter, on B, pulled toward A's weights by a Fisher-weighted penalty"
-    lam: float = 1.0
-    fisher_batches: int = 16
-    fisher_batch_size: int = 8
+
+    @config
+    class Options:
+        lam: Annotated[float, Field(ge=0)] = arg(1.0, "strength λ of the penalty")
+        fisher_batches: Annotated[int, Field(gt=0)] = arg(16, "batches of old-domain data for the Fisher")
+        fisher_batch_size: Annotated[int, Field(gt=0)] = arg(8, "sequences per Fisher batch")
 
     def build(self, base, ctx: AdaptContext):
         context = base.config.max_position_embeddings
-        shards = list(ctx.old_shards.values())
-        batches = PackedBatches(shards, context, self.fisher_batch_size, seed=ctx.seed + 1)
-        fisher = diagonal_fisher(base, batches, self.fisher_batches)
-        # name → (θ*, F); a plain attribute, not a dataclass field, so it stays out of the saved options
-        self.anchor = {n: (p.detach().clone(), fisher[n]) for n, p in base.named_parameters() if n in fisher}
-        return base
+        batches = PackedBatches(list(ctx.old_shards.values()), context, self.options.fisher_batch_size,
+                                seed=ctx.seed + 1)
+        fisher = diagonal_fisher(base, batches, self.options.fisher_batches)
+        anchor = {n: (p.detach().clone(), fisher[n]) for n, p in base.named_parameters() if n in fisher}
+        return Adapted(base, {"anchor": anchor})  # name → (θ*, F)
 
-    def loss(self, model, batch):
-        penalty = 0.0
+    def penalty(self, adapted: Adapted, model) -> torch.Tensor:
+        total = torch.zeros(())
         for n, p in model.named_parameters():
-            anchor = self.anchor.get(n.removeprefix("module.").removeprefix("_orig_mod."))
+            anchor = adapted.state["anchor"].get(n.removeprefix("module.").removeprefix("_orig_mod."))
             if anchor is not None:
                 theta, f = anchor[0].to(p.device), anchor[1].to(p.device)
-                penalty = penalty + (f * (p - theta) ** 2).sum()
-        return causal_lm_loss(model, batch) + self.lam / 2 * penalty
+                total = total.to(p.device) + (f * (p - theta) ** 2).sum()
+        return self.options.lam / 2 * total
+
+    def loss(self, adapted: Adapted, model, batch):
+        return causal_lm_loss(model, batch) + self.penalty(adapted, model)

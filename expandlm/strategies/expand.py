@@ -3,15 +3,16 @@
 k new blocks are inserted, each a copy of the block before it with `o_proj` and `down_proj` set to
 zero: both residual branches of a new block then add exactly 0, so the expanded model computes
 exactly what the old one did. Every old parameter (embeddings, norms, blocks) is frozen; only the new
-blocks train.
+blocks train. Every domain runs every block (see expand_paths for the variant that keeps A exact).
 """
 import copy
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
-from ..model import set_layers
-from . import AdaptContext, Strategy, freeze, register
+from ..config import arg, config
+from . import Adapted, AdaptContext, Strategy, freeze, register
 
 
 def new_block_positions(num_layers: int, new_blocks: int, position: str) -> list[int]:
@@ -41,31 +42,36 @@ def expand_blocks(model, new_blocks: int, position: str = "interleave") -> tuple
                 block.mlp.down_proj.weight.zero_()
             new_idx.append(len(layers))
             layers.append(block)
-    set_layers(model, layers)
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i  # the KV cache is indexed by position in the stack
+    model.model.layers = torch.nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):  # a per-layer list tied to the layer count
+        model.config.layer_types = [model.config.layer_types[0]] * len(layers)
     return old_idx, new_idx
 
 
 @register
-@dataclass
 class Expand(Strategy):
     name = "expand"
     summary = "k zero-initialised blocks added, old parameters frozen, only the new blocks trained"
-    new_blocks: int = 2
-    position: str = "interleave"  # interleave | end
 
-    def __post_init__(self):
-        if self.new_blocks < 1 or self.position not in ("interleave", "end"):
-            raise ValueError("needs new_blocks >= 1 and position 'interleave' or 'end'")
+    @config
+    class Options:
+        new_blocks: Annotated[int, Field(ge=1)] = arg(2, "number of new blocks")
+        position: Literal["interleave", "end"] = arg("interleave", "spread the new blocks evenly, or all at the end")
 
     def build(self, base, ctx: AdaptContext):
         freeze(base)
-        self.old_layers, self.new_layers = expand_blocks(base, self.new_blocks, self.position)
-        for i in self.new_layers:
+        try:
+            old, new = expand_blocks(base, self.options.new_blocks, self.options.position)
+        except ValueError as e:
+            from ..errors import UserError
+            raise UserError(f"strategy '{self.name}': {e}") from None
+        for i in new:
             for p in base.model.layers[i].parameters():
                 p.requires_grad = True
-        return base
+        return Adapted(base, {"old_layers": old, "new_layers": new})
 
-    def card(self, ctx: AdaptContext):
-        card = super().card(ctx)
-        card["new_layers"] = self.new_layers
-        return card
+    def card(self, adapted: Adapted, ctx: AdaptContext):
+        return {"new_layers": adapted.state["new_layers"]}

@@ -1,11 +1,8 @@
 """full_ft: the old expert simply continues training on the new domain (the paper's forgetting case)."""
-from dataclasses import dataclass
-
 from . import Strategy, register
 
 
 @register
-@dataclass
 class FullFineTune(Strategy):
     name = "full_ft"
     summary = "every parameter trained on B"

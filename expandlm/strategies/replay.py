@@ -1,20 +1,21 @@
-"""replay: full fine-tuning on B mixed with a fraction of the old domains' data."""
-from dataclasses import dataclass
+"""replay: A's model continues on B mixed with a share of A's data (joint training, continued, with
+the old domains' share as the one option)."""
+from typing import Annotated
 
-from . import AdaptContext, Strategy, register
+from pydantic import Field
+
+from ..config import arg, config
+from . import AdaptContext, Strategy, mix, register
 
 
 @register
-@dataclass
 class Replay(Strategy):
     name = "replay"
     summary = "every parameter, on B plus a share of A"
-    fraction: float = 0.2  # share of training windows drawn from the old domains
 
-    def __post_init__(self):
-        if not 0 < self.fraction < 1:
-            raise ValueError(f"fraction must be between 0 and 1, got {self.fraction}")
+    @config
+    class Options:
+        fraction: Annotated[float, Field(gt=0, lt=1)] = arg(0.2, "share of training windows from the old domains")
 
     def mixture(self, ctx: AdaptContext):
-        old = [(shard, self.fraction / len(ctx.old_shards)) for shard in ctx.old_shards.values()]
-        return [(ctx.new_shard, 1 - self.fraction), *old]
+        return mix(ctx, 1 - self.options.fraction)

@@ -1,0 +1,161 @@
+"""A run folder: what one `train`, `adapt`, `compare` stage or `demo` leaves behind, and its state.
+
+    run.json          the run record: kind, full config, seed, versions, data, metrics, status
+    expandlm.json     the model card: which domains the model serves and the strategy that serves them
+    metrics.jsonl     the training curve (loss, lr, tokens/s, validation bpb)
+    checkpoint/       the resumable training state (accelerate's, plus train_state.json)
+    suite.json        the evaluation suite's results (compare)
+    router.joblib     the request router of a multi-domain model
+    config.json, model.safetensors, tokenizer.json, ...   the standard Hugging Face checkpoint
+
+Only the main process writes (under torchrun every process runs the same code). Paths in run records
+are stored relative to the run folder, so a folder can be used from any working directory and moved.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from .atomic import files_into, read_json, write_json
+from .errors import UserError
+
+RUN_RECORD = "run.json"
+MODEL_CARD = "expandlm.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint"
+TRAIN_STATE = "train_state.json"
+SUITE = "suite.json"
+ROUTER = "router.joblib"
+
+PACKAGES = ("expandlm", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft",
+            "safetensors", "numpy", "pydantic")
+
+
+def _state():
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    return _state().is_main_process
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+class RunFolder:
+    """The layout, state and records of one run folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def state(self) -> str:
+        """"done" (a finished run), "resume" (a checkpoint to continue from) or "new"."""
+        if (self.path / RUN_RECORD).exists() and self.record().get("status") == "done":
+            return "done"
+        return "resume" if (self.checkpoint / TRAIN_STATE).exists() else "new"
+
+    def begin(self, resume: bool) -> None:
+        """Check that the folder fits the request (a new run never overwrites one, a resume needs a
+        checkpoint) and clear what a fresh run must not inherit (main process only)."""
+        state = self.state
+        if resume and state != "resume":
+            raise UserError(f"{self.path}: nothing to resume (no {CHECKPOINT}/ from an unfinished run); drop --resume")
+        if not resume and (state != "new" or (self.path / RUN_RECORD).exists()):
+            raise UserError(f"{self.path}: already holds a run; pass --resume to continue it, or choose another --out")
+        _state().wait_for_everyone()  # every process has looked before the main process changes anything
+        if not resume and is_main_process():
+            self.clear()
+
+    def auto(self) -> str:
+        """For stages that are reused (compare, demo): the state, after removing what an interrupted
+        run left that cannot be resumed (it was killed before its first checkpoint)."""
+        state = self.state
+        if state == "new" and self.path.exists() and is_main_process():
+            shutil.rmtree(self.path)
+        return state
+
+    def clear(self) -> None:
+        """Remove a previous run's resumable state and curve (a fresh run starts from nothing)."""
+        shutil.rmtree(self.checkpoint, ignore_errors=True)
+        (self.path / METRICS).unlink(missing_ok=True)
+        for leftover in self.path.glob(".*.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    # -- records ----------------------------------------------------------------------------------
+    def record(self) -> dict:
+        return read_json(self.path / RUN_RECORD, "run record")
+
+    def write_record(self, record: dict) -> None:
+        if is_main_process():
+            write_json(self.path / RUN_RECORD, record)
+
+    def new_record(self, kind: str, spec: dict, seed: int, **fields) -> dict:
+        """The one shape of every run record: kind, config, seed, versions, status, then the rest."""
+        return {"kind": kind, "spec": spec, "seed": seed, "versions": versions(), "status": "running", **fields}
+
+    def card(self) -> dict:
+        """The model card; a folder without one is a plain checkpoint that serves its whole model."""
+        path = self.path / MODEL_CARD
+        return read_json(path, "model card") if path.exists() else {}
+
+    def write_card(self, card: dict) -> None:
+        if is_main_process():
+            write_json(self.path / MODEL_CARD, card)
+
+    def save(self, save_fn) -> None:
+        """Run a `save_pretrained(folder)` so that each file lands atomically beside the others."""
+        if is_main_process():
+            self.path.mkdir(parents=True, exist_ok=True)
+            with files_into(self.path) as tmp:
+                save_fn(tmp)
+
+    # -- paths ------------------------------------------------------------------------------------
+    def portable(self, value: str | os.PathLike | None) -> str | None:
+        """A path as stored in a record: relative to this folder when it is a local file or folder
+        (a hub id or a name such as `gpt2` is kept as is)."""
+        if value is None or not os.path.exists(value):
+            return None if value is None else str(value)
+        return os.path.relpath(Path(value).resolve(), self.path.resolve())
+
+    def resolve(self, value: str | None) -> str | None:
+        """The inverse of `portable`: a stored path made usable from the current directory."""
+        if value is None or os.path.isabs(value):
+            return value
+        candidate = self.path / value
+        return str(candidate.resolve()) if os.path.exists(candidate) else value
+
+    def metrics(self) -> list[dict]:
+        import json
+        path = self.path / METRICS
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

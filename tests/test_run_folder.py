@@ -1,0 +1,85 @@
+"""The run folder: its state, the guard against overwriting a run, portable paths, atomic writes."""
+import json
+import os
+
+import pytest
+
+from expandlm.atomic import atomic_path, write_json
+from expandlm.errors import UserError
+from expandlm.run_folder import METRICS, RUN_RECORD, TRAIN_STATE, RunFolder
+
+
+def test_state_follows_what_the_folder_holds(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    assert folder.state == "new"
+    folder.begin(resume=False)
+    (folder.checkpoint).mkdir()
+    write_json(folder.checkpoint / TRAIN_STATE, {"step": 3})
+    assert folder.state == "resume"
+    folder.write_record(folder.new_record("expert", {"x": 1}, seed=0))
+    assert folder.state == "resume" and folder.record()["versions"]["torch"]
+    folder.write_record({**folder.record(), "status": "done"})
+    assert folder.state == "done"
+
+
+def test_a_run_is_never_overwritten_and_a_resume_needs_a_checkpoint(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    with pytest.raises(UserError, match="nothing to resume"):
+        folder.begin(resume=True)
+    folder.begin(resume=False)
+    folder.write_record({"status": "running"})
+    with pytest.raises(UserError, match="already holds a run"):
+        folder.begin(resume=False)
+
+
+def test_auto_clears_a_run_killed_before_its_first_checkpoint(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    (folder / METRICS).write_text('{"step": 1}\n')
+    assert folder.auto() == "new" and not folder.path.exists()
+    (folder.checkpoint).mkdir(parents=True)
+    write_json(folder.checkpoint / TRAIN_STATE, {"step": 3})
+    assert folder.auto() == "resume" and (folder.checkpoint / TRAIN_STATE).exists()
+
+
+def test_paths_are_stored_relative_to_the_folder_and_resolve_from_anywhere(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "x.jsonl"
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    folder = RunFolder(tmp_path / "runs" / "a")
+    folder.path.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    stored = folder.portable("data/x.jsonl")
+    assert stored == os.path.join("..", "..", "data", "x.jsonl")
+    assert folder.portable("roneneldan/TinyStories") == "roneneldan/TinyStories"  # a hub id stays
+    monkeypatch.chdir(tmp_path / "runs")
+    assert os.path.samefile(folder.resolve(stored), data)
+    assert folder.resolve("roneneldan/TinyStories") == "roneneldan/TinyStories"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert json.loads(path.read_text()) == {"v": 1} and os.listdir(tmp_path) == ["r.json"]
+    folder = tmp_path / "shard"
+    with atomic_path(folder, folder=True) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_path(folder, folder=True) as tmp:
+            (tmp / "a").write_text("2")
+            raise RuntimeError("killed")
+    assert (folder / "a").read_text() == "1" and sorted(os.listdir(tmp_path)) == ["r.json", "shard"]
+
+
+def test_only_the_main_process_writes(tmp_path, monkeypatch):
+    import expandlm.run_folder as rf
+    monkeypatch.setattr(rf, "is_main_process", lambda: False)
+    folder = RunFolder(tmp_path / "run")
+    folder.write_record({"status": "done"})
+    folder.write_card({"domains": []})
+    folder.save(lambda d: (d / "x").write_text("1"))
+    assert not (folder / RUN_RECORD).exists() and not folder.path.exists()
