@@ -70,12 +70,13 @@ def _resumed(args, spec_cls):
 def cmd_tokenizer(args) -> None:
     from .corpus import load_corpus
     from .domains import get_domain
+    from .run_folder import RunFolder
     from .tokenizer import encode_texts, train_bpe
 
     domain = get_domain(args.domain)
     corpus = load_corpus(args.data, domain, limit=args.limit)
     tok = train_bpe(corpus.documents, args.vocab_size)
-    tok.save_pretrained(args.out)
+    RunFolder(args.out).save(tok.save_pretrained)
     sample = corpus.documents[:2000]
     n_tokens = sum(len(ids) for ids in encode_texts(tok, sample))
     n_bytes = sum(len(d.encode()) for d in sample)
