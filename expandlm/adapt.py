@@ -72,33 +72,38 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
                                      old_data[d].get("val_limit"))
                    for d in old_domains}
 
-    tokenizer, base_vocab = served.tokenizer, len(served.tokenizer)
+    base_tokenizer, base_vocab = served.tokenizer, len(served.tokenizer)
+    tokenizer = base_tokenizer  # the new domain's: the old one, grown, or (own_tokenizer) a new one
     with dist.main_process_first():  # one process writes the tokenizer and the shards
-        if resume or not dist.is_main_process and spec.expand_vocab:
+        if resume or not dist.is_main_process and (spec.expand_vocab or strategy.own_tokenizer):
             tokenizer = load_tokenizer(folder.path)
+        elif strategy.own_tokenizer:
+            tokenizer = strategy.new_tokenizer(new_train.documents, base_tokenizer)
+            log(f"tokenizer: {len(tokenizer)} tokens of {domain.name}'s own (the old domains keep theirs)")
         elif spec.expand_vocab:
             keep = [doc for train_c, _ in old_corpora.values() for doc in train_c.documents[:KEEP_TEXTS]]
-            tokenizer = expand_tokenizer(served.tokenizer, new_train.documents, spec.expand_vocab, keep_texts=keep)
+            tokenizer = expand_tokenizer(base_tokenizer, new_train.documents, spec.expand_vocab, keep_texts=keep)
             log(f"vocabulary: {base_vocab} → {len(tokenizer)} tokens ({len(tokenizer) - base_vocab} from {domain.name})")
         if not resume:
             folder.save(tokenizer.save_pretrained)
+        old_tokenizer = base_tokenizer if strategy.own_tokenizer else tokenizer
         new_shard = build_shard(new_train, tokenizer, spec.cache_dir)
         val_shards = {domain.name: build_shard(new_val, tokenizer, spec.cache_dir)}
         old_shards = {}
         for d, (train_c, val_c) in old_corpora.items():
-            old_shards[d] = build_shard(train_c, tokenizer, spec.cache_dir)
-            val_shards[d] = build_shard(val_c, tokenizer, spec.cache_dir)
+            old_shards[d] = build_shard(train_c, old_tokenizer, spec.cache_dir)
+            val_shards[d] = build_shard(val_c, old_tokenizer, spec.cache_dir)
 
     model = served.model
     model.train()
-    if len(tokenizer) > base_vocab:
+    if spec.expand_vocab:
         grow_embeddings(model, len(tokenizer))
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
                        tokenizer=tokenizer, base_vocab=base_vocab, preset=served.card.get("preset", "tiny"),
                        seed=spec.train.seed)
     adapted = strategy.build(model, ctx)
     frozen_rows = 0
-    if len(tokenizer) > base_vocab and adapted.model is model:
+    if spec.expand_vocab and adapted.model is model:
         train_only_new_rows(adapted.model, base_vocab)
         frozen_rows = base_vocab * adapted.model.config.hidden_size
     trainable = count_params(adapted.model, trainable_only=True) - frozen_rows

@@ -127,7 +127,7 @@ def cmd_eval(args) -> None:
     domain = get_domain(args.domain)
     served = load_served(args.model)
     corpus = load_corpus(args.data, domain, split=args.split, limit=args.max_docs)
-    shard = build_shard(corpus, served.tokenizer, args.cache_dir)
+    shard = build_shard(corpus, served.tokenizer_for(domain.name), args.cache_dir)
     result = {"model": str(args.model), "domain": domain.name, "data": str(args.data),
               **evaluate_bpb(served.for_domain(domain.name), shard)}
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{domain.name}.json"
@@ -155,7 +155,7 @@ def cmd_generate(args) -> None:
               f"prompt {prompt!r}]", file=sys.stderr)
     model = served.for_domain(domain_name)
     stream = args.num_samples == 1 and not args.json
-    samples = generate(model, served.tokenizer, get_domain(domain_name), prompt, args.num_samples, sampling,
+    samples = generate(model, served.tokenizer_for(domain_name), get_domain(domain_name), prompt, args.num_samples, sampling,
                        stream=stream)
     if args.json:
         result = {"domain": domain_name, "samples": [s.__dict__ for s in samples]}

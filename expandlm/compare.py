@@ -166,13 +166,13 @@ class Study:
                 result["bpb"][name] = known[name]
                 continue
             model = served.for_domain(name) if name in served.domains else served.model
-            shard = build_shard(self.val_corpus(name), served.tokenizer, self.cache)
+            shard = build_shard(self.val_corpus(name), served.tokenizer_for(name), self.cache)
             result["bpb"][name] = evaluate_bpb(model, shard)["bpb"]
         ev = self.cfg.evaluation
         sampling = SamplingConfig(temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=0)
         for name in served.domains:
             domain = get_domain(name)
-            drawn = generate(served.for_domain(name), served.tokenizer, domain, "", ev.samples, sampling)
+            drawn = generate(served.for_domain(name), served.tokenizer_for(name), domain, "", ev.samples, sampling)
             result["samples"][name] = [{"text": s.text, "finished": s.finished} for s in drawn]
             if domain.check is not None:
                 result["validity"][name] = sum(domain.valid(s.text, s.finished) for s in drawn) / len(drawn)
@@ -211,7 +211,8 @@ class Study:
         """Structural validity of the real validation documents of `name`, each counted as ended only
         if it fits the model's context with the model's tokenizer (request prefix and <|eos|> included):
         the most a perfect model could score at this context length."""
-        tok, context, domain = load_tokenizer(folder), context_length(folder), get_domain(name)
+        served = load_served(folder, device="cpu")
+        tok, context, domain = served.tokenizer_for(name), context_length(folder), get_domain(name)
         docs = self.val_corpus(name).documents
         fits = [len(ids) + 3 <= context for ids in encode_texts(tok, docs)]
         return sum(domain.valid(doc, ok) for doc, ok in zip(docs, fits)) / len(fits)

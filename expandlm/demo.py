@@ -70,7 +70,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                               limit=cfg.limit, train=cfg.train)
             record = train_expert(spec, resume=state == "resume")
         served = load_served(folder.path)
-        drawn = generate(served.for_domain(name), served.tokenizer, domain, domain.demo_prompt,
+        drawn = generate(served.for_domain(name), served.tokenizer_for(name), domain, domain.demo_prompt,
                          num_samples=cfg.samples, sampling=SamplingConfig(seed=cfg.train.seed))
         samples[name] = [{"prompt": domain.demo_prompt, "text": s.text, "finished": s.finished} for s in drawn]
         rows.append({"domain": name, "params": record["params"], "tokens": record["tokens"],

@@ -6,7 +6,7 @@ per domain, a view of the shared model (`Strategy.serve`) or a standard checkpoi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ class ServedModel:
     tokenizer: object
     card: dict
     strategy: Strategy
+    _tokenizers: dict = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -44,6 +45,19 @@ class ServedModel:
         if self.domains and name not in self.domains:
             raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
 
+    def tokenizer_for(self, name: str):
+        """The tokenizer of `name`'s text: the folder's, unless the strategy gave the domain its own (a
+        domain the model does not serve, evaluated for forgetting or transfer, is read with the folder's)."""
+        get_domain(name)
+        if name not in self.domains:
+            return self.tokenizer
+        path = self.strategy.tokenizer_folder(self.folder, self.card, name)
+        if path.resolve() == self.path.resolve():
+            return self.tokenizer
+        if path not in self._tokenizers:
+            self._tokenizers[path] = load_tokenizer(path)
+        return self._tokenizers[path]
+
     def for_domain(self, name: str):
         """The model as it answers requests for `name` (a view: the shared model is not changed)."""
         self._check(name)
@@ -55,7 +69,7 @@ class ServedModel:
         model = self.strategy.export(self.model, self.card, name)
         folder = RunFolder(out)
         folder.save(model.save_pretrained)
-        folder.save(self.tokenizer.save_pretrained)
+        folder.save(self.tokenizer_for(name).save_pretrained)
         folder.write_card({"domains": [name], "strategy": Strategy.name, "preset": self.card.get("preset"),
                            "exported_from": folder.portable(self.path)})
         return folder

@@ -153,15 +153,14 @@ def plan_steps(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int, micro_
 
 
 def replan_steps(cfg: TrainConfig, step: int, elapsed_s: float, step_s: float, cap: int | None = None,
-                 reserve_s: float = 0.0, last_step_s: float = 0.0) -> int:
+                 reserve_s: float = 0.0) -> int:
     """A minutes budget re-planned mid-run: the `step`s done plus as many more as the time left (less
-    `reserve_s`, kept for the final validation) holds at `step_s` seconds per step; `cap` (max_steps /
-    max_tokens) wins when smaller. Returns `step` itself, i.e. stop now, once the next step would not fit,
-    at `step_s` nor at `last_step_s` (a machine that just turned busy shows in its last step first)."""
-    left = cfg.minutes * 60 - elapsed_s - reserve_s
-    if left < max(step_s, last_step_s):
-        return step
-    return min(step + int(left / step_s), cap) if cap else step + int(left / step_s)
+    `reserve_s`, kept for the final validation) holds at `step_s` seconds per step, rounded to the nearest
+    step so that the run ends as close to the budget as its steps allow (stopping whenever a step might not
+    fit ends short by half a step on average, and steps on a busy machine are long). Returns `step`
+    itself, i.e. stop now, once under half a step is left; `cap` (max_steps / max_tokens) wins when smaller."""
+    total = step + max(0, round((cfg.minutes * 60 - elapsed_s - reserve_s) / max(step_s, 1e-9)))
+    return min(total, cap) if cap else total
 
 
 class CosinePlan:
@@ -264,7 +263,6 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
     window_loss, window_steps, window_tokens, window_t0 = torch.zeros((), device=accelerator.device), 0, 0, time.time()
     autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
     while state.step < state.total_steps:
-        step_t0 = clock()
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             batch = batches.batch(state.step * cfg.grad_accum + micro, rank, world).to(accelerator.device)
@@ -285,11 +283,11 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
                 step_ends.popleft()
             # One process re-plans after every step (it costs nothing); several must all take the same
             # steps, so they follow the main process's plan, broadcast at fixed steps: early ones (the
-            # calibration may be off) and every log_interval. Time is up when the next step would not fit.
+            # calibration may be off) and every log_interval.
             here = state.step - first_step
             if here >= 2 and (world == 1 or here in (2, 4, 8) or state.step % cfg.log_interval == 0):
                 pace = (now - step_ends[0]) / (len(step_ends) - 1)
-                total = replan_steps(cfg, state.step, now - started, pace, cap, val_steps * pace, now - step_t0)
+                total = replan_steps(cfg, state.step, now - started, pace, cap, val_steps * pace)
                 if world > 1:
                     total = broadcast_object_list([total])[0]
                 state.total_steps = lr_plan.total = bar.total = total

@@ -20,7 +20,7 @@ def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, sh
     results = json.loads((out / "results.json").read_text())
     models = results["models"]
     assert {m["strategy"] for m in models} == {"base", "scratch", "full_ft", "lora", "joint", "replay", "ewc",
-                                               "expand", "expand_paths"}
+                                               "expand", "expand_paths", "expand_branch"}
     for m in models:
         assert REQUIRED <= set(m), m["label"]
         assert set(m["bpb"]) == {"stories", "recipes"} and all(v > 0 for v in m["bpb"].values())
@@ -28,6 +28,7 @@ def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, sh
     by_label = {m["label"]: m for m in models}
     assert by_label["expand_paths"]["forgetting"] == 0.0  # the old path is untouched, exactly
     assert by_label["lora"]["forgetting"] == 0.0           # adapter off = the base
+    assert by_label["expand_branch"]["forgetting"] == 0.0  # the old domain runs on the old model
     assert set(by_label["full_ft"]["domain_accuracy"]) == {"stories", "recipes"}
     assert by_label["expand"]["trainable_params"] < by_label["expand"]["total_params"]
     assert len(results["tokenizer_study"]) == 6
@@ -80,4 +81,6 @@ def test_shipped_configs_load():
     for name in ("smoke", "stories-recipes", "gpu"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert {s.name for s in cfg.strategies} == {"full_ft", "lora", "joint", "replay", "ewc", "expand",
-                                                    "expand_paths"}
+                                                    "expand_paths", "expand_branch"}
+    assert {s.key for s in load_config(REPO / "configs" / "expansion.yaml").strategies} == {
+        "expand_branch", "expand_branch_0", "expand_paths", "replay", "full_ft"}

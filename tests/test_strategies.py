@@ -315,3 +315,31 @@ def test_adapting_to_a_domain_already_served_is_refused(base):
                      out=str(root / "again"), train=TrainConfig(**FAST))
     with pytest.raises(UserError, match="already serves 'stories'"):
         adapt(spec)
+
+
+# -- a branch per new domain -----------------------------------------------------------------------
+
+def test_expand_branch_gives_the_new_domain_its_own_tokenizer_embedding_norm_and_blocks(base, tmp_path):
+    root, _ = base
+    base_model = AutoModelForCausalLM.from_pretrained(root / "base")
+    record, out = _adapt(base, "expand_branch", options={"new_blocks": 1, "vocab_size": 350})
+    served = load_served(out)
+    old_tok, new_tok = served.tokenizer_for("stories"), served.tokenizer_for("recipes")
+    assert len(old_tok) == 400 and len(new_tok) == 350 and AutoTokenizer.from_pretrained(out).vocab == new_tok.vocab
+    dim = base_model.config.hidden_size
+    block = count_params(base_model.model.layers[0])
+    assert record["trainable_params"] == 350 * dim + dim + block  # embedding (= head), final norm, one block
+    ids = _ids(old_tok)
+    assert torch.equal(_logits(served.for_domain("stories"), ids), _logits(base_model, ids))
+    recipes = served.for_domain("recipes")
+    assert recipes.config.vocab_size == 350 and recipes.config.num_hidden_layers == 3
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in base_model.state_dict().items():  # the old blocks inside the branch: frozen
+        if name.startswith("model.layers.0."):
+            assert torch.equal(trained[name], tensor), name
+    for domain in served.domains:
+        served.export(domain, tmp_path / domain)
+        exported, tok = AutoModelForCausalLM.from_pretrained(tmp_path / domain), AutoTokenizer.from_pretrained(tmp_path / domain)
+        assert torch.equal(_logits(exported, _ids(tok, domain)), _logits(served.for_domain(domain), _ids(tok, domain)))
+        assert _greedy(exported, tok, domain) == _greedy(served.for_domain(domain), served.tokenizer_for(domain), domain)
+    assert set(record["bpb"]) == {"stories", "recipes"} and record["forgetting"] == {"stories": 0.0}

@@ -15,7 +15,8 @@ is particular to it, from adapting to serving:
     export(model, card, domain)   a standard checkpoint computing exactly what `serve` computes
 
 and declares what it can do: `supports_vocab_expansion`, `keeps_old_domains` (old domains' outputs
-stay bit-identical), `adaptable_again` (its saved model can be adapted to a further domain). Each hook
+stay bit-identical), `adaptable_again` (its saved model can be adapted to a further domain),
+`own_tokenizer` (the new domain gets its own tokenizer: `ctx.tokenizer` is then the new domain's). Each hook
 has a default for a strategy whose single set of weights serves every domain.
 """
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Strategy:
     supports_vocab_expansion: ClassVar[bool] = True
     keeps_old_domains: ClassVar[bool] = False
     adaptable_again: ClassVar[bool] = True
+    own_tokenizer: ClassVar[bool] = False   # the new domain gets a tokenizer of its own (adapt trains it)
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -103,6 +105,11 @@ class Strategy:
 
     def export(self, model, card: dict, domain: str):
         return model
+
+    def tokenizer_folder(self, folder: RunFolder, card: dict, domain: str) -> Path:
+        """Where `domain`'s tokenizer is saved (one tokenizer for every domain, unless a strategy gives
+        a domain its own)."""
+        return folder.path
 
 
 def mix(ctx: AdaptContext, new_share: float) -> list[tuple[TokenShard, float]]:
@@ -145,7 +152,7 @@ def strategy_of(card: dict) -> Strategy:
                          f"{MODEL_CARD}: options")
 
 # The strategies, one file each; importing them registers them.
-from . import ewc, expand, expand_paths, full_ft, joint, lora, replay  # noqa: E402,F401
+from . import ewc, expand, expand_branch, expand_paths, full_ft, joint, lora, replay  # noqa: E402,F401
 
 __all__ = ["AdaptContext", "Adapted", "Strategy", "STRATEGIES", "register", "make_strategy", "strategy_of",
            "freeze", "mix"]
