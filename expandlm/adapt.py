@@ -6,6 +6,7 @@ seed, versions and bpb on every domain before and after, and the resumable `chec
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -113,7 +114,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     context = adapted.model.config.max_position_embeddings
     weights = [w for _, w in mixture] if len(mixture) > 1 else None
     batches = PackedBatches([s for s, _ in mixture], context, spec.train.batch_size, spec.train.seed, weights)
-    card = {"domains": ctx.domains, "strategy": strategy.name, "options": _options(strategy),
+    card = {"domains": ctx.domains, "strategy": strategy.name, "options": dataclasses.asdict(strategy.options),
             "base": folder.portable(base_folder.path), "preset": ctx.preset,
             "vocab": {"base": base_vocab, "size": len(tokenizer)}, **strategy.card(adapted, ctx)}
     record = folder.new_record(
@@ -143,7 +144,3 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     dist.wait_for_everyone()
     return record
 
-
-def _options(strategy) -> dict:
-    import dataclasses
-    return dataclasses.asdict(strategy.options)
