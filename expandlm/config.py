@@ -103,8 +103,20 @@ def flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: 
             parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
-            parser.add_argument(name, dest=f.name, default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.name.upper())
+            literal = [a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is typing.Literal]
+            choices = list(typing.get_args(literal[0])) if literal else None
+            parser.add_argument(name, dest=f.name, default=argparse.SUPPRESS, help=help_text, choices=choices,
+                                metavar=None if choices else _metavar(tp, f))
+
+
+def _metavar(tp, f) -> str:
+    if f.metadata.get("path"):
+        return "PATH"
+    base = {int: "N", float: "X", str: "NAME"}
+    kinds = [a for a in (tp, *typing.get_args(tp)) if a in base]
+    if not kinds:  # Annotated[int, ...]: look one level down
+        kinds = [b for a in typing.get_args(tp) for b in (a, *typing.get_args(a)) if b in base]
+    return base[kinds[0]] if kinds else "LIST" if _is_sequence(tp) else "VALUE"
 
 
 def given(args: argparse.Namespace, cls) -> dict:
