@@ -247,7 +247,7 @@ class Study:
             for name, (data, val) in self.sources.items():
                 train_c, _ = load_train_val(data, get_domain(name), val, self.cfg.limit)
                 docs += train_c.documents
-            train_bpe(docs, get_preset(self.cfg.preset).vocab).save_pretrained(shared)
+            RunFolder(shared).save(train_bpe(docs, get_preset(self.cfg.preset).vocab).save_pretrained)
         for name in self.sources:
             for kind in study.tokenizers:
                 spec = {"custom": None, "shared": str(shared), "gpt2": "gpt2", "bytes": "bytes"}.get(kind, kind)
