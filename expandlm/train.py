@@ -323,7 +323,12 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
                 postfix["val_bpb"] = f"{bpb:.3f}"
                 bar.set_postfix(postfix)
         state.elapsed_s = clock() - started
-        if state.step % cfg.checkpoint_interval == 0 or time.time() - last_save > 300 or last:
+        overdue = False  # a checkpoint every 5 minutes too; the main process decides for all (ranks must agree)
+        if state.step % cfg.log_interval == 0:
+            overdue = time.time() - last_save > 300
+            if world > 1:
+                overdue = broadcast_object_list([overdue])[0]
+        if state.step % cfg.checkpoint_interval == 0 or overdue or last:
             save_checkpoint()
             last_save = time.time()
     bar.close()
