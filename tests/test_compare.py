@@ -84,3 +84,4 @@ def test_shipped_configs_load():
                                                     "expand_paths", "expand_branch"}
     assert {s.key for s in load_config(REPO / "configs" / "expansion.yaml").strategies} == {
         "expand_branch", "expand_branch_0", "expand_paths", "replay", "full_ft"}
+    assert [s.key for s in load_config(REPO / "configs" / "expansion-1M.yaml").strategies] == ["expand_branch"]
