@@ -24,7 +24,7 @@ from .expert import ExpertSpec, log, train_expert
 from .generate import SamplingConfig, generate
 from .report import write_study_report
 from .run_folder import SUITE, RunFolder, versions
-from .serving import context_length, load_served
+from .serving import context_length, load_served, tokenizer_folder
 from .shards import build_shard
 from .suite import DomainClassifier, domain_control_accuracy, text_health
 from .tokenizer import encode_texts, load_tokenizer, train_bpe
@@ -211,8 +211,9 @@ class Study:
         """Structural validity of the real validation documents of `name`, each counted as ended only
         if it fits the model's context with the model's tokenizer (request prefix and <|eos|> included):
         the most a perfect model could score at this context length."""
-        served = load_served(folder, device="cpu")
-        tok, context, domain = served.tokenizer_for(name), context_length(folder), get_domain(name)
+        run = RunFolder(folder)
+        tok = load_tokenizer(tokenizer_folder(run, run.card(), name))
+        context, domain = context_length(folder), get_domain(name)
         docs = self.val_corpus(name).documents
         fits = [len(ids) + 3 <= context for ids in encode_texts(tok, docs)]
         return sum(domain.valid(doc, ok) for doc, ok in zip(docs, fits)) / len(fits)

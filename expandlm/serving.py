@@ -46,12 +46,8 @@ class ServedModel:
             raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
 
     def tokenizer_for(self, name: str):
-        """The tokenizer of `name`'s text: the folder's, unless the strategy gave the domain its own (a
-        domain the model does not serve, evaluated for forgetting or transfer, is read with the folder's)."""
-        get_domain(name)
-        if name not in self.domains:
-            return self.tokenizer
-        path = self.strategy.tokenizer_folder(self.folder, self.card, name)
+        """The tokenizer of `name`'s text (see `tokenizer_folder`)."""
+        path = tokenizer_folder(self.folder, self.card, name)
         if path.resolve() == self.path.resolve():
             return self.tokenizer
         if path not in self._tokenizers:
@@ -79,6 +75,16 @@ class ServedModel:
         data = self.folder.record().get("domain_data", {}) if (self.folder / RUN_RECORD).exists() else {}
         return {d: {k: (self.folder.resolve(v) if k in ("train", "val") else v) for k, v in entry.items()}
                 for d, entry in data.items()}
+
+
+def tokenizer_folder(folder: RunFolder, card: dict, name: str) -> Path:
+    """Where the tokenizer of `name`'s text is saved, without loading any weights: the folder's, unless
+    the strategy gave the domain its own (a domain the model does not serve, evaluated for forgetting
+    or transfer, is read with the folder's)."""
+    get_domain(name)
+    if name not in card.get("domains", []):
+        return folder.path
+    return strategy_of(card).tokenizer_folder(folder, card, name)
 
 
 def context_length(path: str | os.PathLike) -> int:
