@@ -20,7 +20,7 @@ from .model import count_params
 from .run_folder import RUN_RECORD, RunFolder
 from .serving import load_served
 from .shards import PackedBatches, build_shard
-from .strategies import AdaptContext, make_strategy
+from .strategies import DEFAULT_STRATEGY, AdaptContext, make_strategy
 from .tokenizer import load_tokenizer
 from .train import TrainConfig, distributed_state, train
 from .vocab import expand_tokenizer, grow_embeddings, train_only_new_rows
@@ -31,10 +31,10 @@ KEEP_TEXTS = 2000  # old-domain documents whose tokenization vocabulary expansio
 @config
 class AdaptSpec:
     base: str = arg(help="the model folder to adapt (an expert from `train`, or an adapted model)", path=True)
-    strategy: str = arg(help="full_ft | lora | joint | replay | ewc | expand | expand_paths")
     domain: str = arg(help="the new domain")
     data: str = arg(help="the new domain's training corpus (file or hub dataset id)", path=True)
     out: str = arg(help="the run folder to write", path=True)
+    strategy: str = arg(DEFAULT_STRATEGY, "expand_branch | expand_paths | expand | lora | replay | ewc | joint | full_ft")
     options: dict = arg(help="the strategy's own options (--option KEY=VALUE, repeatable)", factory=dict, flag=False)
     val_data: str | None = arg(None, "validation corpus (default: hold out 1% of --data)", path=True)
     expand_vocab: int = arg(0, "append N tokens learned from the new domain (old tokenization kept)")
@@ -100,7 +100,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     if spec.expand_vocab:
         grow_embeddings(model, len(tokenizer))
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
-                       tokenizer=tokenizer, base_vocab=base_vocab, preset=served.card.get("preset", "tiny"),
+                       tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=base_vocab, preset=served.card.get("preset", "tiny"),
                        seed=spec.train.seed)
     adapted = strategy.build(model, ctx)
     frozen_rows = 0

@@ -99,18 +99,16 @@ def cmd_adapt(args) -> None:
     if args.resume:
         adapt(_resumed(args, AdaptSpec), resume=True)
         return
+    spec = _spec(args, AdaptSpec, "adapt")  # the strategy: --strategy, --config's, or the default
     options = {}
     if args.option:
-        if not getattr(args, "strategy", None):
-            raise UserError("--option needs --strategy")
-        options_cls = strategy_class(args.strategy).Options
+        options_cls = strategy_class(spec.strategy).Options
         for item in args.option:
             if "=" not in item:
                 raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option new_blocks=2")
             key, value = (part.strip() for part in item.split("=", 1))
             known = {f.name for f in dataclasses.fields(options_cls)}
             options[key] = parse_text(options_cls, key, value) if key in known else value
-    spec = _spec(args, AdaptSpec, "adapt")
     if options:
         spec = dataclasses.replace(spec, options={**spec.options, **options})
     adapt(spec)
@@ -271,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     c.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("demo", help="train, evaluate and sample one expert per domain (the README's main command)")
+    d = sub.add_parser("demo", help="one model: an expert, each further domain added, every domain answered (the README's main command)")
     _with_config(d)
     flags(d, DemoConfig)
     flags(d.add_argument_group("training loop of every expert"), TrainConfig)

@@ -10,6 +10,7 @@ stopped. Writes `results.json`, `report.md`, plots and sample generations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from .report import write_study_report
 from .run_folder import SUITE, RunFolder, versions
 from .serving import context_length, load_served, tokenizer_folder
 from .shards import build_shard
-from .suite import DomainClassifier, domain_control_accuracy, text_health
-from .tokenizer import encode_texts, load_tokenizer, train_bpe
+from .suite import DomainClassifier, domain_control_accuracy, text_health, validity, validity_ceiling
+from .tokenizer import load_tokenizer, train_bpe
 from .train import TrainConfig
 
 
@@ -37,6 +38,9 @@ class StrategyRun:
     label: str | None = arg(None, "the run's name in the study (default: the strategy's)")
     options: dict = arg(help="the strategy's options", factory=dict)
     expand_vocab: int = arg(0, "tokens learned from the new domain and appended to the tokenizer")
+    train: dict = arg(help="this run's own training settings over the study's (e.g. {lr: 0.004})", factory=dict)
+    seeds: list[int] | None = arg(None, "run only at these of the study's seeds (default: all)")
+    adapt_tokens: list[int] | None = arg(None, "run only at these of the study's budgets (default: all)")
 
     @property
     def key(self) -> str:
@@ -67,7 +71,8 @@ class StudyConfig:
     limit: int | None = arg(None, "first N documents of each corpus")
     val_limit: int | None = arg(None, "first N documents of each validation set (None: all)")
     base_tokens: int = arg(2_000_000, "training tokens of the old domain's expert")
-    adapt_tokens: int = arg(1_000_000, "training tokens of every strategy and of the new domain's scratch expert")
+    adapt_tokens: int | list[int] = arg(1_000_000, "training tokens of every strategy and of the new domain's "
+                                        "scratch expert; a list gives a learning curve, one point per budget")
     train: TrainConfig = arg(help="training loop settings of every run (budget and seed are set per stage)",
                              factory=TrainConfig)
     strategies: list[StrategyRun] = arg(help="the strategies to compare", factory=list)
@@ -78,14 +83,44 @@ class StudyConfig:
     def domains(self) -> list[str]:
         return [self.old_domain, self.new_domain]
 
+    @property
+    def budgets(self) -> list[int]:
+        return sorted(self.adapt_tokens) if isinstance(self.adapt_tokens, list) else [self.adapt_tokens]
+
+    def runs_at(self, seed: int, tokens: int) -> list[StrategyRun]:
+        return [r for r in self.strategies if seed in (r.seeds or self.seeds)
+                and tokens in (r.adapt_tokens or self.budgets)]
+
+
+def budget_label(tokens: int) -> str:
+    """2000000 → '2M', 500000 → '0.5M' (a folder name)."""
+    return f"{tokens / 1e6:g}M"
+
 
 def load_config(path: str | Path) -> StudyConfig:
     cfg = build(StudyConfig, load_yaml(path), str(path))
-    keys = [s.key for s in cfg.strategies]
-    if len(set(keys)) != len(keys):
-        raise UserError(f"{path}: strategies: two runs share a label; give each a distinct 'label'")
+    # one label is one curve: entries may share it to run it at different seeds per budget, never twice
+    # at the same point, and always as the same strategy
+    points, kind = set(), {}
+    for run in cfg.strategies:
+        for point in ((run.key, seed, tokens) for seed in (run.seeds or cfg.seeds)
+                      for tokens in (run.adapt_tokens or cfg.budgets)):
+            if point in points:
+                raise UserError(f"{path}: strategies: two runs labelled '{run.key}' share seed {point[1]} and "
+                                f"{point[2]:,} tokens; give each a distinct 'label'")
+            points.add(point)
+        same = (run.name, run.options, run.expand_vocab, run.train)
+        if kind.setdefault(run.key, same) != same:
+            raise UserError(f"{path}: strategies: runs labelled '{run.key}' differ in strategy or settings")
     for name in cfg.domains:
         get_domain(name)
+    for run in cfg.strategies:  # a bad per-run setting fails now, not an hour into the study
+        build(TrainConfig, {**dataclasses.asdict(cfg.train), **run.train}, f"{path}: strategy '{run.key}': train")
+        for key, allowed in (("seeds", cfg.seeds), ("adapt_tokens", cfg.budgets)):
+            extra = set(getattr(run, key) or ()) - set(allowed)
+            if extra:
+                raise UserError(f"{path}: strategy '{run.key}': '{key}' has {sorted(extra)}, not among the study's "
+                                f"{allowed}")
     return cfg
 
 
@@ -110,8 +145,10 @@ class Study:
         return self._val[name]
 
     # -- training stages (each reused when done, resumed when interrupted) --------------------------
-    def _train_cfg(self, seed: int, tokens: int) -> TrainConfig:
-        return dataclasses.replace(self.cfg.train, max_tokens=tokens, seed=seed, progress=self.progress)
+    def _train_cfg(self, seed: int, tokens: int, run: StrategyRun | None = None) -> TrainConfig:
+        merged = {**dataclasses.asdict(self.cfg.train), **(run.train if run else {}),
+                  "max_tokens": tokens, "seed": seed, "progress": self.progress}
+        return build(TrainConfig, merged, f"strategy '{run.key}': train" if run else "train")
 
     def expert(self, domain: str, folder: Path, seed: int, tokens: int, tokenizer: str | None = None) -> Path:
         state = RunFolder(folder).auto()
@@ -125,7 +162,7 @@ class Study:
         train_expert(spec, resume=state == "resume")
         return folder
 
-    def adapted(self, run: StrategyRun, base: Path, folder: Path, seed: int) -> Path:
+    def adapted(self, run: StrategyRun, base: Path, folder: Path, seed: int, tokens: int) -> Path:
         state = RunFolder(folder).auto()
         if state == "done":
             return folder
@@ -133,7 +170,8 @@ class Study:
         log(f"== {folder.relative_to(self.out)}: {run.key} ({state})")
         spec = AdaptSpec(base=str(base), strategy=run.name, domain=self.cfg.new_domain, data=data, val_data=val,
                          out=str(folder), options=run.options, expand_vocab=run.expand_vocab, limit=self.cfg.limit,
-                         val_limit=self.cfg.val_limit, cache_dir=self.cache, train=self._train_cfg(seed, self.cfg.adapt_tokens))
+                         val_limit=self.cfg.val_limit, cache_dir=self.cache,
+                         train=self._train_cfg(seed, tokens, run))
         adapt(spec, resume=state == "resume")
         return folder
 
@@ -175,7 +213,7 @@ class Study:
             drawn = generate(served.for_domain(name), served.tokenizer_for(name), domain, "", ev.samples, sampling)
             result["samples"][name] = [{"text": s.text, "finished": s.finished} for s in drawn]
             if domain.check is not None:
-                result["validity"][name] = sum(domain.valid(s.text, s.finished) for s in drawn) / len(drawn)
+                result["validity"][name] = validity(domain, [(s.text, s.finished) for s in drawn])
             result["health"][name] = text_health([(s.text, s.finished) for s in drawn])
         texts = {d: [s["text"] for s in v] for d, v in result["samples"].items()}
         result["domain_accuracy"] = domain_control_accuracy(self.classifier(), texts) if texts else {}
@@ -187,19 +225,24 @@ class Study:
         started = time.time()
         cfg, old, new = self.cfg, self.cfg.old_domain, self.cfg.new_domain
         rows = []
-        for seed in cfg.seeds:
-            root = self.out / f"seed{seed}"
-            base = self.expert(old, root / f"expert-{old}", seed, cfg.base_tokens)
-            scratch = self.expert(new, root / f"expert-{new}", seed, cfg.adapt_tokens)
-            adapted = {run.key: self.adapted(run, base, root / run.key, seed) for run in cfg.strategies}
-            base_suite, scratch_suite = self.suite(base), self.suite(scratch)
-            before, reference = base_suite["bpb"][old], scratch_suite["bpb"][new]
-            rows.append(self._row("base", f"{old} expert (before)", base, base_suite, seed, before, reference))
-            rows.append(self._row("scratch", f"{new} expert (reference)", scratch, scratch_suite, seed, before,
-                                  reference, forgetting=False))
-            for run in cfg.strategies:
-                suite = self.suite(adapted[run.key])
-                rows.append(self._row(run.name, run.key, adapted[run.key], suite, seed, before, reference))
+        # budget by budget, so the smaller (cheaper) points of every seed come first
+        for tokens in cfg.budgets:
+            for seed in cfg.seeds:
+                runs = cfg.runs_at(seed, tokens)
+                if not runs and tokens != cfg.budgets[0]:
+                    continue
+                root = self.out / f"seed{seed}"
+                where = root if len(cfg.budgets) == 1 else root / budget_label(tokens)
+                base = self.expert(old, root / f"expert-{old}", seed, cfg.base_tokens)
+                scratch = self.expert(new, where / f"expert-{new}", seed, tokens)
+                adapted = {run.key: self.adapted(run, base, where / run.key, seed, tokens) for run in runs}
+                base_suite, scratch_suite = self.suite(base), self.suite(scratch)
+                before, reference = base_suite["bpb"][old], scratch_suite["bpb"][new]
+                row = functools.partial(self._row, seed=seed, before=before, reference=reference, tokens=tokens)
+                if tokens == cfg.budgets[0]:
+                    rows.append(row("base", f"{old} expert (before)", base, base_suite))
+                rows.append(row("scratch", f"{new} expert (reference)", scratch, scratch_suite, forgetting=False))
+                rows += [row(run.name, run.key, adapted[run.key], self.suite(adapted[run.key])) for run in runs]
         tokenizer_rows = self.tokenizer_study(cfg.seeds[0]) if cfg.tokenizer_study else []
         results = {"config": dataclasses.asdict(cfg), "versions": versions(), "models": rows,
                    "tokenizer_study": tokenizer_rows, "seconds": round(time.time() - started, 1)}
@@ -208,23 +251,19 @@ class Study:
         return results
 
     def validity_ceiling(self, folder: Path, name: str) -> float:
-        """Structural validity of the real validation documents of `name`, each counted as ended only
-        if it fits the model's context with the model's tokenizer (request prefix and <|eos|> included):
-        the most a perfect model could score at this context length."""
+        """`suite.validity_ceiling` of `name`'s validation documents with the model's tokenizer."""
         run = RunFolder(folder)
         tok = load_tokenizer(tokenizer_folder(run, run.card(), name))
-        context, domain = context_length(folder), get_domain(name)
-        docs = self.val_corpus(name).documents
-        fits = [len(ids) + 3 <= context for ids in encode_texts(tok, docs)]
-        return sum(domain.valid(doc, ok) for doc, ok in zip(docs, fits)) / len(fits)
+        return validity_ceiling(get_domain(name), self.val_corpus(name).documents, tok, context_length(folder))
 
-    def _row(self, strategy, label, folder, suite, seed, before, reference, forgetting=True) -> dict:
+    def _row(self, strategy, label, folder, suite, seed, before, reference, tokens, forgetting=True) -> dict:
         record = RunFolder(folder).record()
         old, new = self.cfg.old_domain, self.cfg.new_domain
         bpb = suite["bpb"]
         params = record.get("total_params", record.get("params"))
         return {
-            "strategy": strategy, "label": label, "seed": seed, "model": str(folder.relative_to(self.out)),
+            "strategy": strategy, "label": label, "seed": seed, "adapt_tokens": tokens,
+            "model": str(folder.relative_to(self.out)),
             "bpb": bpb,
             "forgetting": bpb[old] - before if forgetting else None,
             "forgetting_rel": (bpb[old] - before) / before if forgetting else None,

@@ -75,6 +75,47 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:+.1f}%"
 
 
+def _gap_curve(out: Path, rows: list[dict], new: str) -> list[str]:
+    """The new-domain gap against training tokens, per strategy: mean over seeds, bars from the lowest to
+    the highest seed. Returns the report's lines (a table: one row per strategy, one column per budget)."""
+    import statistics
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if r["strategy"] not in ("base", "scratch")]
+    budgets = sorted({r["adapt_tokens"] for r in runs})
+    table = []
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in runs)):
+        mine = [r for r in runs if r["label"] == label]
+        points, line = [], {"strategy": label,
+                            "forgetting (worst)": _pct(max(r["forgetting_rel"] for r in mine))}
+        for t in budgets:
+            gaps = [100 * r["new_domain_gap"] for r in mine if r["adapt_tokens"] == t]
+            if gaps:
+                mean = statistics.fmean(gaps)
+                points.append((t, mean, mean - min(gaps), max(gaps) - mean))
+                spread = f" ({min(gaps):+.1f}..{max(gaps):+.1f}, {len(gaps)} seeds)" if len(gaps) > 1 else ""
+                line[f"gap at {t / 1e6:g}M"] = f"{mean:+.1f}%{spread}"
+        table.append(line)
+        xs, ys, lo, hi = zip(*points)
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=4, capsize=3, label=label,
+                    color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
+    ax.axhline(0, color="k", lw=1, label=f"{new} scratch expert")
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{t / 1e6:g}M" for t in budgets])
+    ax.set(xlabel=f"training tokens of {new}", ylabel=f"{new} bpb vs its scratch expert (%)",
+           title="new-domain gap against tokens (lower is better; bars: lowest..highest seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    _save(fig, out / "new_domain_gap.png")
+    columns = ["strategy", *[f"gap at {t / 1e6:g}M" for t in budgets], "forgetting (worst)"]
+    return ["## The new-domain gap against tokens", "", markdown_table(table, columns), "",
+            "![new-domain gap](new_domain_gap.png)", "", "## Every run", ""]
+
+
 def write_study_report(out: Path, results: dict) -> None:
     """`report.md` with the strategy table, the plots, the tokenizer study and sample generations."""
     import json
@@ -87,7 +128,11 @@ def write_study_report(out: Path, results: dict) -> None:
 
     cfg, rows = results["config"], results["models"]
     old, new = cfg["old_domain"], cfg["new_domain"]
-    seed0 = [r for r in rows if r["seed"] == cfg["seeds"][0]]
+    budgets = sorted({r["adapt_tokens"] for r in rows if r["strategy"] != "base"})
+    first = [r for r in rows if r["seed"] == cfg["seeds"][0]]
+    # the plots of one study point: the first seed at the budget where it ran the most strategies
+    shown = max(budgets, key=lambda t: (sum(r["adapt_tokens"] == t for r in first), t))
+    seed0 = [r for r in first if r["strategy"] == "base" or r["adapt_tokens"] == shown]
     labels = [r["label"] for r in seed0]
 
     fig, (ax_bpb, ax_forget) = plt.subplots(1, 2, figsize=(14, 4.5))
@@ -105,16 +150,19 @@ def write_study_report(out: Path, results: dict) -> None:
         curve = [m for m in RunFolder(out / r["model"]).metrics() if "val_bpb" in m]
         ax.plot([m["tokens"] for m in curve], [m["val_bpb"] for m in curve], marker=".", label=r["label"],
                 color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
-    ax.set(xlabel="training tokens", ylabel=f"{new} validation bpb", title=f"learning curves on {new}")
+    ax.set(xlabel="training tokens", ylabel=f"{new} validation bpb",
+           title=f"learning curves on {new} ({shown:,} tokens, seed {cfg['seeds'][0]})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, out / "learning_curves.png")
 
+    curve_lines = _gap_curve(out, rows, new) if len(budgets) > 1 else []
     domains = [old, new]
     table = []
     for r in rows:
         acc = r["domain_accuracy"] or {}
-        row = {"model": r["label"], "seed": r["seed"], **{f"bpb {d}": r["bpb"][d] for d in domains},
+        row = {"model": r["label"], "seed": r["seed"], "budget": r["adapt_tokens"] if r["strategy"] != "base" else None,
+               **{f"bpb {d}": r["bpb"][d] for d in domains},
                "forgetting": _pct(r["forgetting_rel"]), "new-domain gap": _pct(r["new_domain_gap"]),
                **{f"ctrl acc {d}": acc.get(d) for d in domains}}
         for d, ceiling in r["validity_ceiling"].items():
@@ -129,14 +177,15 @@ def write_study_report(out: Path, results: dict) -> None:
         table.append(row)
     lines = [f"# expandlm study: {old} → {new} ({cfg['preset']} preset)", "",
              f"Base: a {old} expert trained on {cfg['base_tokens']:,} tokens. Every strategy then trains on "
-             f"{cfg['adapt_tokens']:,} tokens (the {new} scratch expert too, the reference of the new-domain gap). "
+             f"{' / '.join(f'{t:,}' for t in budgets)} tokens of {new} (the {new} scratch expert too, at each budget: "
+             "the reference of the new-domain gap). "
              "bpb: bits per byte on each domain's validation set. forgetting: relative change of the old "
              "domain's bpb. ctrl acc: share of samples requested for a domain that a held-out classifier "
              "(trained on real text only) assigns to it. valid: share of generated samples that pass the domain's "
              "structural check and ended before the context limit; (fit ceiling): the same share of the real "
              "validation documents that fit the context with the model's tokenizer, the most a perfect model "
              "could score. ended, distinct-2: text health of the samples.", "",
-             markdown_table(table, list(table[0])), "",
+             *curve_lines, markdown_table(table, list(table[0])), "",
              "![bpb and forgetting](bpb_and_forgetting.png)", "", "![learning curves](learning_curves.png)", ""]
     if results.get("tokenizer_study"):
         tok_rows = results["tokenizer_study"]

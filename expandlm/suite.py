@@ -63,6 +63,23 @@ def text_health(samples: list[tuple[str, bool]]) -> dict:
     }
 
 
+def validity(domain, samples: list[tuple[str, bool]]) -> float | None:
+    """Share of (text, finished) samples that pass the domain's structural check (None: no check)."""
+    if domain.check is None:
+        return None
+    return sum(domain.valid(text, finished) for text, finished in samples) / len(samples)
+
+
+def validity_ceiling(domain, documents: list[str], tokenizer, context: int) -> float | None:
+    """Structural validity of real documents, each counted as ended only if it fits the model's context
+    with the model's tokenizer (request prefix and <|eos|> included): the most a perfect model could
+    score at this context length."""
+    from .tokenizer import encode_texts
+
+    fits = [len(ids) + 3 <= context for ids in encode_texts(tokenizer, documents)]
+    return validity(domain, list(zip(documents, fits)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # domain classifier
 

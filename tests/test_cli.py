@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expandlm.cli import main
+from expandlm.serving import load_served
 
 
 def run(capsys, *argv):
@@ -97,22 +98,29 @@ def test_bad_line_in_corpus_is_reported(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_writes_report_and_results(capsys, tmp_path, shared_data):
+def test_demo_grows_one_model_that_answers_each_domain(capsys, tmp_path, shared_data):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--preset", "nano", "--minutes", "0.1", "--limit", "300",
+    argv = ["demo", "--out", str(out), "--preset", "nano", "--minutes", "0.1", "--limit", "300", "--samples", "4",
             "--data-dir", str(shared_data), "--no-progress"]
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert [r["domain"] for r in results["experts"]] == ["stories", "recipes"]
-    assert all(r["val_bpb"] > 0 and r["tokens"] > 0 for r in results["experts"])
-    assert all(len(results["samples"][d]) == 2 for d in ("stories", "recipes"))
+    assert [(r["stage"], r["strategy"]) for r in results["stages"]] == [("stories", "scratch"),
+                                                                         ("+recipes", "expand_branch")]
+    by_domain = {r["domain"]: r for r in results["domains"]}
+    assert by_domain["stories"]["same as its expert"] is True  # the old domain is bit for bit the expert
+    assert 0 <= by_domain["recipes"]["valid"] <= 1 and 0 < by_domain["recipes"]["valid ceiling"] <= 1
+    assert by_domain["stories"]["valid"] is None and all(r["bpb"] > 0 for r in by_domain.values())
+    assert [a["domain"] for a in results["answers"]] == ["stories", "recipes"]  # each request routed to its domain
+    assert all(len(results["samples"][d]) == 4 for d in ("stories", "recipes"))
+    served = load_served(out / "+recipes")
+    assert served.domains == ["stories", "recipes"]
     report = (out / "report.md").read_text()
-    assert "| domain | params | tokens | minutes | val_bpb |" in report and (out / "learning_curves.png").exists()
-    assert "| stories |" in stdout
-    # a second run reuses the finished experts
+    assert "| stories |" in report and "## recipes, sample 3" in report and (out / "learning_curves.png").exists()
+    assert "Write a recipe for banana bread" in stdout
+    # a second run reuses the finished stages
     code, stdout, _ = run(capsys, *argv)
-    assert code == 0 and "reusing the finished expert" in stdout
+    assert code == 0 and stdout.count("reusing the finished run") == 2
 
 
 NANO = ["--preset", "nano", "--max-steps", "4", "--batch-size", "4", "--eval-interval", "0", "--no-progress"]

@@ -6,6 +6,7 @@ import pytest
 from expandlm.cli import main
 from expandlm.compare import load_config
 from expandlm.errors import UserError
+from expandlm.strategies import DEFAULT_STRATEGY
 from tests.conftest import REPO
 
 REQUIRED = {"strategy", "bpb", "forgetting", "new_domain_gap", "domain_accuracy", "validity", "validity_ceiling", "health",
@@ -70,8 +71,14 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(UserError, match=r"bad.yaml:\d+: invalid YAML"):
         load_config(bad)
     bad.write_text(domains + "strategies:\n  - {name: expand}\n  - {name: expand}\n")
-    with pytest.raises(UserError, match="share a label"):
+    with pytest.raises(UserError, match="two runs labelled 'expand' share seed 0 and 1,000,000 tokens"):
         load_config(bad)
+    bad.write_text(domains + "seeds: [0, 1]\nstrategies:\n  - {name: expand, seeds: [0]}\n"
+                   "  - {name: expand, seeds: [1], options: {new_blocks: 3}}\n")
+    with pytest.raises(UserError, match="runs labelled 'expand' differ in strategy or settings"):
+        load_config(bad)
+    bad.write_text(domains + "seeds: [0, 1]\nstrategies:\n  - {name: expand, seeds: [0]}\n  - {name: expand, seeds: [1]}\n")
+    assert len(load_config(bad).strategies) == 2  # one curve, its points split over two entries
     bad.write_text(domains + "train: {batch: 3}\n")
     with pytest.raises(UserError, match="bad.yaml: unknown key 'train.batch'"):
         load_config(bad)
@@ -82,6 +89,53 @@ def test_shipped_configs_load():
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert {s.name for s in cfg.strategies} == {"full_ft", "lora", "joint", "replay", "ewc", "expand",
                                                     "expand_paths", "expand_branch"}
-    assert {s.key for s in load_config(REPO / "configs" / "expansion.yaml").strategies} == {
-        "expand_branch", "expand_branch_0", "expand_paths", "replay", "full_ft"}
+    ablations = load_config(REPO / "configs" / "expansion.yaml")
+    assert {s.name for s in ablations.strategies} == {"expand_branch", "expand_paths", "replay", "full_ft"}
+    assert len(ablations.strategies) > 10 and ablations.budgets == [500_000]
+    curve = load_config(REPO / "configs" / "expansion-curve.yaml")
+    assert curve.budgets == [500_000, 1_000_000, 2_000_000, 4_000_000] and len(curve.seeds) >= 3
+    assert all(curve.runs_at(seed, t)[0].name == DEFAULT_STRATEGY for seed in curve.seeds for t in curve.budgets)
+    reverse = load_config(REPO / "configs" / "expansion-reverse.yaml")
+    assert (reverse.old_domain, reverse.new_domain) == ("recipes", "stories")
     assert [s.key for s in load_config(REPO / "configs" / "expansion-1M.yaml").strategies] == ["expand_branch"]
+
+
+@pytest.mark.slow
+def test_a_learning_curve_study_runs_each_strategy_at_its_budgets_and_seeds(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("EXPANDLM_DATA", str(shared_data))
+    config = tmp_path / "curve.yaml"
+    config.write_text(
+        "preset: nano\nseeds: [0, 1]\nold_domain: stories\nnew_domain: recipes\nlimit: 200\nval_limit: 20\n"
+        "base_tokens: 8000\nadapt_tokens: [4000, 8000]\ntrain: {batch_size: 8, eval_interval: 0, eval_docs: 10}\n"
+        "strategies:\n"
+        "  - {name: expand_branch, options: {new_blocks: 1}, train: {lr: 0.004}}\n"
+        "  - {name: full_ft, seeds: [0], adapt_tokens: [8000]}\n"
+        "evaluation: {samples: 2, max_new_tokens: 16, classifier_docs: 50}\n")
+    out = tmp_path / "curve"
+    assert main(["compare", str(config), "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["models"]
+    points = sorted((r["label"], r["seed"], r["adapt_tokens"]) for r in rows if r["strategy"] != "base")
+    assert points == sorted([("expand_branch", s, t) for s in (0, 1) for t in (4000, 8000)]
+                            + [("full_ft", 0, 8000)]
+                            + [("recipes expert (reference)", s, t) for s in (0, 1) for t in (4000, 8000)])
+    for r in rows:  # each run measured against the scratch expert of its own seed and budget
+        if r["strategy"] not in ("base", "scratch"):
+            assert r["model"] == f"seed{r['seed']}/{r['adapt_tokens'] / 1e6:g}M/{r['label']}"
+            assert r["tokens"] >= r["adapt_tokens"]
+    spec = json.loads((out / "seed1" / "0.004M" / "expand_branch" / "run.json").read_text())["spec"]
+    assert spec["train"]["lr"] == 0.004 and spec["train"]["max_tokens"] == 4000
+    assert not (out / "seed1" / "0.008M" / "full_ft").exists()
+    report = (out / "report.md").read_text()
+    assert "## The new-domain gap against tokens" in report and (out / "new_domain_gap.png").exists()
+    assert "| expand_branch |" in report and "2 seeds)" in report
+
+
+def test_per_run_seeds_and_budgets_must_be_the_studys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("old_domain: stories\nnew_domain: recipes\nseeds: [0]\nadapt_tokens: [1000, 2000]\n"
+                   "strategies:\n  - {name: full_ft, adapt_tokens: [3000]}\n")
+    with pytest.raises(UserError, match=r"bad.yaml: strategy 'full_ft': 'adapt_tokens' has \[3000\], not among"):
+        load_config(bad)
+    bad.write_text("old_domain: stories\nnew_domain: recipes\nstrategies:\n  - {name: full_ft, train: {lr: -1}}\n")
+    with pytest.raises(UserError, match=r"bad.yaml: strategy 'full_ft': train: 'lr'"):
+        load_config(bad)

@@ -19,7 +19,8 @@ from expandlm.serving import load_served
 from expandlm.shards import PackedBatches, build_shard
 from expandlm.strategies import STRATEGIES, AdaptContext, make_strategy
 from expandlm.strategies.expand import expand_blocks, new_block_positions
-from expandlm.tokenizer import bytes_tokenizer
+from expandlm.strategies.expand_branch import shared_tokens
+from expandlm.tokenizer import bytes_tokenizer, load_tokenizer, train_bpe
 from expandlm.train import TrainConfig, causal_lm_loss
 
 FAST = dict(max_steps=4, batch_size=4, eval_interval=0, eval_docs=5, progress=False, log_interval=2)
@@ -51,7 +52,7 @@ def _context(base, tokenizer):
     root, recipes = base
     shard = lambda path, d: build_shard(load_corpus(path, get_domain(d)), tokenizer, root / "cache")  # noqa: E731
     return AdaptContext(["stories"], get_domain("recipes"), shard(recipes, "recipes"),
-                        {"stories": shard(root / "stories.jsonl", "stories")}, tokenizer, len(tokenizer), "nano")
+                        {"stories": shard(root / "stories.jsonl", "stories")}, tokenizer, tokenizer, len(tokenizer), "nano")
 
 
 def _logits(model, ids):
@@ -343,3 +344,64 @@ def test_expand_branch_gives_the_new_domain_its_own_tokenizer_embedding_norm_and
         assert torch.equal(_logits(exported, _ids(tok, domain)), _logits(served.for_domain(domain), _ids(tok, domain)))
         assert _greedy(exported, tok, domain) == _greedy(served.for_domain(domain), served.tokenizer_for(domain), domain)
     assert set(record["bpb"]) == {"stories", "recipes"} and record["forgetting"] == {"stories": 0.0}
+
+
+def _branch(base, tokenizer=None, **options):
+    root, _ = base
+    old_tok = load_tokenizer(root / "base")
+    ctx = _context(base, old_tok)
+    ctx.tokenizer = tokenizer or old_tok
+    strategy = make_strategy("expand_branch", {"new_blocks": 1, **options})
+    return strategy.build(AutoModelForCausalLM.from_pretrained(root / "base"), ctx), ctx
+
+
+def test_expand_branch_block_inits(base):
+    (zero, _), (copied, _), (fresh, _) = (_branch(base, init=i) for i in ("zero", "copy", "random"))
+    new = zero.state["new_layers"][0]
+    before = lambda a: a.model.model.layers[new - 1].state_dict()  # noqa: E731
+    block = lambda a: a.model.model.layers[new].state_dict()  # noqa: E731
+    for name, t in block(zero).items():  # LLaMA Pro: the block before, with both residual outputs zeroed
+        zeroed = name.endswith(("o_proj.weight", "down_proj.weight"))
+        assert torch.equal(t, torch.zeros_like(t) if zeroed else before(zero)[name]), name
+    assert all(torch.equal(t, before(copied)[n]) for n, t in block(copied).items())
+    assert not any(torch.equal(t, before(fresh)[n]) for n, t in block(fresh).items() if "norm" not in n)
+
+
+def test_expand_branch_embedding_from_the_old_rows_where_tokens_coincide(base):
+    root, recipes = base
+    old_tok = load_tokenizer(root / "base")
+    new_tok = train_bpe(load_corpus(recipes, get_domain("recipes")).documents, 350)
+    old_rows = AutoModelForCausalLM.from_pretrained(root / "base").get_input_embeddings().weight
+    pairs = shared_tokens(old_tok, new_tok)
+    assert 256 < len(pairs) < 350  # the bytes and specials at least, not every merge
+    for init in ("random", "shared_tokens"):
+        adapted, _ = _branch(base, tokenizer=new_tok, embedding_init=init)
+        rows = adapted.model.get_input_embeddings().weight
+        same = [torch.equal(rows[n], old_rows[o]) for n, o in pairs]
+        assert all(same) if init == "shared_tokens" else not any(same)
+
+
+def test_expand_branch_path_only_capacity_on_the_copied_old_blocks(base):
+    (plain, _), (norms, _), (every, _) = (_branch(base, **o) for o in ({}, {"train_block_norms": True},
+                                                                        {"train_every": 2}))
+    dim, block = plain.model.config.hidden_size, count_params(plain.model.model.layers[0])
+    old = plain.state["old_layers"]
+    assert count_params(norms.model, True) - count_params(plain.model, True) == 2 * dim * len(old)
+    assert count_params(every.model, True) - count_params(plain.model, True) == block * (len(old) // 2)
+    trained = [i for i in old if all(p.requires_grad for p in every.model.model.layers[i].parameters())]
+    assert trained == old[1::2]
+
+
+def test_expand_branch_lora_on_the_path_is_merged_into_the_branch(base):
+    root, _ = base
+    record, out = _adapt(base, "expand_branch", "branch_lora", options={"new_blocks": 0, "lora_r": 4, "vocab_size": 350})
+    base_model = AutoModelForCausalLM.from_pretrained(root / "base")
+    branch = AutoModelForCausalLM.from_pretrained(out)  # a plain checkpoint: the adapters folded in
+    assert not any("lora" in n for n in branch.state_dict())
+    moved = [n for n, t in base_model.state_dict().items()
+             if n.startswith("model.layers.") and not torch.equal(branch.state_dict()[n], t)]
+    assert moved and all(n.endswith("proj.weight") for n in moved)
+    served = load_served(out)
+    ids = _ids(served.tokenizer_for("stories"))
+    assert torch.equal(_logits(served.for_domain("stories"), ids), _logits(base_model, ids))
+    assert record["forgetting"] == {"stories": 0.0}

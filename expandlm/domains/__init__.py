@@ -61,7 +61,7 @@ class Domain:
     # generated text: a structural check of a finished sample (None: no structure to check)
     check: Callable[[str], bool] | None = None
     check_name: str = ""
-    demo_prompt: str = ""
+    demo_request: str = ""                  # a free-text request the demo routes and answers
 
     @property
     def tag(self) -> str:

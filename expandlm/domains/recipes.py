@@ -109,5 +109,5 @@ RECIPES = register_domain(Domain(
                   r"(?:cook|make|bake|prepare)\s+"),
     prompt=recipe_prompt,
     check=recipe_layout, check_name="recipe layout",
-    demo_prompt="Banana Bread",
+    demo_request="Write a recipe for banana bread",
 ))

@@ -23,5 +23,5 @@ STORIES = register_domain(Domain(
     instructions=(r"\b(?:story|tale)\s+(?:about|of|where|in\s+which|featuring|with)\s+",
                   r"^\s*once\s+upon\s+a\s+time,?\s*(?:there\s+(?:was|were|lived)\s+)?"),
     prompt=story_prompt,
-    demo_prompt="Once upon a time",
+    demo_request="Tell me a story about a little fox who finds a shiny stone",
 ))

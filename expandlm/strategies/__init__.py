@@ -42,7 +42,8 @@ class AdaptContext:
     new_domain: Domain
     new_shard: TokenShard
     old_shards: dict[str, TokenShard]
-    tokenizer: object
+    tokenizer: object             # the new domain's text's
+    old_tokenizer: object         # the old domains' text's (the same one unless the strategy is own_tokenizer)
     base_vocab: int               # the old tokenizer's size (rows below it are the old embedding rows)
     preset: str
     seed: int = 0
@@ -124,6 +125,7 @@ def freeze(module: torch.nn.Module) -> None:
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
+DEFAULT_STRATEGY = "expand_branch"  # the measured winner of issue 7 (docs/RESULTS.md): `adapt`'s default
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
@@ -154,5 +156,5 @@ def strategy_of(card: dict) -> Strategy:
 # The strategies, one file each; importing them registers them.
 from . import ewc, expand, expand_branch, expand_paths, full_ft, joint, lora, replay  # noqa: E402,F401
 
-__all__ = ["AdaptContext", "Adapted", "Strategy", "STRATEGIES", "register", "make_strategy", "strategy_of",
+__all__ = ["AdaptContext", "Adapted", "Strategy", "STRATEGIES", "DEFAULT_STRATEGY", "register", "make_strategy", "strategy_of",
            "freeze", "mix"]

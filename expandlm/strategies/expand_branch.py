@@ -9,6 +9,11 @@ its own tokenizer and embedding, and the new blocks add capacity on the new path
 
 The folder holds the new domain's model as a standard checkpoint with its tokenizer (what
 `AutoModelForCausalLM` / `AutoTokenizer` load from it); the old domains are served from `base`.
+
+Because the branch is a copy of the old model, any other capacity given to it stays on the new path:
+the options add LoRA adapters on the copied old blocks (merged into the branch when saved), train
+the copied blocks' norms, or train a copy of every k-th old block (LLaMA Pro's own control). The
+issue-7 study in docs/RESULTS.md measures each of them; the defaults are the measured winner.
 """
 import copy
 from pathlib import Path
@@ -16,6 +21,7 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from ..config import arg, config
@@ -23,6 +29,7 @@ from ..errors import UserError
 from ..tokenizer import train_bpe
 from . import Adapted, AdaptContext, Strategy, freeze, register
 from .expand import expand_blocks
+from .lora import ALL_LINEAR
 
 
 class BranchModels(torch.nn.Module):
@@ -31,6 +38,12 @@ class BranchModels(torch.nn.Module):
     def __init__(self, models: dict[str, torch.nn.Module]):
         super().__init__()
         self.models = torch.nn.ModuleDict(models)
+
+
+def shared_tokens(old_tokenizer, new_tokenizer) -> list[tuple[int, int]]:
+    """(new id, old id) of every token whose string is in both vocabularies (bytes, specials, shared merges)."""
+    old = old_tokenizer.get_vocab()
+    return [(i, old[t]) for t, i in new_tokenizer.get_vocab().items() if t in old]
 
 
 @register
@@ -48,6 +61,16 @@ class ExpandBranch(Strategy):
         position: Literal["interleave", "end"] = arg("interleave", "spread the new blocks evenly, or all at the end")
         vocab_size: Annotated[int, Field(gt=0)] | None = arg(None, "the new tokenizer's size (default: the old one's)")
         train_norm: bool = arg(True, "train the branch's own final norm (false: keep the old one, frozen)")
+        init: Literal["zero", "copy", "random"] = arg(
+            "zero", "new blocks: a copy of the block before with o_proj/down_proj zeroed (LLaMA Pro: the branch "
+            "starts as the old blocks exactly), a plain copy, or a fresh random block")
+        embedding_init: Literal["shared_tokens", "random"] = arg(
+            "shared_tokens", "the new embedding: the old rows copied where a token's string is in both vocabularies "
+            "(the rest fresh), or all fresh")
+        train_block_norms: bool = arg(False, "train the RMSNorms of the branch's copy of the old blocks")
+        lora_r: Annotated[int, Field(ge=0)] = arg(0, "LoRA rank on the branch's copy of the old blocks (0: none)")
+        train_every: Annotated[int, Field(ge=0)] = arg(
+            0, "train the branch's copy of every k-th old block (LLaMA Pro's control; 0: none)")
 
     def new_tokenizer(self, documents: list[str], old_tokenizer):
         return train_bpe(documents, self.options.vocab_size or len(old_tokenizer))
@@ -61,19 +84,57 @@ class ExpandBranch(Strategy):
                 old, new = expand_blocks(model, self.options.new_blocks, self.options.position)
             except ValueError as e:
                 raise UserError(f"strategy '{self.name}': {e}") from None
+        generator = torch.Generator().manual_seed(ctx.seed)
+        layers = model.model.layers
         for i in new:
-            model.model.layers[i].requires_grad_(True)
+            if self.options.init == "copy":  # the old block it was copied from, weights as they were
+                layers[i].load_state_dict(layers[max(o for o in old if o < i)].state_dict())
+            elif self.options.init == "random":
+                self._fresh_block(model, layers[i], generator)
+        old_embedding = model.get_input_embeddings().weight.detach().clone()
         tok = ctx.tokenizer
         model.resize_token_embeddings(len(tok), mean_resizing=False)  # re-ties the head, sets vocab_size
         embedding = model.get_input_embeddings().weight
         with torch.no_grad():  # a fresh embedding for a new vocabulary: the init of a new model
-            embedding.normal_(0.0, model.config.initializer_range,
-                              generator=torch.Generator().manual_seed(ctx.seed))
-        embedding.requires_grad_(True)
-        model.model.norm.requires_grad_(self.options.train_norm)
+            embedding.normal_(0.0, model.config.initializer_range, generator=generator)
+            if self.options.embedding_init == "shared_tokens":
+                for new_id, old_id in shared_tokens(ctx.old_tokenizer, tok):
+                    embedding[new_id] = old_embedding[old_id]
         for cfg in (model.config, model.generation_config):
             cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        if self.options.lora_r:  # PEFT freezes everything but the adapters: unfreeze the rest below
+            config = LoraConfig(r=self.options.lora_r, lora_alpha=2 * self.options.lora_r, target_modules=ALL_LINEAR,
+                                layers_to_transform=old)
+            model = get_peft_model(model, config)
+        trained = model.get_base_model() if isinstance(model, PeftModel) else model
+        layers = trained.model.layers
+        for i in new:
+            layers[i].requires_grad_(True)
+        every = self.options.train_every
+        for n, i in enumerate(old, 1):
+            if every and n % every == 0:
+                layers[i].requires_grad_(True)
+            if self.options.train_block_norms:
+                layers[i].input_layernorm.requires_grad_(True)
+                layers[i].post_attention_layernorm.requires_grad_(True)
+        trained.get_input_embeddings().weight.requires_grad_(True)
+        trained.model.norm.requires_grad_(self.options.train_norm)
         return Adapted(model, {"old_layers": old, "new_layers": new})
+
+    @staticmethod
+    def _fresh_block(model, block, generator):
+        """The init of a fresh model: normal(0, initializer_range) weights, unit norms."""
+        with torch.no_grad():
+            for name, p in block.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, model.config.initializer_range, generator=generator)
+
+    def save(self, model, folder):
+        if isinstance(model, PeftModel):  # the adapters are the branch's own: fold them into its weights
+            model = model.merge_and_unload()
+        folder.save(model.save_pretrained)
 
     def card(self, adapted: Adapted, ctx: AdaptContext):
         return {"new_layers": adapted.state["new_layers"], "own_domains": [ctx.new_domain.name]}
