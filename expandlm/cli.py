@@ -156,7 +156,7 @@ def cmd_generate(args) -> None:
     model = served.for_domain(domain_name)
     stream = args.num_samples == 1 and not args.json
     samples = generate(model, served.tokenizer_for(domain_name), get_domain(domain_name), prompt, args.num_samples, sampling,
-                       stream=stream)
+                       stream=stream, engine=args.engine)
     if args.json:
         result = {"domain": domain_name, "samples": [s.__dict__ for s in samples]}
         if routed:
@@ -191,6 +191,12 @@ def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
     run_demo(_spec(args, DemoConfig, "demo"))
+
+
+def _engine_flag(p: argparse.ArgumentParser) -> None:
+    from .engine import ENGINES
+    p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                   help="fast: expandlm's decode loop (default); hf: transformers' generate (the same greedy tokens)")
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
@@ -256,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request", help="free text such as 'write a recipe for banana bread': routed to a domain")
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--json", action="store_true", help="print the samples as JSON")
+    _engine_flag(g)
     flags(g.add_argument_group("sampling"), SamplingConfig)
     g.set_defaults(func=cmd_generate)
 

@@ -11,6 +11,7 @@ from transformers import TextStreamer, set_seed
 
 from .config import arg, config
 from .domains import Domain
+from .engine import ENGINES, DecodeEngine, Sampler, run_batch
 from .errors import UserError
 from .tokenizer import encode_texts, require_tag
 
@@ -39,16 +40,54 @@ class Sample:
     new_tokens: int
 
 
-@torch.no_grad()
-def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: int = 1,
-             sampling: SamplingConfig = SamplingConfig(), stream: bool = False) -> list[Sample]:
-    """`num_samples` continuations (prompt included, special tokens removed), in one batch.
-    With `stream`, the first sample's tokens are printed as they are produced (one sample only)."""
-    ids = request_ids(tokenizer, domain, prompt)
-    context = model.config.max_position_embeddings
+class TextStream:
+    """Text of a growing token sequence, handed out as it becomes final: a byte-level BPE token can
+    end inside a UTF-8 character, so text ending in an incomplete character is held back."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """The new text that `token` completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        text = self.text()
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.sent = text[self.sent:], len(text)
+        return new
+
+
+def check_length(ids: list[int], context: int) -> None:
     if len(ids) >= context:
         raise UserError(f"prompt is {len(ids)} tokens; the model's context is {context}")
+
+
+def samplers(sampling: SamplingConfig, n: int) -> list[Sampler]:
+    """One sampler per sample: sample i draws from seed + i, so a seed gives the same samples however
+    many are asked for and whatever runs beside them."""
+    greedy = sampling.temperature <= 0
+    return [Sampler(sampling.temperature, None if greedy else sampling.top_k, None if greedy else sampling.top_p,
+                    sampling.seed + i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: int = 1,
+             sampling: SamplingConfig = SamplingConfig(), stream: bool = False, engine: str = "fast") -> list[Sample]:
+    """`num_samples` continuations (prompt included, special tokens removed), in one batch.
+    With `stream`, the first sample's tokens are printed as they are produced (one sample only).
+    `engine`: "fast" (expandlm.engine, the default) or "hf" (transformers' `generate`); greedy
+    decoding gives the same tokens with both."""
+    ids = request_ids(tokenizer, domain, prompt)
+    context = model.config.max_position_embeddings
+    check_length(ids, context)
     max_new = min(sampling.max_new_tokens or context, context - len(ids))
+    if engine == "fast":
+        return _generate_fast(model, tokenizer, ids, prompt, num_samples, sampling, max_new, stream)
+    if engine != "hf":
+        raise UserError(f"unknown engine '{engine}' (known: {', '.join(ENGINES)})")
     set_seed(sampling.seed)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
@@ -64,11 +103,27 @@ def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: in
         top_p=sampling.top_p if sampling.temperature > 0 else None,
         max_new_tokens=max_new, num_return_sequences=num_samples, streamer=streamer,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    samples = []
-    for seq in out.tolist():
-        body = seq[2:]  # the prompt and what followed it
-        ended = tokenizer.eos_token_id in body[len(ids) - 2:]
-        if ended:
-            body = body[:body.index(tokenizer.eos_token_id, len(ids) - 2)]
-        samples.append(Sample(tokenizer.decode(body, skip_special_tokens=True), ended, len(seq) - len(ids)))
-    return samples
+    return [_sample(tokenizer, ids, seq[len(ids):]) for seq in out.tolist()]
+
+
+def _sample(tokenizer, ids: list[int], new: list[int]) -> Sample:
+    """A sample from the request `ids` and the tokens generated after it (up to `<|eos|>`, or
+    padding after it)."""
+    ended = tokenizer.eos_token_id in new
+    body = ids[2:] + (new[:new.index(tokenizer.eos_token_id)] if ended else new)
+    return Sample(tokenizer.decode(body, skip_special_tokens=True), ended, len(new))
+
+
+def _generate_fast(model, tokenizer, ids, prompt, num_samples, sampling, max_new, stream) -> list[Sample]:
+    engine = DecodeEngine(model, slots=num_samples)
+    new = [[] for _ in range(num_samples)]
+    shown = TextStream(tokenizer) if stream and num_samples == 1 else None
+    if shown:
+        sys.stdout.write(prompt)
+    for step in run_batch(engine, ids, samplers(sampling, num_samples), max_new, tokenizer.eos_token_id):
+        for row, token in step:
+            new[row].append(token)
+            if shown and token != tokenizer.eos_token_id:
+                sys.stdout.write(shown.add(token))
+                sys.stdout.flush()
+    return [_sample(tokenizer, ids, tokens) for tokens in new]
