@@ -1,4 +1,4 @@
-"""Command line: `expandlm tokenizer | train | adapt | eval | generate | export | compare | demo`.
+"""Command line: `expandlm tokenizer | train | adapt | eval | generate | export | serve | compare | demo`.
 
 The flags of `train`, `adapt`, `generate` and `demo` are made from the fields of their config
 dataclasses (`config.flags`), so every default and help text is written once, beside the field; a
@@ -180,6 +180,13 @@ def cmd_export(args) -> None:
           "(AutoModelForCausalLM / AutoTokenizer load it)")
 
 
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.models, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
+          max_waiting=args.max_waiting, threads=args.threads)
+
+
 def cmd_compare(args) -> None:
     from .compare import Study, load_config
 
@@ -271,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--domain", required=True, help="the domain whose model to write")
     x.add_argument("--out", required=True, help="the checkpoint folder to write")
     x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible API and a web page over model folders")
+    s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders; every domain of each is a model id")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    _engine_flag(s)
+    s.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="sequences of one domain decoded together in one batched step (default: 8)")
+    s.add_argument("--max-waiting", type=_positive_int, default=64,
+                   help="requests that may wait for a slot; more are answered 429 (default: 64)")
+    s.add_argument("--threads", type=_positive_int, help="torch threads of the decode loop (default: torch's)")
+    s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("compare", help="run a whole study from a YAML config (strategies × evaluation suite)")
     c.add_argument("config", help="e.g. configs/stories-recipes.yaml (configs/smoke.yaml: a few minutes)")

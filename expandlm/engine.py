@@ -192,6 +192,42 @@ class DecodeEngine:
         return F.linear(x[:, 0], self.head)
 
 
+class TransformersEngine:
+    """The slot interface of `DecodeEngine` over the model's own forward and transformers' KV cache,
+    one sequence at a time (no batching): the reference engine `serve --engine hf` runs."""
+
+    def __init__(self, model, slots: int = 1):
+        self.model, self.slots = model, slots
+        self.context = model.config.max_position_embeddings
+        self.device = next(model.parameters()).device
+        self.caches: dict[int, object] = {}
+        self.lengths = [0] * slots
+
+    def _step(self, slot: int, ids: list[int], cache) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+        self.caches[slot] = out.past_key_values
+        self.lengths[slot] += len(ids)
+        return out.logits[0, -1]
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        if not 0 < len(ids) < self.context:
+            raise UserError(f"prompt is {len(ids)} tokens; the model's context is {self.context}")
+        self.lengths[slot] = 0
+        return self._step(slot, ids, None)
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        return torch.stack([self._step(s, [t], self.caches[s]) for s, t in zip(slots, tokens)])
+
+
+def make_engine(name: str, model, slots: int = 1):
+    """The engine called `name` (one of ENGINES) over `model` with `slots` sequences."""
+    if name not in ENGINES:
+        raise UserError(f"unknown engine '{name}' (known: {', '.join(ENGINES)})")
+    return (DecodeEngine if name == "fast" else TransformersEngine)(model, slots)
+
+
 class Sampler:
     """The next token from logits, as transformers samples it: temperature, then top-k, then top-p
     (nucleus), from a generator of the request's own, so a seed gives the same tokens whatever else
