@@ -175,6 +175,11 @@ def cmd_export(args) -> None:
     from .serving import load_served
 
     served = load_served(args.model, device="cpu")
+    if args.format == "gguf":
+        path = served.export_gguf(args.domain, args.out)
+        print(f"{args.domain} of {args.model} ({served.strategy.name}) → {path} (a GGUF file llama.cpp runs; "
+              "start from the token ids of <|bos|><|domain|>)")
+        return
     folder = served.export(args.domain, args.out)
     print(f"{args.domain} of {args.model} ({served.strategy.name}) → {folder.path} "
           "(AutoModelForCausalLM / AutoTokenizer load it)")
@@ -273,10 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     flags(g.add_argument_group("sampling"), SamplingConfig)
     g.set_defaults(func=cmd_generate)
 
-    x = sub.add_parser("export", help="write one domain of a multi-domain model as a standard checkpoint")
+    x = sub.add_parser("export", help="write one domain of a model as a standard checkpoint or a GGUF file")
     x.add_argument("model", help="a model folder (from train or adapt)")
     x.add_argument("--domain", required=True, help="the domain whose model to write")
-    x.add_argument("--out", required=True, help="the checkpoint folder to write")
+    x.add_argument("--format", choices=("checkpoint", "gguf"), default="checkpoint",
+                   help="checkpoint: a transformers folder (default); gguf: one file for llama.cpp")
+    x.add_argument("--out", required=True, help="the checkpoint folder (or with --format gguf, the file) to write")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible API and a web page over model folders")
