@@ -6,7 +6,8 @@ format, builds `run.c` from `../shared/anchors/llama2.c/` with the system compil
 (MIT, unchanged, for measurement only), and measures greedy decoding of 255 tokens on one thread:
 
 - hf: transformers' `model.generate` (its dynamic KV cache);
-- fast: expandlm's engine (`expandlm.engine.DecodeEngine`), one stream;
+- torch: expandlm's engine with its PyTorch decode loop (`--engine torch`), one stream;
+- fast: expandlm's engine with its C decode step (the default engine), one stream;
 - fast xB: the same engine decoding B streams in one batched step (aggregate tokens/s);
 - llama.cpp: `llama-cpp-python` on the GGUF file `expandlm export --format gguf` writes (if installed);
 - run.c: llama2.c's loop (`-Ofast -march=native`, no OpenMP: one thread).
@@ -183,8 +184,11 @@ def main() -> None:
                 gguf = tmp / f"{name}.gguf"
                 write_gguf(model, bytes_tokenizer(), gguf, vocab_size=model.config.vocab_size)
             single, batched = DecodeEngine(model), DecodeEngine(model, slots=args.batch)
+            torch_loop = DecodeEngine(model, kernel=False)
+            assert single.uses_kernel, "the C decode step did not build (see the warning above)"
             best, tokens = {}, {}
-            loops = {"hf": lambda: hf_generate(model, n), "fast": lambda: engine_greedy(single, n),
+            loops = {"hf": lambda: hf_generate(model, n), "torch": lambda: engine_greedy(torch_loop, n),
+                     "fast": lambda: engine_greedy(single, n),
                      f"fast x{args.batch}": lambda: engine_greedy(batched, n, args.batch),
                      "run.c": lambda: run_c(exe, tmp / "model.bin", tmp / "tokenizer.bin", n)}
             if gguf:

@@ -208,7 +208,8 @@ def cmd_demo(args) -> None:
 def _engine_flag(p: argparse.ArgumentParser) -> None:
     from .engine import ENGINES
     p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
-                   help="fast: expandlm's decode loop (default); hf: transformers' generate (the same greedy tokens)")
+                   help="fast: expandlm's decode loop with its C step (default); torch: the same loop in PyTorch only; "
+                        "hf: transformers' generate (the same greedy tokens)")
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from transformers import TextStreamer, set_seed
 
 from .config import arg, config
 from .domains import Domain
-from .engine import ENGINES, DecodeEngine, Sampler, run_batch
+from .engine import Sampler, make_engine, run_batch
 from .errors import UserError
 from .tokenizer import encode_texts, require_tag
 
@@ -42,22 +42,20 @@ class Sample:
 
 class TextStream:
     """Text of a growing token sequence, handed out as it becomes final: a byte-level BPE token can
-    end inside a UTF-8 character, so text ending in an incomplete character is held back."""
+    end inside a UTF-8 character, so the tokens since the last whole character are held back until
+    they decode to whole characters. Each token costs one short decode, however long the text."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.tokenizer, self.pending = tokenizer, []
 
     def add(self, token: int) -> str:
         """The new text that `token` completes ("" while a character is incomplete)."""
-        self.ids.append(token)
-        text = self.text()
-        if text.endswith("\ufffd"):
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if text.endswith("\ufffd") and len(self.pending) < 4:  # a UTF-8 character has at most 4 bytes
             return ""
-        new, self.sent = text[self.sent:], len(text)
-        return new
+        self.pending = []
+        return text
 
 
 def check_length(ids: list[int], context: int) -> None:
@@ -78,16 +76,15 @@ def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: in
              sampling: SamplingConfig = SamplingConfig(), stream: bool = False, engine: str = "fast") -> list[Sample]:
     """`num_samples` continuations (prompt included, special tokens removed), in one batch.
     With `stream`, the first sample's tokens are printed as they are produced (one sample only).
-    `engine`: "fast" (expandlm.engine, the default) or "hf" (transformers' `generate`); greedy
-    decoding gives the same tokens with both."""
+    `engine`: "fast" (expandlm.engine, the default), "torch" (its PyTorch loop only) or "hf"
+    (transformers' `generate`); greedy decoding gives the same tokens with each."""
     ids = request_ids(tokenizer, domain, prompt)
     context = model.config.max_position_embeddings
     check_length(ids, context)
     max_new = min(sampling.max_new_tokens or context, context - len(ids))
-    if engine == "fast":
-        return _generate_fast(model, tokenizer, ids, prompt, num_samples, sampling, max_new, stream)
     if engine != "hf":
-        raise UserError(f"unknown engine '{engine}' (known: {', '.join(ENGINES)})")
+        return _generate_fast(make_engine(engine, model, num_samples), tokenizer, ids, prompt, sampling, max_new,
+                              stream)
     set_seed(sampling.seed)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
@@ -114,8 +111,8 @@ def _sample(tokenizer, ids: list[int], new: list[int]) -> Sample:
     return Sample(tokenizer.decode(body, skip_special_tokens=True), ended, len(new))
 
 
-def _generate_fast(model, tokenizer, ids, prompt, num_samples, sampling, max_new, stream) -> list[Sample]:
-    engine = DecodeEngine(model, slots=num_samples)
+def _generate_fast(engine, tokenizer, ids, prompt, sampling, max_new, stream) -> list[Sample]:
+    num_samples = engine.slots
     new = [[] for _ in range(num_samples)]
     shown = TextStream(tokenizer) if stream and num_samples == 1 else None
     if shown:

@@ -17,6 +17,7 @@ Three parts, one job each:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import threading
@@ -67,11 +68,11 @@ class Endpoint:
     served: ServedModel
     domain: str
 
-    @property
+    @functools.cached_property  # looked up once: the decode loop asks for it every token
     def tokenizer(self):
         return self.served.tokenizer_for(self.domain)
 
-    @property
+    @functools.cached_property
     def context(self) -> int:
         return self.served.for_domain(self.domain).config.max_position_embeddings
 
@@ -133,6 +134,7 @@ class Job:
     stops: list[str]
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    ignore_eos: bool = False
     cancelled: bool = False
     new_tokens: int = 0
     text: str = ""        # generated so far (before any stop string)
@@ -159,6 +161,11 @@ class Scheduler:
         self.stopped = False
         self.steps = 0
         self.thread = threading.Thread(target=self._work, name="expandlm-scheduler", daemon=True)
+
+    def prepare(self, endpoints) -> None:
+        """Build the engines of `endpoints` now, so that no first request waits for one."""
+        for endpoint in endpoints:
+            self._engine(endpoint)
 
     def start(self) -> "Scheduler":
         self.thread.start()
@@ -255,7 +262,7 @@ class Scheduler:
         token = job.sampler(logits)
         job.last, job.new_tokens = token, job.new_tokens + 1
         tokenizer = job.endpoint.tokenizer
-        if token == tokenizer.eos_token_id:
+        if token == tokenizer.eos_token_id and not job.ignore_eos:
             return self._finish(job, slot, "stop")
         if job._stream is None:
             job._stream = TextStream(tokenizer)
@@ -299,6 +306,7 @@ class Sampling(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: int | None = None  # vLLM's extension; None, 0 or -1: off
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever (for load tests)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
@@ -429,7 +437,7 @@ def create_app(catalog: Catalog, scheduler: Scheduler) -> FastAPI:
         top_k = req.top_k if req.top_k and req.top_k > 0 else None
         stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
         jobs = [Job(plan.endpoint, plan.ids, Sampler(req.temperature, top_k, req.top_p, seed + i), plan.max_new,
-                    stops, asyncio.Queue(), loop) for i in range(req.n)]
+                    stops, asyncio.Queue(), loop, ignore_eos=req.ignore_eos) for i in range(req.n)]
         try:
             scheduler.submit(jobs)
         except Busy:
@@ -492,9 +500,14 @@ def create_app(catalog: Catalog, scheduler: Scheduler) -> FastAPI:
                 for i, fut in list(pending.items()):
                     if fut not in done:
                         continue
-                    kind, *rest = fut.result()
+                    events = [fut.result()]
+                    while not jobs[i].events.empty():  # the client fell behind: one chunk for all it missed
+                        events.append(jobs[i].events.get_nowait())
+                    text = "".join(e[1] for e in events if e[0] == "text")
+                    if text:
+                        yield chunk(i, text)
+                    kind, *rest = events[-1]  # "done" and "error" are a job's last event
                     if kind == "text":
-                        yield chunk(i, rest[0])
                         pending[i] = asyncio.ensure_future(jobs[i].events.get())
                     elif kind == "done":
                         completion += rest[1]
@@ -522,7 +535,9 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, engine: s
     import uvicorn
 
     catalog = Catalog([load_served(p) for p in paths])
-    scheduler = Scheduler(engine, max_batch, max_waiting, threads).start()
+    scheduler = Scheduler(engine, max_batch, max_waiting, threads)
+    scheduler.prepare(catalog.endpoints.values())
+    scheduler.start()
     for model_id in catalog.ids():
         print(f"serving {model_id}")
     print(f"OpenAI-compatible API at http://{host}:{port}/v1 · web page at http://{host}:{port}/")

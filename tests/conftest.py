@@ -57,9 +57,10 @@ NANO_STEPS = dict(max_steps=4, batch_size=4, eval_interval=0, eval_docs=5, progr
 
 @pytest.fixture(scope="session")
 def two_domain_models(tmp_path_factory) -> dict[str, Path]:
-    """A nano stories expert trained for a few steps, and two models that also serve recipes:
-    `expand_paths` (one model, a gated path per domain) and `expand_branch` (recipes' own tokenizer
-    and model over the stories blocks). Session-wide: the serving, engine and export tests share them."""
+    """A nano stories expert trained for a few steps, and three models that also serve recipes:
+    `expand_paths` (one model, a gated path per domain), `expand_branch` (recipes' own tokenizer and
+    model over the stories blocks) and `lora` (an adapter on for recipes, off for stories).
+    Session-wide: the serving, engine and export tests share them."""
     from expandlm.adapt import AdaptSpec, adapt
     from expandlm.expert import ExpertSpec, train_expert
     from expandlm.train import TrainConfig
@@ -70,7 +71,7 @@ def two_domain_models(tmp_path_factory) -> dict[str, Path]:
     train_expert(ExpertSpec(domain="stories", data=str(stories), out=str(root / "base"), preset="nano",
                             cache_dir=str(root / "cache"), vocab_size=400, train=TrainConfig(**NANO_STEPS)))
     models = {"base": root / "base"}
-    for strategy in ("expand_paths", "expand_branch"):
+    for strategy in ("expand_paths", "expand_branch", "lora"):
         adapt(AdaptSpec(base=str(root / "base"), strategy=strategy, domain="recipes", data=str(recipes),
                         out=str(root / strategy), cache_dir=str(root / "cache"), train=TrainConfig(**NANO_STEPS)))
         models[strategy] = root / strategy

@@ -40,12 +40,15 @@ def engine_tokens(engine, ids, n, slot=0):
     return tokens
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["C step", "torch loop"])
 @pytest.mark.parametrize("preset", ["nano", "tiny"])
-def test_greedy_tokens_equal_transformers_generate(preset):
+def test_greedy_tokens_equal_transformers_generate(preset, kernel):
     model = decisive(preset)
     ids = request_ids(tok, get_domain("stories"), "Once upon")
     n = model.config.max_position_embeddings - len(ids)  # to the end of the context
-    assert engine_tokens(DecodeEngine(model), ids, n) == hf_tokens(model, ids, n)
+    engine = DecodeEngine(model, kernel=kernel)
+    assert engine.uses_kernel == kernel  # the C step builds here (a C compiler is part of the test set-up)
+    assert engine_tokens(engine, ids, n) == hf_tokens(model, ids, n)
 
 
 def test_grouped_query_attention():
@@ -58,21 +61,22 @@ def test_grouped_query_attention():
     assert engine_tokens(DecodeEngine(model), ids, 50) == hf_tokens(model, ids, 50)
 
 
-@pytest.mark.parametrize("strategy", ["expand_paths", "expand_branch"])
+@pytest.mark.parametrize("strategy", ["expand_paths", "expand_branch", "lora"])
 def test_every_domain_view_decodes_as_generate(two_domain_models, strategy):
     served = load_served(two_domain_models[strategy])
     for domain in served.domains:
         view, dtok = served.for_domain(domain), served.tokenizer_for(domain)
-        fast = generate(view, dtok, get_domain(domain), "The", sampling=GREEDY, engine="fast")
         hf = generate(view, dtok, get_domain(domain), "The", sampling=GREEDY, engine="hf")
-        assert fast == hf
+        for engine in ("fast", "torch"):
+            assert generate(view, dtok, get_domain(domain), "The", sampling=GREEDY, engine=engine) == hf
 
 
-def test_sequences_of_different_lengths_batched_get_their_tokens_alone():
+@pytest.mark.parametrize("kernel", [True, False], ids=["C step", "torch loop"])
+def test_sequences_of_different_lengths_batched_get_their_tokens_alone(kernel):
     model = decisive("nano", seed=3)
     prompts = [request_ids(tok, get_domain("stories"), p) for p in ("Once upon a time", "Hi", "The dog ran")]
-    alone = [engine_tokens(DecodeEngine(model), ids, 30) for ids in prompts]
-    engine = DecodeEngine(model, slots=3)
+    alone = [engine_tokens(DecodeEngine(model, kernel=kernel), ids, 30) for ids in prompts]
+    engine = DecodeEngine(model, slots=3, kernel=kernel)
     out = [[int(engine.prefill(0, prompts[0]).argmax())]]
     for _ in range(5):  # the first sequence runs alone a while, then the others join it
         out[0].append(int(engine.decode([0], out[0][-1:])[0].argmax()))
