@@ -39,7 +39,8 @@ from .domains import get_domain
 from .engine import Sampler, make_engine
 from .errors import UserError
 from .generate import TextStream, request_ids
-from .routing import Route, route_request, split_request
+from .routing import Route, load_router, route_request, split_request
+from . import routing
 from .serving import ServedModel, load_served
 
 STATIC = Path(__file__).parent / "static"
@@ -96,6 +97,7 @@ class Catalog:
         for endpoint in self.endpoints.values():
             self.aliases.setdefault(endpoint.domain, []).append(endpoint)
         self.aliases = {d: eps[0] for d, eps in self.aliases.items() if len(eps) == 1}
+        self.router = load_router(models[0])  # loaded (or trained) once, not per request
 
     def ids(self) -> list[str]:
         return [*self.endpoints, AUTO]
@@ -110,7 +112,8 @@ class Catalog:
     def route(self, request: str) -> tuple[Endpoint, Route]:
         """`auto`: the first model's router picks the domain (the first model that serves it answers)."""
         try:
-            routed = route_request(request, self.models[0])
+            routed = (routing.route(request, self.router) if self.router
+                      else route_request(request, self.models[0]))
         except UserError as e:
             raise APIError(400, str(e), param="prompt") from None
         served = self.models[0]
