@@ -38,7 +38,7 @@ from transformers import LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from expandlm.atomic import write_json, write_text  # noqa: E402
-from expandlm.engine import DecodeEngine  # noqa: E402
+from expandlm.engine import DecodeEngine, Sampler, run_batch  # noqa: E402
 from expandlm.gguf_export import meta_rotary, write_gguf  # noqa: E402
 from expandlm.model import get_preset, llama_config  # noqa: E402
 from expandlm.report import markdown_table  # noqa: E402
@@ -126,8 +126,12 @@ def hf_generate(model, n: int) -> tuple[float, list[int]]:
 
 
 def engine_greedy(engine: DecodeEngine, n: int, streams: int = 1) -> tuple[float, list[int]]:
-    """tokens/s over all streams, and the first stream's tokens."""
+    """tokens/s over all streams, and the first stream's tokens: one stream as `generate` runs it
+    (`run_batch`), several in batched steps as `serve` runs them."""
     t0 = time.perf_counter()
+    if streams == 1:
+        tokens = [t for step in run_batch(engine, [START], [Sampler()], n, None) for _, t in step]
+        return n / (time.perf_counter() - t0), tokens
     logits = engine.prefill(0, [START])
     for s in range(1, streams):
         logits = engine.prefill(s, [START])

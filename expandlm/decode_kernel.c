@@ -115,3 +115,20 @@ void decode_step(const Model *m, int B, const int *slots, const int *tokens, con
     for (int b = 0; b < B; b++) rmsnorm(h + (size_t)b * D, x + (size_t)b * D, m->norm, D, m->eps);
     matmul(logits, h, m->head, B, D, m->vocab, 0);
 }
+
+/* Up to n greedy steps of one sequence from `token` at `pos`, stopping after `eos`: the next token is
+ * the first largest logit (as torch.argmax picks it). Returns the number of tokens written to out. */
+int decode_greedy(const Model *m, int slot, int token, int pos, int n, int eos, int *out, float *logits,
+                  float *scratch) {
+    int made = 0;
+    while (made < n && pos < m->context) {
+        decode_step(m, 1, &slot, &token, &pos, logits, scratch);
+        int best = 0;
+        for (int v = 1; v < m->vocab; v++) if (logits[v] > logits[best]) best = v;
+        out[made++] = best;
+        token = best;
+        pos++;
+        if (best == eos) break;
+    }
+    return made;
+}
