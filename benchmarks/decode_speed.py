@@ -43,16 +43,21 @@ from expandlm.gguf_export import meta_rotary, write_gguf  # noqa: E402
 from expandlm.model import get_preset, llama_config  # noqa: E402
 from expandlm.report import markdown_table  # noqa: E402
 from expandlm.run_folder import versions  # noqa: E402
-from expandlm.tokenizer import bytes_tokenizer  # noqa: E402
+from expandlm.tokenizer import train_bpe  # noqa: E402
 
 RUN_C = ROOT.parent / "shared" / "anchors" / "llama2.c" / "run.c"
 CFLAGS = ["-Ofast", "-march=native"]
 START = 1  # run.c starts every sequence from token 1 (its BOS); so do the other loops here
 
 
-def bench_model(preset_name: str, seed: int = 0) -> LlamaForCausalLM:
+def bench_tokenizer():
+    """A small byte-level BPE (GGUF needs merges); the model's vocabulary is padded to the preset's."""
+    return train_bpe(["Once upon a time, there was a little cat named Tom. He liked to play in the sun."] * 20, 300)
+
+
+def bench_model(preset_name: str, tokenizer, seed: int = 0) -> LlamaForCausalLM:
     preset = get_preset(preset_name)
-    config = llama_config(preset, bytes_tokenizer())
+    config = llama_config(preset, tokenizer)
     config.vocab_size = preset.vocab
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -145,9 +150,9 @@ def engine_greedy(engine: DecodeEngine, n: int, streams: int = 1) -> tuple[float
 
 
 def llama_cpp_greedy(path: Path, context: int, n: int) -> tuple[float, list[int]]:
-    from llama_cpp import Llama
+    from llama_cpp import GGML_TYPE_F32, Llama
     llm = Llama(model_path=str(path), n_ctx=context, n_threads=1, n_threads_batch=1, n_batch=context,
-                verbose=False, logits_all=False)
+                verbose=False, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     tokens = []
     t0 = time.perf_counter()
     llm.reset()
@@ -178,15 +183,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         exe = build_run_c(tmp)
+        tokenizer = bench_tokenizer()
         for name in args.presets:
-            model = bench_model(name)
+            model = bench_model(name, tokenizer)
             n = min(args.tokens, model.config.max_position_embeddings - 1)
             write_llama2c(model, tmp / "model.bin")
             write_llama2c_tokenizer(model.config.vocab_size, tmp / "tokenizer.bin")
             gguf = None
             if have_llama_cpp:
                 gguf = tmp / f"{name}.gguf"
-                write_gguf(model, bytes_tokenizer(), gguf, vocab_size=model.config.vocab_size)
+                write_gguf(model, tokenizer, gguf, vocab_size=model.config.vocab_size)
             single, batched = DecodeEngine(model), DecodeEngine(model, slots=args.batch)
             torch_loop = DecodeEngine(model, kernel=False)
             assert single.uses_kernel, "the C decode step did not build (see the warning above)"

@@ -46,6 +46,9 @@ def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    if not merges:  # GGUF cannot hold an empty array, and llama.cpp's gpt2 vocabulary requires the merges
+        raise UserError("GGUF export needs a BPE tokenizer with merges; this one has no merges (the 'bytes' "
+                        "baseline?)")
     return tokens, types, merges
 
 

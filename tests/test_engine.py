@@ -15,10 +15,10 @@ tok = bytes_tokenizer()
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=60)
 
 
-def decisive(preset: str, seed: int = 0):
+def decisive(preset: str, seed: int = 0, tokenizer=tok):
     """A random model whose logits are far apart (scaled weights), so that greedy decoding is decided
     by the model and not by rounding: two correct implementations must agree on every token."""
-    model = build_model(PRESETS[preset], tok, seed=seed).eval()
+    model = build_model(PRESETS[preset], tokenizer, seed=seed).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

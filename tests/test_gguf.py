@@ -9,7 +9,9 @@ from expandlm.engine import DecodeEngine
 from expandlm.generate import request_ids
 from expandlm.gguf_export import write_gguf
 from expandlm.serving import load_served
-from expandlm.tokenizer import bytes_tokenizer, encode_texts
+from expandlm.errors import UserError
+from expandlm.tokenizer import bytes_tokenizer, encode_texts, train_bpe
+from tests.conftest import STORIES
 from tests.test_engine import decisive, engine_tokens
 
 gguf = pytest.importorskip("gguf")
@@ -62,7 +64,10 @@ needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python
 
 
 def _llama(path, context):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=1, n_batch=context, verbose=False)
+    # a float32 KV cache (llama.cpp's default is float16), so that llama.cpp computes in float32 as expandlm does
+    f32 = llama_cpp.GGML_TYPE_F32
+    return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=1, n_batch=context, verbose=False,
+                           type_k=f32, type_v=f32, logits_all=True)
 
 
 def _llama_greedy(llm, ids, n):
@@ -93,8 +98,14 @@ def test_llama_cpp_greedy_tokens_equal_expandlm(exported):
 
 @needs_llama_cpp
 def test_llama_cpp_runs_a_tiny_preset_model_as_expandlm(tmp_path):
-    model = decisive("tiny")
-    write_gguf(model, bytes_tokenizer(), tmp_path / "tiny.gguf")
-    ids = request_ids(bytes_tokenizer(), get_domain("stories"), "Once upon a time")
+    tok = train_bpe(STORIES, 400)
+    model = decisive("tiny", tokenizer=tok)
+    write_gguf(model, tok, tmp_path / "tiny.gguf")
+    ids = request_ids(tok, get_domain("stories"), "Once upon a time")
     llm = _llama(tmp_path / "tiny.gguf", model.config.max_position_embeddings)
     assert _llama_greedy(llm, ids, 200) == engine_tokens(DecodeEngine(model), ids, 200)
+
+
+def test_a_tokenizer_without_merges_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no merges"):
+        write_gguf(decisive("nano"), bytes_tokenizer(), tmp_path / "bytes.gguf")

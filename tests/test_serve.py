@@ -204,3 +204,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, url, monkeypat
         health = c.get("/health").json()
     assert health["running"] == 0 and health["waiting"] == 0
     assert len(steps) < 100  # it left its slot long before its 120 tokens
+
+
+@pytest.mark.parametrize("engine", ["torch", "hf"])
+def test_every_engine_serves_the_same_greedy_tokens(app, http, engine):
+    other = Scheduler(engine=engine, max_batch=2, threads=1).start()
+    try:
+        with TestClient(create_app(app.state.catalog, other)) as c:
+            for model in (STORIES, RECIPES):
+                body = {"model": model, "prompt": "The", "max_tokens": 30, "temperature": 0}
+                assert c.post("/v1/completions", json=body).json()["choices"] == \
+                    http.post("/v1/completions", json=body).json()["choices"]
+    finally:
+        other.stop()
