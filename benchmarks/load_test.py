@@ -150,10 +150,11 @@ def main() -> None:
             print(row, flush=True)
     meta = {"model": args.model or f"random {args.preset}", "engine": args.engine, "server threads": 1,
             "cpu": os.cpu_count(), "load_average_at_end": os.getloadavg()}
-    write_json(Path(args.out) / "load_test.json", {"meta": meta, "results": rows})
+    label = Path(args.model).name if args.model else args.preset
+    write_json(Path(args.out) / f"load_test_{label}.json", {"meta": meta, "results": rows})
     columns = [c for c in rows[0] if c != "error samples"]
     table = markdown_table(rows, columns)
-    write_text(Path(args.out) / "load_test.md", f"# Load test (loopback)\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+    write_text(Path(args.out) / f"load_test_{label}.md", f"# Load test (loopback)\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
     print(table)
 
 

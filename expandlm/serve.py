@@ -234,22 +234,20 @@ class Scheduler:
                 admitted = self._admit()
                 batches = {key: dict(slots) for key, slots in self.running.items() if slots}
             for job, slot in admitted:
-                self._run(job, slot, lambda engine, job=job, slot=slot: engine.prefill(slot, job.ids)[None])
-            for key, slots in batches.items():
-                fresh = {id(j) for j, _ in admitted}  # they had their step: the prompt
+                self._run_batch({slot: job}, lambda engine, job=job, slot=slot: engine.prefill(slot, job.ids)[None])
+            fresh = {id(j) for j, _ in admitted}  # they had this step's work: their prompt
+            for slots in batches.values():
                 for s, j in slots.items():
                     if j.cancelled and not j.done:
                         self._release(j, s)
                 live = {s: j for s, j in slots.items() if not (j.cancelled or j.done or id(j) in fresh)}
                 if live:
-                    self._run_batch(key, live)
+                    self._run_batch(live)
             with self.lock:
                 self.steps += 1
 
-    def _run(self, job: Job, slot: int, forward) -> None:
-        self._run_batch(job.endpoint.id, {slot: job}, forward)
-
-    def _run_batch(self, key: str, slots: dict[int, Job], forward=None) -> None:
+    def _run_batch(self, slots: dict[int, Job], forward=None) -> None:
+        """One step for the jobs in `slots` (one engine's): a batched decode, or `forward` (a prefill)."""
         jobs = list(slots.values())
         try:
             engine = self._engine(jobs[0].endpoint)
