@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
+import mmap
 import os
 import platform
 import shutil
@@ -180,14 +181,27 @@ class DecodeEngine:
             cos, sin = llama.model.rotary_emb(self.embed[None, :1], positions)
             self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [context, head_dim]
         self.device, self.dtype = self.embed.device, self.embed.dtype
+        self._pack_weights()
         self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.hidden = self.blocks[0].wdown.shape[1] if self.blocks else 0
         self.slots = slots
         shape = (len(self.blocks), slots, self.context, self.kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache, self.v_cache = (_in_huge_pages([torch.zeros(shape, dtype=self.dtype, device=self.device)])[0]
+                                      for _ in range(2))
         self.lengths = [0] * slots  # tokens in each slot's cache
         self._kernel = self._bind_kernel() if kernel else None
+
+    def _pack_weights(self) -> None:
+        """Every weight into one buffer of huge pages (on the CPU), in the order a step reads them."""
+        names = ("attn_norm", "wqkv", "wo", "ffn_norm", "wgate_up", "wdown")
+        tensors = [getattr(b, n) for b in self.blocks for n in names] + [self.embed, self.norm]
+        untied = self.head is not self.embed
+        packed = _in_huge_pages(tensors + ([self.head] if untied else []))
+        for i, b in enumerate(self.blocks):
+            for j, n in enumerate(names):
+                setattr(b, n, packed[i * len(names) + j])
+        self.embed, self.norm = packed[len(self.blocks) * len(names):][:2]
+        self.head = packed[-1] if untied else self.embed
 
     def _bind_kernel(self):
         """The C decode step over this engine's tensors (None where it does not apply)."""
@@ -348,6 +362,27 @@ def make_engine(name: str, model, slots: int = 1):
     if name == "hf":
         return TransformersEngine(model, slots)
     return DecodeEngine(model, slots, kernel=name == "fast")
+
+
+def _in_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of CPU float32 `tensors`, side by side in one buffer advised for transparent huge pages
+    (2 MB). A decode step streams every weight once per token, and with 4 KB pages the TLB misses
+    cost about a quarter of it (measured on the small preset: 0.75× run.c's speed with 4 KB pages,
+    1.0× with huge pages). Other devices and types: the tensors as they are."""
+    if not tensors or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return tensors
+    huge = 2 << 20
+    total = sum(t.numel() for t in tensors)
+    buffer = mmap.mmap(-1, total * 4 + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    flat = torch.frombuffer(buffer, dtype=torch.float32, count=total, offset=(-start) % huge)  # 2 MB aligned
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view(t.shape).copy_(t))
+        offset += t.numel()
+    return out
 
 
 class Sampler:
