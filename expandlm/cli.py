@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences of one domain decoded together in one batched step (default: 8)")
     s.add_argument("--max-waiting", type=_positive_int, default=64,
                    help="requests that may wait for a slot; more are answered 429 (default: 64)")
-    s.add_argument("--threads", type=_positive_int, help="torch threads of the decode loop (default: torch's)")
+    s.add_argument("--threads", type=_positive_int,
+                   help="torch threads: prompts and the torch/hf engines; the C decode step uses one (default: torch's)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("compare", help="run a whole study from a YAML config (strategies × evaluation suite)")
