@@ -74,16 +74,17 @@ def test_every_domain_view_decodes_as_generate(two_domain_models, strategy):
 @pytest.mark.parametrize("kernel", [True, False], ids=["C step", "torch loop"])
 def test_sequences_of_different_lengths_batched_get_their_tokens_alone(kernel):
     model = decisive("nano", seed=3)
-    prompts = [request_ids(tok, get_domain("stories"), p) for p in ("Once upon a time", "Hi", "The dog ran")]
+    texts = ("Once upon a time", "Hi", "The dog ran", "A", "Tom and Lily went to the park")
+    prompts = [request_ids(tok, get_domain("stories"), p) for p in texts]  # 5: a block of 4 rows and one more
     alone = [engine_tokens(DecodeEngine(model, kernel=kernel), ids, 30) for ids in prompts]
-    engine = DecodeEngine(model, slots=3, kernel=kernel)
+    engine = DecodeEngine(model, slots=len(prompts), kernel=kernel)
     out = [[int(engine.prefill(0, prompts[0]).argmax())]]
     for _ in range(5):  # the first sequence runs alone a while, then the others join it
         out[0].append(int(engine.decode([0], out[0][-1:])[0].argmax()))
-    for slot in (1, 2):
+    for slot in range(1, len(prompts)):
         out.append([int(engine.prefill(slot, prompts[slot]).argmax())])
     while any(len(t) < 30 for t in out):
-        slots = [s for s in range(3) if len(out[s]) < 30]
+        slots = [s for s in range(len(prompts)) if len(out[s]) < 30]
         logits = engine.decode(slots, [out[s][-1] for s in slots])
         for i, s in enumerate(slots):
             out[s].append(int(logits[i].argmax()))
