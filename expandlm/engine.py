@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,7 +415,7 @@ class Sampler:
         return min(int(torch.searchsorted(cumulative, u)), logits.numel() - 1)
 
 
-GREEDY_CHUNK = 16  # tokens per call of the C greedy loop (a burst: ~2 ms at the tiny preset, ~0.1 s at base)
+BURST_SECONDS = 0.02  # one greedy sequence: tokens per call into C sized to take about this long
 
 
 def run_batch(engine: DecodeEngine, ids: list[int], samplers: list[Sampler], max_new: int,
@@ -429,16 +430,20 @@ def run_batch(engine: DecodeEngine, ids: list[int], samplers: list[Sampler], max
     picks = [(row, sampler(logits)) for row, sampler in enumerate(samplers)]
     made = 1
     if len(samplers) == 1 and samplers[0].temperature <= 0 and getattr(engine, "uses_kernel", False):
-        # one greedy sequence: the C loop runs GREEDY_CHUNK tokens per call (still streamed, in bursts)
+        # one greedy sequence: the C loop runs many tokens per call, in bursts of about BURST_SECONDS
+        # (long enough that the Python between calls is noise, short enough to stream)
         yield picks
-        token = picks[0][1]
+        token, size = picks[0][1], 16
         while token != eos and made < max_new:
-            chunk = engine.greedy(0, token, min(GREEDY_CHUNK, max_new - made), eos)
-            if not chunk:
+            start = time.perf_counter()
+            burst = engine.greedy(0, token, min(size, max_new - made), eos)
+            if not burst:
                 return
-            for t in chunk:
+            elapsed = max(time.perf_counter() - start, 1e-6)
+            size = max(1, min(4096, int(len(burst) * BURST_SECONDS / elapsed)))
+            for t in burst:
                 yield [(0, t)]
-            made, token = made + len(chunk), chunk[-1]
+            made, token = made + len(burst), burst[-1]
         return
     while True:
         yield picks
