@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/expandlm demo --out runs/demo
 
-test: $(STAMP)
+# the web page's test drives Debian's chromium; installed here when missing and we are root
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)); } || \
+	  echo "chromium is missing and cannot be installed here: tests/test_web.py will be skipped"
+
+test: $(STAMP) chromium
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

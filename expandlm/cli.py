@@ -1,4 +1,4 @@
-"""Command line: `expandlm tokenizer | train | adapt | eval | generate | export | compare | demo`.
+"""Command line: `expandlm tokenizer | train | adapt | eval | generate | export | serve | compare | demo`.
 
 The flags of `train`, `adapt`, `generate` and `demo` are made from the fields of their config
 dataclasses (`config.flags`), so every default and help text is written once, beside the field; a
@@ -154,7 +154,7 @@ def cmd_generate(args) -> None:
     model = served.for_domain(domain_name)
     stream = args.num_samples == 1 and not args.json
     samples = generate(model, served.tokenizer_for(domain_name), get_domain(domain_name), prompt, args.num_samples, sampling,
-                       stream=stream)
+                       stream=stream, engine=args.engine)
     if args.json:
         result = {"domain": domain_name, "samples": [s.__dict__ for s in samples]}
         if routed:
@@ -173,9 +173,21 @@ def cmd_export(args) -> None:
     from .serving import load_served
 
     served = load_served(args.model, device="cpu")
+    if args.format == "gguf":
+        path = served.export_gguf(args.domain, args.out)
+        print(f"{args.domain} of {args.model} ({served.strategy.name}) → {path} (a GGUF file llama.cpp runs; "
+              "start from the token ids of <|bos|><|domain|>)")
+        return
     folder = served.export(args.domain, args.out)
     print(f"{args.domain} of {args.model} ({served.strategy.name}) → {folder.path} "
           "(AutoModelForCausalLM / AutoTokenizer load it)")
+
+
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.models, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
+          max_waiting=args.max_waiting, threads=args.threads)
 
 
 def cmd_compare(args) -> None:
@@ -189,6 +201,13 @@ def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
     run_demo(_spec(args, DemoConfig, "demo"))
+
+
+def _engine_flag(p: argparse.ArgumentParser) -> None:
+    from .engine import ENGINES
+    p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                   help="fast: expandlm's decode loop with its C step (default); torch: the same loop in PyTorch only; "
+                        "hf: transformers' generate (the same greedy tokens)")
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
@@ -254,14 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request", help="free text such as 'write a recipe for banana bread': routed to a domain")
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--json", action="store_true", help="print the samples as JSON")
+    _engine_flag(g)
     flags(g.add_argument_group("sampling"), SamplingConfig)
     g.set_defaults(func=cmd_generate)
 
-    x = sub.add_parser("export", help="write one domain of a multi-domain model as a standard checkpoint")
+    x = sub.add_parser("export", help="write one domain of a model as a standard checkpoint or a GGUF file")
     x.add_argument("model", help="a model folder (from train or adapt)")
     x.add_argument("--domain", required=True, help="the domain whose model to write")
-    x.add_argument("--out", required=True, help="the checkpoint folder to write")
+    x.add_argument("--format", choices=("checkpoint", "gguf"), default="checkpoint",
+                   help="checkpoint: a transformers folder (default); gguf: one file for llama.cpp")
+    x.add_argument("--out", required=True, help="the checkpoint folder (or with --format gguf, the file) to write")
     x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible API and a web page over model folders")
+    s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders; every domain of each is a model id")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    _engine_flag(s)
+    s.add_argument("--max-batch", type=_positive_int, default=8,
+                   help="sequences of one domain decoded together in one batched step (default: 8)")
+    s.add_argument("--max-waiting", type=_positive_int, default=64,
+                   help="requests that may wait for a slot; more are answered 429 (default: 64)")
+    s.add_argument("--threads", type=_positive_int,
+                   help="torch threads: prompts and the torch/hf engines; the C decode step uses one (default: torch's)")
+    s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("compare", help="run a whole study from a YAML config (strategies × evaluation suite)")
     c.add_argument("config", help="e.g. configs/stories-recipes.yaml (configs/smoke.yaml: a few minutes)")

@@ -70,6 +70,15 @@ class ServedModel:
                            "exported_from": folder.portable(self.path)})
         return folder
 
+    def export_gguf(self, name: str, out: str | os.PathLike) -> Path:
+        """`name`'s model and tokenizer as one GGUF file that llama.cpp runs (see `gguf_export`)."""
+        from .gguf_export import write_gguf
+
+        self._check(name)
+        write_gguf(self.strategy.export(self.model, self.card, name), self.tokenizer_for(name), out,
+                   name=f"{self.path.name}/{name}")
+        return Path(out)
+
     def domain_data(self) -> dict:
         """Where each served domain's training data came from (paths usable from here)."""
         data = self.folder.record().get("domain_data", {}) if (self.folder / RUN_RECORD).exists() else {}

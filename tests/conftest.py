@@ -50,3 +50,29 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Token shards of a test go to its own temp folder, never to ~/.cache."""
     monkeypatch.setenv("EXPANDLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+NANO_STEPS = dict(max_steps=4, batch_size=4, eval_interval=0, eval_docs=5, progress=False, log_interval=2)
+
+
+@pytest.fixture(scope="session")
+def two_domain_models(tmp_path_factory) -> dict[str, Path]:
+    """A nano stories expert trained for a few steps, and three models that also serve recipes:
+    `expand_paths` (one model, a gated path per domain), `expand_branch` (recipes' own tokenizer and
+    model over the stories blocks) and `lora` (an adapter on for recipes, off for stories).
+    Session-wide: the serving, engine and export tests share them."""
+    from expandlm.adapt import AdaptSpec, adapt
+    from expandlm.expert import ExpertSpec, train_expert
+    from expandlm.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("two_domains")
+    stories = write_jsonl(root / "stories.jsonl", [{"text": t} for t in STORIES])
+    recipes = write_jsonl(root / "recipes.jsonl", RECIPES)
+    train_expert(ExpertSpec(domain="stories", data=str(stories), out=str(root / "base"), preset="nano",
+                            cache_dir=str(root / "cache"), vocab_size=400, train=TrainConfig(**NANO_STEPS)))
+    models = {"base": root / "base"}
+    for strategy in ("expand_paths", "expand_branch", "lora"):
+        adapt(AdaptSpec(base=str(root / "base"), strategy=strategy, domain="recipes", data=str(recipes),
+                        out=str(root / strategy), cache_dir=str(root / "cache"), train=TrainConfig(**NANO_STEPS)))
+        models[strategy] = root / strategy
+    return models

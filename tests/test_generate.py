@@ -38,7 +38,8 @@ def test_text_ends_at_eos_and_unfinished_samples_are_flagged(model, monkeypatch)
     a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
     rows = [ids + [a, tok.eos_token_id, tok.pad_token_id], ids + [a, b, b]]
     monkeypatch.setattr(model, "generate", lambda **kw: torch.tensor(rows))
-    done, cut = generate(model, tok, stories, "x", num_samples=2, sampling=SamplingConfig(max_new_tokens=3))
+    done, cut = generate(model, tok, stories, "x", num_samples=2, sampling=SamplingConfig(max_new_tokens=3),
+                         engine="hf")
     assert (done.text, done.finished) == ("xa", True)
     assert (cut.text, cut.finished, cut.new_tokens) == ("xabb", False, 3)
 

@@ -1,0 +1,231 @@
+"""Single-stream decode speed: expandlm's engines against llama2.c's `run.c`, per preset, in one run.
+
+For each preset it builds a model of that shape (random weights: speed does not depend on them; the
+`<|eos|>` row of the tied embedding is zeroed so that no loop stops early), writes it in run.c's
+format, builds `run.c` from `../shared/anchors/llama2.c/` with the system compiler into a temp dir
+(MIT, unchanged, for measurement only), and measures greedy decoding of 255 tokens on one thread:
+
+- hf: transformers' `model.generate` (its dynamic KV cache);
+- torch: expandlm's engine with its PyTorch decode loop (`--engine torch`), one stream;
+- fast: expandlm's engine with its C decode step (the default engine), one stream;
+- fast xB: the same engine decoding B streams in one batched step (aggregate tokens/s);
+- llama.cpp: `llama-cpp-python` on the GGUF file `expandlm export --format gguf` writes (if installed);
+- run.c: llama2.c's loop (`-Ofast -march=native`, no OpenMP: one thread).
+
+The loops run in turns (best of `--repeats` each), so a machine that turns busy slows them all. run.c's
+greedy tokens are read back from its output and compared with the engine's (a check of the export).
+
+    python benchmarks/decode_speed.py                        # nano..base, ~3 minutes on 2 cores
+    python benchmarks/decode_speed.py --presets tiny --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from expandlm.atomic import write_json, write_text  # noqa: E402
+from expandlm.engine import DecodeEngine, Sampler, run_batch  # noqa: E402
+from expandlm.gguf_export import meta_rotary, write_gguf  # noqa: E402
+from expandlm.model import get_preset, llama_config  # noqa: E402
+from expandlm.report import markdown_table  # noqa: E402
+from expandlm.run_folder import versions  # noqa: E402
+from expandlm.tokenizer import train_bpe  # noqa: E402
+
+RUN_C = ROOT.parent / "shared" / "anchors" / "llama2.c" / "run.c"
+CFLAGS = ["-Ofast", "-march=native"]
+START = 1  # run.c starts every sequence from token 1 (its BOS); so do the other loops here
+
+
+def bench_tokenizer():
+    """A small byte-level BPE (GGUF needs merges); the model's vocabulary is padded to the preset's."""
+    return train_bpe(["Once upon a time, there was a little cat named Tom. He liked to play in the sun."] * 20, 300)
+
+
+def bench_model(preset_name: str, tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    preset = get_preset(preset_name)
+    config = llama_config(preset, tokenizer)
+    config.vocab_size = preset.vocab
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # far-apart logits: greedy tokens decided by the model, not rounding
+            if p.dim() == 2:
+                p.mul_(8)
+        model.model.embed_tokens.weight[config.eos_token_id] = 0  # nothing stops early
+    return model
+
+
+# -- llama2.c's formats (its README) -----------------------------------------------------------------
+
+def write_llama2c(model: LlamaForCausalLM, path: Path) -> None:
+    cfg, layers = model.config, model.model.layers
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    header = struct.pack("7i", cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+                         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size,  # > 0: shared head
+                         cfg.max_position_embeddings)
+    tensors = [model.model.embed_tokens.weight,
+               *[b.input_layernorm.weight for b in layers],
+               *[meta_rotary(b.self_attn.q_proj.weight, cfg.num_attention_heads) for b in layers],
+               *[meta_rotary(b.self_attn.k_proj.weight, cfg.num_key_value_heads) for b in layers],
+               *[b.self_attn.v_proj.weight for b in layers],
+               *[b.self_attn.o_proj.weight for b in layers],
+               *[b.post_attention_layernorm.weight for b in layers],
+               *[b.mlp.gate_proj.weight for b in layers],   # w1
+               *[b.mlp.down_proj.weight for b in layers],   # w2
+               *[b.mlp.up_proj.weight for b in layers],     # w3
+               model.model.norm.weight,
+               torch.zeros(2, cfg.max_position_embeddings, head_dim // 2)]  # RoPE tables: run.c skips them
+    with open(path, "wb") as f:
+        f.write(header)
+        for t in tensors:
+            f.write(t.detach().float().contiguous().numpy().tobytes())
+
+
+def write_llama2c_tokenizer(vocab_size: int, path: Path) -> None:
+    """Token i is the text "[i]", so run.c's output reads back as token ids."""
+    pieces = [f"[{i}]".encode() for i in range(vocab_size)]
+    with open(path, "wb") as f:
+        f.write(struct.pack("I", max(len(p) for p in pieces)))
+        for p in pieces:
+            f.write(struct.pack("fI", 0.0, len(p)) + p)
+
+
+def build_run_c(tmp: Path) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not RUN_C.exists():
+        raise SystemExit(f"need a C compiler and {RUN_C}")
+    exe = tmp / "run"
+    subprocess.run([cc, *CFLAGS, "-o", str(exe), str(RUN_C), "-lm"], check=True)
+    return exe
+
+
+def run_c(exe: Path, model_bin: Path, tok_bin: Path, steps: int) -> tuple[float, list[int]]:
+    out = subprocess.run([str(exe), str(model_bin), "-z", str(tok_bin), "-t", "0", "-n", str(steps)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    speed = float(re.search(r"achieved tok/s: ([\d.]+)", out.stderr).group(1))
+    return speed, [int(t) for t in re.findall(r"\[(\d+)\]", out.stdout)][:steps]  # -n N: N forward passes
+
+
+# -- the loops ---------------------------------------------------------------------------------------
+
+def hf_generate(model, n: int) -> tuple[float, list[int]]:
+    ids = torch.tensor([[START]])
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    return n / (time.perf_counter() - t0), out[0, 1:].tolist()
+
+
+def engine_greedy(engine: DecodeEngine, n: int, streams: int = 1) -> tuple[float, list[int]]:
+    """tokens/s over all streams, and the first stream's tokens: one stream as `generate` runs it
+    (`run_batch`), several in batched steps as `serve` runs them."""
+    t0 = time.perf_counter()
+    if streams == 1:
+        tokens = [t for step in run_batch(engine, [START], [Sampler()], n, None) for _, t in step]
+        return n / (time.perf_counter() - t0), tokens
+    logits = engine.prefill(0, [START])
+    for s in range(1, streams):
+        logits = engine.prefill(s, [START])
+    tokens = [[int(logits.argmax())] for _ in range(streams)]
+    slots = list(range(streams))
+    while len(tokens[0]) < n:
+        logits = engine.decode(slots, [t[-1] for t in tokens])
+        for s in slots:
+            tokens[s].append(int(logits[s].argmax()))
+    return streams * n / (time.perf_counter() - t0), tokens[0]
+
+
+def llama_cpp_greedy(path: Path, context: int, n: int) -> tuple[float, list[int]]:
+    from llama_cpp import GGML_TYPE_F32, Llama
+    llm = Llama(model_path=str(path), n_ctx=context, n_threads=1, n_threads_batch=1, n_batch=context,
+                verbose=False, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    tokens = []
+    t0 = time.perf_counter()
+    llm.reset()
+    llm.eval([START])
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens.append(token)
+        if len(tokens) < n:
+            llm.eval([token])
+    return n / (time.perf_counter() - t0), tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["nano", "tiny", "small", "base"])
+    p.add_argument("--tokens", type=int, default=255, help="greedy tokens per stream")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each loop, in turns; the best counts")
+    p.add_argument("--batch", type=int, default=8, help="streams of the batched run")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    try:
+        import llama_cpp  # noqa: F401
+        have_llama_cpp = True
+    except ImportError:
+        have_llama_cpp = False
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        exe = build_run_c(tmp)
+        tokenizer = bench_tokenizer()
+        for name in args.presets:
+            model = bench_model(name, tokenizer)
+            n = min(args.tokens, model.config.max_position_embeddings - 1)
+            write_llama2c(model, tmp / "model.bin")
+            write_llama2c_tokenizer(model.config.vocab_size, tmp / "tokenizer.bin")
+            gguf = None
+            if have_llama_cpp:
+                gguf = tmp / f"{name}.gguf"
+                write_gguf(model, tokenizer, gguf, vocab_size=model.config.vocab_size)
+            single, batched = DecodeEngine(model), DecodeEngine(model, slots=args.batch)
+            torch_loop = DecodeEngine(model, kernel=False)
+            assert single.uses_kernel, "the C decode step did not build (see the warning above)"
+            best, tokens = {}, {}
+            loops = {"hf": lambda: hf_generate(model, n), "torch": lambda: engine_greedy(torch_loop, n),
+                     "fast": lambda: engine_greedy(single, n),
+                     f"fast x{args.batch}": lambda: engine_greedy(batched, n, args.batch),
+                     "run.c": lambda: run_c(exe, tmp / "model.bin", tmp / "tokenizer.bin", n)}
+            if gguf:
+                loops["llama.cpp"] = lambda: llama_cpp_greedy(gguf, model.config.max_position_embeddings, n)
+            engine_greedy(single, 8)  # warm-up
+            for _ in range(args.repeats):
+                for loop, run in loops.items():
+                    speed, toks = run()
+                    best[loop] = max(best.get(loop, 0.0), speed)
+                    tokens[loop] = toks
+            row = {"preset": name, "params": sum(p.numel() for p in model.parameters()), "tokens": n,
+                   **{f"{k} tok/s": round(v, 1) for k, v in best.items()},
+                   "fast / run.c": round(best["fast"] / best["run.c"], 2),
+                   f"fast x{args.batch} / run.c": round(best[f"fast x{args.batch}"] / best["run.c"], 2),
+                   "hf / run.c": round(best["hf"] / best["run.c"], 2),
+                   "same tokens as hf": {k: v == tokens["hf"] for k, v in tokens.items() if k != "hf"}}
+            results.append(row)
+            print(row, flush=True)
+    out = Path(args.out)
+    meta = {"threads": 1, "cflags": CFLAGS, "repeats": args.repeats, "cpu": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(), "versions": versions()}
+    write_json(out / "decode_speed.json", {"meta": meta, "results": results})
+    columns = [k for k in results[0] if k != "same tokens as hf"]
+    table = markdown_table(results, columns)
+    write_text(out / "decode_speed.md", f"# Decode speed, one thread, greedy\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""`expandlm serve`: the OpenAI-compatible API driven by the `openai` client on a live server, its
+errors in OpenAI's shape, the bounded queue, disconnects, and concurrent requests for two domains."""
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from expandlm.serve import Catalog, Job, Scheduler, create_app
+from expandlm.engine import Sampler
+from expandlm.serving import load_served
+
+
+@contextmanager
+def live_server(app):
+    """`app` on a free loopback port, in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def app(two_domain_models):
+    scheduler = Scheduler(max_batch=4, max_waiting=8, threads=1).start()
+    yield create_app(Catalog([load_served(two_domain_models["expand_paths"])]), scheduler)
+    scheduler.stop()
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(app):
+    with TestClient(app) as c:
+        yield c
+
+
+STORIES, RECIPES = "expand_paths/stories", "expand_paths/recipes"
+
+
+def test_models_lists_every_domain_and_auto(client):
+    assert [m.id for m in client.models.list().data] == [STORIES, RECIPES, "auto"]
+
+
+def test_completion_with_the_openai_client(client):
+    out = client.completions.create(model=STORIES, prompt="Once upon", max_tokens=12, temperature=0, seed=1)
+    choice = out.choices[0]
+    assert out.model == STORIES and choice.finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 12 and out.usage.prompt_tokens > 2
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    again = client.completions.create(model=STORIES, prompt="Once upon", max_tokens=12, temperature=0, seed=1)
+    assert again.choices[0].text == choice.text
+    short = client.completions.create(model=STORIES, prompt="Once upon", max_tokens=1, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 1
+
+
+def test_streamed_completion_equals_the_whole_answer(client):
+    kw = dict(model=RECIPES, prompt="Banana", max_tokens=30, temperature=0.9, top_p=0.9, seed=3,
+              extra_body={"top_k": 20})
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_chat_with_auto_routing_says_which_domain_answered(client):
+    out = client.chat.completions.create(model="auto", max_tokens=8, temperature=0, seed=0,
+                                         messages=[{"role": "user", "content": "give me a recipe for banana bread"}])
+    assert out.model == RECIPES
+    routing = out.model_extra["routing"]
+    assert routing["domain"] == "recipes" and routing["prompt"] == "Banana Bread" and 0 <= routing["confidence"] <= 1
+    assert set(routing["scores"]) == {"stories", "recipes"}
+    assert out.choices[0].message.content.startswith("Banana Bread")  # the chat template's prompt, then the text
+    stream = client.chat.completions.create(model="auto", max_tokens=8, temperature=0, seed=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "give me a recipe for banana bread"}])
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_n_choices_and_stop_strings(client):
+    out = client.completions.create(model=STORIES, prompt="The", max_tokens=20, temperature=1.0, seed=4, n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2] and len({c.text for c in out.choices}) > 1
+    full = client.completions.create(model=STORIES, prompt="The", max_tokens=40, temperature=0).choices[0].text
+    cut = next(c for c in full[3:] if c.strip())  # a character that occurs after the start
+    stopped = client.completions.create(model=STORIES, prompt="The", max_tokens=40, temperature=0, stop=[cut])
+    assert stopped.choices[0].text == full[:full.index(cut)] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_requests_for_two_domains_at_once_get_what_each_gets_alone(client):
+    asks = [dict(model=m, prompt=p, max_tokens=40, temperature=t, seed=7)
+            for m, p in ((STORIES, "Once"), (RECIPES, "Soup")) for t in (0.0, 1.0)]
+    alone = [client.completions.create(**kw).choices[0].text for kw in asks]
+    together, barrier = [None] * len(asks), threading.Barrier(len(asks))
+
+    def ask(i):
+        barrier.wait()
+        together[i] = client.completions.create(**asks[i]).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def _error(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ('{"model": "expand_paths/stories", "prompt": "x"', 400, None),            # malformed JSON
+    ({"model": "poems", "prompt": "x"}, 404, "model"),                          # unknown model
+    ({"model": STORIES, "prompt": "x" * 400}, 400, "prompt"),                   # longer than the context
+    ({"model": STORIES, "prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": STORIES, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": STORIES, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": STORIES, "prompt": "x", "n": "2"}, 400, "n"),
+    ({"model": STORIES, "prompt": 5}, 400, "prompt"),
+    ({"prompt": "x"}, 400, "model"),
+])
+def test_bad_input_gets_a_4xx_in_openai_shape_and_the_server_keeps_serving(http, body, status, param):
+    content = body if isinstance(body, str) else json.dumps(body)
+    error = _error(http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"}),
+                   status)
+    assert error["param"] == param or (param and error["param"].startswith(param))
+    ok = http.post("/v1/completions", json={"model": STORIES, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_needs_a_user_message(http):
+    error = _error(http.post("/v1/chat/completions", json={"model": STORIES, "messages": [
+        {"role": "system", "content": "be brief"}]}), 400)
+    assert "user message" in error["message"]
+
+
+def test_a_full_queue_answers_429(app, http):
+    scheduler = app.state.scheduler
+    served = app.state.catalog.get(STORIES)
+    scheduler.set_paused(True)
+    try:
+        import asyncio
+        loop = asyncio.new_event_loop()
+        fill = [Job(served, [0, 3], Sampler(), 1, [], asyncio.Queue(), loop) for _ in range(scheduler.max_waiting)]
+        scheduler.submit(fill)
+        error = _error(http.post("/v1/completions", json={"model": STORIES, "prompt": "x"}), 429)
+        assert error["code"] == "queue_full"
+        for job in fill:
+            job.cancelled = True
+    finally:
+        scheduler.set_paused(False)
+    ok = http.post("/v1/completions", json={"model": STORIES, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, url, monkeypatch):
+    scheduler = app.state.scheduler
+    engine = scheduler._engine(app.state.catalog.get(STORIES))
+    steps, decode = [], engine.decode
+
+    def slow_decode(slots, tokens):  # slow enough that the request cannot finish before we leave
+        steps.append(len(slots))
+        time.sleep(0.05)
+        return decode(slots, tokens)
+
+    monkeypatch.setattr(engine, "decode", slow_decode)
+    body = {"model": STORIES, "prompt": "x", "max_tokens": 120, "temperature": 1.0, "top_k": 1, "stream": True}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the stream has begun; leave mid-way
+        deadline = time.monotonic() + 30
+        while c.get("/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = c.get("/health").json()
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert len(steps) < 100  # it left its slot long before its 120 tokens
+
+
+@pytest.mark.parametrize("engine", ["torch", "hf"])
+def test_every_engine_serves_the_same_greedy_tokens(app, http, engine):
+    other = Scheduler(engine=engine, max_batch=2, threads=1).start()
+    try:
+        with TestClient(create_app(app.state.catalog, other)) as c:
+            for model in (STORIES, RECIPES):
+                body = {"model": model, "prompt": "The", "max_tokens": 30, "temperature": 0}
+                assert c.post("/v1/completions", json=body).json()["choices"] == \
+                    http.post("/v1/completions", json=body).json()["choices"]
+    finally:
+        other.stop()

@@ -1,0 +1,44 @@
+"""The web page at `/`, in a real headless Chromium (Debian's `chromium`, driven by Playwright): a typed
+request is routed, the answering domain is shown, and the text streams in."""
+import os
+import shutil
+
+import pytest
+
+from tests.test_serve import app, live_server  # noqa: F401  (the served two-domain model)
+
+CHROMIUM = os.environ.get("EXPANDLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium; "
+                                "`make test` installs it when run as root)")
+
+
+@pytest.fixture(scope="module")
+def page(app):  # noqa: F811
+    with live_server(app) as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1000, "height": 760})
+        page.goto(url + "/")
+        yield page
+        browser.close()
+
+
+def test_a_typed_request_is_routed_and_its_text_streams_in(page, tmp_path):
+    page.fill("#request", "give me a recipe for banana bread")
+    page.fill("#max_tokens", "60")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    assert page.text_content("#domain") == "recipes"
+    assert "% sure" in page.text_content("#confidence")
+    text = page.text_content("#output")
+    assert text.startswith("Banana Bread") and len(text) > len("Banana Bread")
+    page.screenshot(path=os.environ.get("EXPANDLM_SCREENSHOT", str(tmp_path / "page.png")), full_page=True)
+
+
+def test_a_chosen_domain_answers_without_routing(page):
+    page.select_option("#model", "expand_paths/stories")
+    page.fill("#request", "a story about a dog")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    assert page.text_content("#domain") == "expand_paths/stories"
+    assert page.text_content("#output").startswith("Once upon a time, there was a dog.")
