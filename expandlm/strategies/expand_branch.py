@@ -91,13 +91,14 @@ class ExpandBranch(Strategy):
                 layers[i].load_state_dict(layers[max(o for o in old if o < i)].state_dict())
             elif self.options.init == "random":
                 self._fresh_block(model, layers[i], generator)
-        old_embedding = model.get_input_embeddings().weight.detach().clone()
+        shared = self.options.embedding_init == "shared_tokens"
+        old_embedding = model.get_input_embeddings().weight.detach().clone() if shared else None
         tok = ctx.tokenizer
         model.resize_token_embeddings(len(tok), mean_resizing=False)  # re-ties the head, sets vocab_size
         embedding = model.get_input_embeddings().weight
         with torch.no_grad():  # a fresh embedding for a new vocabulary: the init of a new model
             embedding.normal_(0.0, model.config.initializer_range, generator=generator)
-            if self.options.embedding_init == "shared_tokens":
+            if shared:
                 for new_id, old_id in shared_tokens(ctx.old_tokenizer, tok):
                     embedding[new_id] = old_embedding[old_id]
         for cfg in (model.config, model.generation_config):
