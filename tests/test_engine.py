@@ -2,6 +2,7 @@
 out, batched or alone, and seeded sampling."""
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from expandlm.domains import get_domain
 from expandlm.engine import DecodeEngine, Sampler, run_batch
@@ -27,8 +28,15 @@ def decisive(preset: str, seed: int = 0, tokenizer=tok):
 
 
 def hf_tokens(model, ids, n):
-    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)
+    """transformers' greedy tokens, `<|eos|>` an ordinary token (never suppressed, never a stop), as the
+    engine computes them."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id)
+    saved, model.generation_config = model.generation_config, config  # generate() would add the model's eos
+    try:
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    finally:
+        model.generation_config = saved
+    assert out.shape[1] == len(ids) + n
     return out[0, len(ids):].tolist()
 
 

@@ -96,4 +96,4 @@ def domain_tags() -> list[str]:
 
 
 # The built-in domains, one file each; importing them registers them.
-from . import stories, recipes  # noqa: E402,F401  (in this order: the paper's)
+from . import stories, recipes, code  # noqa: E402,F401  (in this order: the paper's, then the third)
