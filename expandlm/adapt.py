@@ -12,10 +12,10 @@ import time
 
 from .config import arg, config
 from .corpus import load_train_val
-from .domains import get_domain
+from .domains import get_domain, save_specs
 from .errors import UserError
 from .evaluate import evaluate_bpb
-from .expert import domain_source, log, saved_spec, stored_spec
+from .expert import domain_source, log, saved_spec, stored_spec, with_domain_data
 from .model import count_params
 from .run_folder import RUN_RECORD, RunFolder
 from .serving import load_served
@@ -31,9 +31,10 @@ KEEP_TEXTS = 2000  # old-domain documents whose tokenization vocabulary expansio
 @config
 class AdaptSpec:
     base: str = arg(help="the model folder to adapt (an expert from `train`, or an adapted model)", path=True)
-    domain: str = arg(help="the new domain")
-    data: str = arg(help="the new domain's training corpus (file or hub dataset id)", path=True)
+    domain: str = arg(help="the new domain: a name, or the path of a domain spec (YAML)", path=True)
     out: str = arg(help="the run folder to write", path=True)
+    data: str | None = arg(None, "the new domain's training corpus: a file or hub dataset id (default: the domain "
+                           "spec's training file)", path=True)
     strategy: str = arg(DEFAULT_STRATEGY, "expand_branch | expand_paths | expand | lora | replay | ewc | joint | full_ft")
     options: dict = arg(help="the strategy's own options (--option KEY=VALUE, repeatable)", factory=dict, flag=False)
     val_data: str | None = arg(None, "validation corpus (default: hold out 1% of --data)", path=True)
@@ -50,6 +51,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     if resume:
         spec = saved_spec(folder, AdaptSpec, spec.train.progress)
     dist = distributed_state()
+    spec = with_domain_data(spec)
     strategy = make_strategy(spec.strategy, spec.options)
     if spec.expand_vocab and not strategy.supports_vocab_expansion:
         raise UserError(f"--expand-vocab is not supported by the {strategy.name} strategy")
@@ -79,7 +81,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
         if resume or not dist.is_main_process and (spec.expand_vocab or strategy.own_tokenizer):
             tokenizer = load_tokenizer(folder.path)
         elif strategy.own_tokenizer:
-            tokenizer = strategy.new_tokenizer(new_train.documents, base_tokenizer)
+            tokenizer = strategy.new_tokenizer(new_train.documents, base_tokenizer, domain)
             log(f"tokenizer: {len(tokenizer)} tokens of {domain.name}'s own (the old domains keep theirs)")
         elif spec.expand_vocab:
             keep = [doc for train_c, _ in old_corpora.values() for doc in train_c.documents[:KEEP_TEXTS]]
@@ -87,6 +89,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
             log(f"vocabulary: {base_vocab} → {len(tokenizer)} tokens ({len(tokenizer) - base_vocab} from {domain.name})")
         if not resume:
             folder.save(tokenizer.save_pretrained)
+            save_specs(folder.path, [*old_domains, domain.name])
         old_tokenizer = base_tokenizer if strategy.own_tokenizer else tokenizer
         new_shard = build_shard(new_train, tokenizer, spec.cache_dir)
         val_shards = {domain.name: build_shard(new_val, tokenizer, spec.cache_dir)}

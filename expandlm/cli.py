@@ -27,6 +27,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
 
 
+DOMAIN_HELP = "a domain name, or the path of a domain spec (YAML)"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -68,14 +71,14 @@ def _resumed(args, spec_cls):
 
 
 def cmd_tokenizer(args) -> None:
-    from .corpus import load_corpus
+    from .corpus import default_data_dir, load_corpus
     from .domains import get_domain
     from .run_folder import RunFolder
     from .tokenizer import encode_texts, train_bpe
 
     domain = get_domain(args.domain)
-    corpus = load_corpus(args.data, domain, limit=args.limit)
-    tok = train_bpe(corpus.documents, args.vocab_size)
+    corpus = load_corpus(args.data or domain.local_files(default_data_dir())[0], domain, limit=args.limit)
+    tok = train_bpe(corpus.documents, args.vocab_size, [domain.tag])
     RunFolder(args.out).save(tok.save_pretrained)
     sample = corpus.documents[:2000]
     n_tokens = sum(len(ids) for ids in encode_texts(tok, sample))
@@ -116,7 +119,7 @@ def cmd_adapt(args) -> None:
 
 def cmd_eval(args) -> None:
     from .atomic import write_json
-    from .corpus import load_corpus
+    from .corpus import default_data_dir, load_corpus
     from .domains import get_domain
     from .evaluate import evaluate_bpb
     from .serving import load_served
@@ -124,9 +127,12 @@ def cmd_eval(args) -> None:
 
     domain = get_domain(args.domain)
     served = load_served(args.model)
-    corpus = load_corpus(args.data, domain, split=args.split, limit=args.max_docs)
+    data = args.data or domain.local_files(default_data_dir())[1]
+    if data is None:
+        raise UserError(f"domain '{domain.name}' names no validation file in its spec; pass --data")
+    corpus = load_corpus(data, domain, split=args.split, limit=args.max_docs)
     shard = build_shard(corpus, served.tokenizer_for(domain.name), args.cache_dir)
-    result = {"model": str(args.model), "domain": domain.name, "data": str(args.data),
+    result = {"model": str(args.model), "domain": domain.name, "data": str(data),
               **evaluate_bpb(served.for_domain(domain.name), shard)}
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{domain.name}.json"
     write_json(out, result)
@@ -145,7 +151,7 @@ def cmd_generate(args) -> None:
         raise UserError("generate needs exactly one of --domain (with an optional --prompt) or --request")
     sampling = build(SamplingConfig, given(args, SamplingConfig), "sampling flags")
     served = load_served(args.model)
-    domain_name, prompt, routed = args.domain, args.prompt, None
+    domain_name, prompt, routed = args.domain and get_domain(args.domain).name, args.prompt, None
     if args.request is not None:
         routed = route_request(args.request, served)
         domain_name, prompt = routed.domain, routed.prompt
@@ -172,7 +178,10 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from .serving import load_served
 
+    from .domains import get_domain
+
     served = load_served(args.model, device="cpu")
+    args.domain = get_domain(args.domain).name
     if args.format == "gguf":
         path = served.export_gguf(args.domain, args.out)
         print(f"{args.domain} of {args.model} ({served.strategy.name}) → {path} (a GGUF file llama.cpp runs; "
@@ -238,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a domain corpus")
-    t.add_argument("--domain", required=True)
-    t.add_argument("--data", required=True, help="a .jsonl(.gz), .txt, .parquet file or a hub dataset id")
+    t.add_argument("--domain", required=True, help=DOMAIN_HELP)
+    t.add_argument("--data", help="a .jsonl(.gz), .txt, .parquet file or a hub dataset id (default: the domain "
+                   "spec's training file)")
     t.add_argument("--vocab-size", type=_positive_int, default=2048)
     t.add_argument("--limit", type=_positive_int, help="use only the first N documents")
     t.add_argument("--out", required=True)
@@ -258,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
     e.add_argument("--model", required=True)
-    e.add_argument("--domain", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--domain", required=True, help=DOMAIN_HELP)
+    e.add_argument("--data", help="validation data (default: the domain spec's validation file)")
     e.add_argument("--split", default="validation", help="split, for a hub dataset id")
     e.add_argument("--max-docs", type=_positive_int)
     e.add_argument("--out", help="JSON output (default: MODEL/eval-DOMAIN.json)")
@@ -268,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="write text of a domain on request")
     g.add_argument("--model", required=True)
-    g.add_argument("--domain", help="the domain to write (its tag starts the text)")
+    g.add_argument("--domain", help="the domain to write (its tag starts the text): " + DOMAIN_HELP)
     g.add_argument("--prompt", default="", help="a story opening, a recipe title, ...")
     g.add_argument("--request", help="free text such as 'write a recipe for banana bread': routed to a domain")
     g.add_argument("--num-samples", type=_positive_int, default=1)

@@ -18,7 +18,7 @@ from .adapt import AdaptSpec, adapt
 from .atomic import read_json, write_json
 from .config import arg, build, config, load_yaml
 from .corpus import default_data_dir, load_corpus, load_train_val
-from .domains import get_domain
+from .domains import get_domain, is_spec_path
 from .errors import UserError
 from .evaluate import evaluate_bpb
 from .expert import ExpertSpec, log, train_expert
@@ -112,8 +112,11 @@ def load_config(path: str | Path) -> StudyConfig:
         same = (run.name, run.options, run.expand_vocab, run.train)
         if kind.setdefault(run.key, same) != same:
             raise UserError(f"{path}: strategies: runs labelled '{run.key}' differ in strategy or settings")
-    for name in cfg.domains:
-        get_domain(name)
+    for key in ("old_domain", "new_domain"):  # a domain spec's path is relative to the config; then its name
+        name = getattr(cfg, key)
+        if is_spec_path(name) and not Path(name).is_absolute():
+            name = str(Path(path).parent / name)
+        setattr(cfg, key, get_domain(name).name)
     for run in cfg.strategies:  # a bad per-run setting fails now, not an hour into the study
         build(TrainConfig, {**dataclasses.asdict(cfg.train), **run.train}, f"{path}: strategy '{run.key}': train")
         for key, allowed in (("seeds", cfg.seeds), ("adapt_tokens", cfg.budgets)):
@@ -130,10 +133,7 @@ class Study:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
         self.sources = {}
         for name in cfg.domains:
-            d = get_domain(name)
-            if data_dir is None or not (data_dir / d.train_file).exists():
-                raise UserError(f"corpus for '{name}' not found in {data_dir}; set data_dir in the config")
-            self.sources[name] = (str(data_dir / d.train_file), str(data_dir / d.valid_file))
+            self.sources[name] = get_domain(name).local_files(data_dir)
         self.cache = str(self.out / "cache")
         self._classifier = None
         self._val = {}

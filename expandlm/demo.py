@@ -62,11 +62,7 @@ def _sources(cfg: DemoConfig, domain_name: str) -> tuple[str, str | None]:
         if domain.hub_id is None:
             raise UserError(f"domain '{domain_name}' has no hub dataset; drop --hub")
         return domain.hub_id, (domain.hub_id if domain.hub_val_split else None)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    if data_dir is None or domain.train_file is None or not (data_dir / domain.train_file).exists():
-        raise UserError(f"corpus for '{domain_name}' not found (looked for {domain.train_file} in "
-                        f"{data_dir or '$EXPANDLM_DATA or ../shared/data'}); pass --data-dir, or --hub when online")
-    return str(data_dir / domain.train_file), str(data_dir / domain.valid_file)
+    return domain.local_files(Path(cfg.data_dir) if cfg.data_dir else default_data_dir())
 
 
 def _stage(folder: RunFolder, what: str, run) -> dict:

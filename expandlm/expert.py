@@ -10,7 +10,7 @@ import time
 
 from .config import arg, build, config, path_fields
 from .corpus import default_data_dir, load_train_val
-from .domains import get_domain
+from .domains import get_domain, save_specs
 from .evaluate import evaluate_bpb
 from .model import build_model, count_params, get_preset, preset_dict
 from .run_folder import RunFolder
@@ -21,9 +21,10 @@ from .train import TrainConfig, distributed_state, train
 
 @config
 class ExpertSpec:
-    domain: str = arg(help="the domain to train on")
-    data: str = arg(help="training corpus: a .jsonl(.gz), .txt, .parquet file or a hub dataset id", path=True)
+    domain: str = arg(help="the domain to train on: a name, or the path of a domain spec (YAML)", path=True)
     out: str = arg(help="the run folder to write", path=True)
+    data: str | None = arg(None, "training corpus: a .jsonl(.gz), .txt, .parquet file or a hub dataset id "
+                           "(default: the domain spec's training file)", path=True)
     preset: str = arg("tiny", "model size: nano | tiny | small | base")
     tokenizer: str | None = arg(None, "a tokenizer folder, or gpt2 / bytes (default: train a BPE on --data)", path=True)
     vocab_size: int | None = arg(None, "vocabulary of the trained BPE (default: the preset's)")
@@ -57,6 +58,15 @@ def saved_spec(folder: RunFolder, spec_cls, progress: bool = True):
     return build(spec_cls, data, f"{folder / 'run.json'}: spec")
 
 
+def with_domain_data(spec):
+    """The spec with its corpus: `--data` when given, else the files its domain's spec names (a built-in
+    domain's under the data folder); the validation file follows the same choice."""
+    if spec.data is not None:
+        return spec
+    train, valid = get_domain(spec.domain).local_files(default_data_dir())
+    return dataclasses.replace(spec, data=train, val_data=spec.val_data or valid)
+
+
 def domain_source(spec, folder: RunFolder) -> dict:
     """Where a domain's data came from, for the record (adapting and routing reuse it)."""
     return {"train": folder.portable(spec.data), "val": folder.portable(spec.val_data), "limit": spec.limit,
@@ -71,6 +81,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
         spec = saved_spec(folder, ExpertSpec, spec.train.progress)
         log(f"resuming {folder.path} with its saved configuration")
     dist = distributed_state()
+    spec = with_domain_data(spec)
     domain, preset = get_domain(spec.domain), get_preset(spec.preset)
     t0 = time.time()
     corpus, val_corpus = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
@@ -81,9 +92,10 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
             tokenizer = load_tokenizer(spec.tokenizer, default_data_dir())
         else:
             log(f"training a {spec.vocab_size or preset.vocab}-token byte-level BPE on {len(corpus.documents)} documents")
-            tokenizer = train_bpe(corpus.documents, spec.vocab_size or preset.vocab)
+            tokenizer = train_bpe(corpus.documents, spec.vocab_size or preset.vocab, [domain.tag])
         if not resume:
             folder.save(tokenizer.save_pretrained)
+            save_specs(folder.path, [domain.name])
         train_shard = build_shard(corpus, tokenizer, spec.cache_dir)
         val_shard = build_shard(val_corpus, tokenizer, spec.cache_dir)
     prep_s = time.time() - t0

@@ -126,6 +126,9 @@ class RunFolder:
 
     def card(self) -> dict:
         """The model card; a folder without one is a plain checkpoint that serves its whole model."""
+        from .domains import load_folder_specs
+
+        load_folder_specs(self.path)  # the user's own domains it serves become known by name
         path = self.path / MODEL_CARD
         return read_json(path, "model card") if path.exists() else {}
 

@@ -13,7 +13,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .domains import Domain, domain_tags
+from .domains import Domain, builtin_tags
 from .errors import UserError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -21,8 +21,9 @@ GENERIC = ("gpt2", "bytes")
 
 
 def special_tokens(extra_tags: Iterable[str] = ()) -> list[str]:
-    """bos/eos/pad, then one tag per registered domain (so one tokenizer can serve every domain)."""
-    tags = list(dict.fromkeys([*domain_tags(), *extra_tags]))
+    """bos/eos/pad, then the built-in domains' tags (so one tokenizer can serve each of them), then
+    `extra_tags` (a user's domains that the tokenizer is trained for)."""
+    tags = list(dict.fromkeys([*builtin_tags(), *extra_tags]))
     return [BOS, EOS, PAD, *tags]
 
 

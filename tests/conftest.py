@@ -52,6 +52,17 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def user_domains():
+    """Domains a test declares are forgotten after it (the registry is process-wide)."""
+    from expandlm.domains import DOMAINS
+
+    before = dict(DOMAINS)
+    yield
+    DOMAINS.clear()
+    DOMAINS.update(before)
+
+
 NANO_STEPS = dict(max_steps=4, batch_size=4, eval_interval=0, eval_docs=5, progress=False, log_interval=2)
 
 

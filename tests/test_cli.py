@@ -175,3 +175,34 @@ def test_models_work_from_another_directory(capsys, tmp_path, monkeypatch, stori
     monkeypatch.chdir(tmp_path / "work" / "runs")
     code, _, err = run(capsys, "train", "--resume", "--out", "base")
     assert code == 2 and "nothing to resume" in err
+
+
+def test_a_users_own_domain_from_a_spec_file(capsys, tmp_path, monkeypatch, stories_file, user_domains):
+    """The README's example: declare a domain in YAML beside its corpus, add it to a stories model,
+    generate it by name from anywhere (the model folder keeps the spec)."""
+    from expandlm.domains import DOMAINS
+
+    (tmp_path / "mine").mkdir()
+    write = (tmp_path / "mine" / "poems.jsonl").open("w")
+    for i in range(40):
+        write.write(json.dumps({"title": f"Poem {i}", "lines": ["the rain falls soft", f"on roof number {i}"]}) + "\n")
+    write.close()
+    (tmp_path / "mine" / "poems.yaml").write_text(
+        "name: poems\ndata: {train: poems.jsonl}\n"
+        "text: {template: \"{title}\\n\\n{lines:lines}\", fields: {title: str, lines: list}}\n"
+        "request: {nouns: [poem], prompt: \"{topic:title}\"}\n")
+    assert run(capsys, "train", "--domain", "stories", "--data", str(stories_file), "--out", str(tmp_path / "base"),
+               *NANO)[0] == 0
+    code, out, err = run(capsys, "adapt", "--base", str(tmp_path / "base"), "--domain", str(tmp_path / "mine" / "poems.yaml"),
+                         "--out", str(tmp_path / "both"), *NANO[2:])  # no --data: the spec names the file
+    assert code == 0, err
+    card = json.loads((tmp_path / "both" / "expandlm.json").read_text())
+    assert card["domains"] == ["stories", "poems"] and card["strategy"] == "expand_branch"
+    record = json.loads((tmp_path / "both" / "run.json").read_text())
+    assert record["domain_data"]["poems"]["limit"] is None and record["bpb"]["poems"] > 0
+    del DOMAINS["poems"]  # as in a new process: only the folder knows the domain now
+    monkeypatch.chdir(tmp_path / "mine")
+    code, out, err = run(capsys, "generate", "--model", str(tmp_path / "both"), "--domain", "poems", "--prompt",
+                         "Rain", "--max-new-tokens", "5", "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples"][0]["text"].startswith("Rain")

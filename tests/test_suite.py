@@ -5,7 +5,7 @@ import pytest
 
 from expandlm.corpus import load_corpus
 from expandlm.domains import get_domain
-from expandlm.domains.recipes import render_recipe
+from expandlm.domains.checks import recipe_layout
 from expandlm.errors import UserError
 from expandlm.suite import DomainClassifier, domain_control_accuracy, text_health, words
 
@@ -27,7 +27,7 @@ Directions:
 def test_valid_recipe_in_the_rendered_layout():
     assert recipe_validity(RECIPE, True)
     record = {"title": "Soup", "ingredients": ["water", "salt"], "directions": ["Boil."]}
-    assert recipe_validity(render_recipe(record, "test"), True)
+    assert recipe_validity(get_domain("recipes").render(record, "test"), True)
 
 
 def test_trailing_whitespace_is_tolerated():

@@ -63,5 +63,5 @@ def test_too_small_vocab_and_missing_folder(tmp_path):
 def test_gpt2_baseline_matches_gpt2(shared_data):
     tok = gpt2_tokenizer(shared_data / "tokenizers" / "gpt2")
     assert encode_texts(tok, ["Hello world"])[0] == [15496, 995]
-    assert len(tok) == 50257 + 5 and tok.convert_ids_to_tokens(50257) == BOS
+    assert len(tok) == 50257 + 6 and tok.convert_ids_to_tokens(50257) == BOS  # bos, eos, pad, 3 built-in tags
     assert load_tokenizer("gpt2", shared_data).decode(encode_texts(tok, ["naïve 🎉"])[0]) == "naïve 🎉"

@@ -1,19 +1,249 @@
-"""Domains: everything expandlm knows about a kind of text lives on its `Domain`, one file each.
+"""Domains are data: a YAML spec per domain says where its records live, how a record becomes text, how
+its output is checked and how a request becomes a generation prompt.
 
 design.md §2: a training document is `<|bos|><|domain|>text<|eos|>`; asking for a domain means
-starting generation from `<|bos|><|domain|>` plus a prompt. Training, evaluation, routing, the study
-and the demo iterate over domains and never name one; adding a domain means adding a file here.
+starting generation from `<|bos|><|domain|>` plus a prompt. The built-in specs (`stories.yaml`,
+`recipes.yaml`, `code.yaml` beside this file) are read at import; a user's own spec is named by its
+path wherever a command takes a domain (`--domain poems.yaml`), and a model folder keeps the specs of
+the domains it serves (`domains.yaml`), so `generate` and `serve` know them by name afterwards.
+
+    name: poems
+    description: short poems
+    data: {train: poems.jsonl, valid: poems.valid.jsonl}   # paths relative to the spec file
+    text: {field: poem}                                    # or {template: "...{title}...", fields: {title: str}}
+    check: {pattern: "(?:[^\\n]+\\n)+[^\\n]+"}             # optional: a named check or a regex for the whole text
+    request: {nouns: [poem], prompt: "{topic:title}"}
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+import string
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Literal
 
+import yaml
+
+from ..config import arg, build, config, load_yaml
 from ..errors import UserError
+from .checks import CHECKS
 
 Record = dict
-Renderer = Callable[[Record, str], str]  # (record, location for errors) -> text
+HERE = Path(__file__).parent
+SPECS_FILE = "domains.yaml"  # in a model folder: the specs of its domains that are not built in
+
+
+# -- the spec: what a user writes -------------------------------------------------------------------
+@config
+class DataSpec:
+    train: str | None = arg(None, "training file: a path relative to the spec (built-ins: to the data folder)")
+    valid: str | None = arg(None, "validation file (none: hold out 1% of the training file)")
+    hub: str | None = arg(None, "a Hugging Face dataset id, for users online")
+    hub_val_split: str | None = arg(None, "the hub dataset's validation split (none: hold out 1%)")
+
+
+@config
+class TextSpec:
+    field: str | None = arg(None, "the record's field that is the text (documents whose text is empty are skipped)")
+    template: str | None = arg(None, "the text as a template over the record's fields: {name}, {items:bullets} "
+                               "('- ' lines), {items:numbered} ('1. ' lines), {items:lines}")
+    fields: dict[str, Literal["str", "list"]] = arg(help="the template's fields and their types; each must be "
+                                                    "present and non-empty", factory=dict)
+    prerendered: list[str] = arg(help="fields taken as the finished text when a record has none of `fields`",
+                                 factory=list)
+
+    def __post_init__(self):
+        if (self.field is None) == (self.template is None):
+            raise ValueError("'text' needs exactly one of 'field' or 'template'")
+        if self.template is not None:
+            used = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+            if used - set(self.fields):
+                raise ValueError(f"'text.template' uses {sorted(used - set(self.fields))}, not declared in 'text.fields'")
+
+
+@config
+class RequestSpec:
+    nouns: list[str] = arg(help="what the genre is called ('recipe'): cut from a request's topic", factory=list)
+    prompt: str = arg("{topic}", "the generation prompt made of a request's topic: {topic}, {topic:title}, "
+                      "{topic:identifier}")
+    strip: str | None = arg(None, "a regex cut from the start of the topic (an opening the prompt already has)")
+    verbatim: str | None = arg(None, "a regex: a request that matches it is the prompt as it is (a signature)")
+
+
+@config
+class DomainSpec:
+    name: str = arg(help="the domain's name; its tag token is <|name|>")
+    description: str = arg("", "one line saying what the text is")
+    data: DataSpec = arg(help="where the records live", factory=DataSpec)
+    text: TextSpec = arg(help="how a record becomes its training text", factory=lambda: TextSpec(field="text"))
+    check: str | dict | None = arg(None, f"a structural check of a finished sample: one of {', '.join(CHECKS)}, "
+                                   "or {pattern: REGEX} that the whole text must match")
+    request: RequestSpec = arg(help="how a request becomes a generation prompt", factory=RequestSpec)
+    demo_request: str = arg("", "a free-text request the demo routes and answers")
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", self.name):
+            raise ValueError(f"'name': expected lower-case letters, digits, '_' or '-', got {self.name!r}")
+        if isinstance(self.check, str) and self.check not in CHECKS:
+            raise ValueError(f"'check': unknown check {self.check!r} (known: {', '.join(CHECKS)}, or {{pattern: REGEX}})")
+        if isinstance(self.check, dict) and (set(self.check) != {"pattern"} or not isinstance(self.check["pattern"], str)):
+            raise ValueError(f"'check': expected a check name or {{pattern: REGEX}}, got {self.check!r}")
+        for key, rx in (("check.pattern", (self.check or {}).get("pattern") if isinstance(self.check, dict) else None),
+                        ("request.strip", self.request.strip), ("request.verbatim", self.request.verbatim)):
+            if rx is not None:
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise ValueError(f"'{key}': not a valid regex ({e})") from None
+
+
+# -- templates --------------------------------------------------------------------------------------
+_SMALL = {"a", "an", "and", "as", "at", "but", "by", "for", "from", "in", "into", "of", "on", "or",
+          "the", "to", "with"}
+
+
+def _title(text: str) -> str:
+    """"a banana bread" -> "Banana Bread": a title as the corpora write them (small words stay lower case
+    inside it: "Chicken with Rice")."""
+    words = re.sub(r"^(?:a|an|some)\s+", "", text, flags=re.IGNORECASE).split()
+    return " ".join(w if i and w.lower() in _SMALL else w[:1].upper() + w[1:] for i, w in enumerate(words))
+
+
+def _identifier(text: str) -> str:
+    """"flattens a nested list" -> "flatten_nested_list": a name in snake case, articles dropped, a leading
+    third-person verb made imperative (functions are named "flatten", not "flattens")."""
+    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in ("a", "an", "the")]
+    if words and len(words[0]) > 3 and words[0].endswith("s") and not words[0].endswith("ss"):
+        words[0] = words[0][:-1]
+    return "_".join(words)
+
+
+class _Template(string.Formatter):
+    """str.format with a few format specs that lay out text: ours because the layouts are a handful and
+    a template engine would be a dependency for five lines."""
+    SPECS = {
+        "bullets": lambda items: "\n".join(f"- {x}" for x in items),
+        "numbered": lambda items: "\n".join(f"{i}. {x}" for i, x in enumerate(items, 1)),
+        "lines": lambda items: "\n".join(items),
+        "title": _title,
+        "identifier": _identifier,
+    }
+
+    def format_field(self, value, spec):
+        if spec in self.SPECS:
+            return self.SPECS[spec](value)
+        return super().format_field(value, spec)
+
+
+TEMPLATE = _Template()
+
+
+# -- the domain: what the rest of expandlm uses -----------------------------------------------------
+@dataclass(frozen=True)
+class Domain:
+    spec: DomainSpec    # a user's spec has its data paths made absolute when it is read
+    builtin: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    @property
+    def tag(self) -> str:
+        return f"<|{self.name}|>"
+
+    @property
+    def nouns(self) -> tuple[str, ...]:
+        return tuple(self.spec.request.nouns)
+
+    @property
+    def demo_request(self) -> str:
+        return self.spec.demo_request
+
+    # where the data lives
+    @property
+    def hub_id(self) -> str | None:
+        return self.spec.data.hub
+
+    @property
+    def hub_val_split(self) -> str | None:
+        return self.spec.data.hub_val_split
+
+    def data_file(self, which: Literal["train", "valid"], data_dir: Path | None = None) -> Path | None:
+        """The domain's training or validation file: built-ins under the data folder, a user's spec
+        relative to the spec file."""
+        name = getattr(self.spec.data, which)
+        if name is None or self.builtin and data_dir is None:
+            return None
+        return data_dir / name if self.builtin else Path(name)
+
+    def local_files(self, data_dir: Path | None) -> tuple[str, str | None]:
+        """(training file, validation file or None) on this machine; an error says where it looked."""
+        train = self.data_file("train", data_dir)
+        if train is None or not train.exists():
+            where = "no 'data.train' in its spec" if train is None else f"looked for {train}"
+            raise UserError(f"corpus for domain '{self.name}' not found ({where}); pass a data folder "
+                            "($EXPANDLM_DATA, --data-dir or data_dir in a study config), or --hub when online")
+        valid = self.data_file("valid", data_dir)
+        return str(train), str(valid) if valid is not None else None
+
+    # record -> text
+    def render(self, record: Record, loc: str) -> str:
+        """The record's training text; a missing or ill-typed field stops with its location and name."""
+        text = self.spec.text
+        if text.field is not None:
+            return field(record, text.field, str, loc).strip()
+        if not any(f in record for f in text.fields):
+            for name in text.prerendered:
+                if isinstance(record.get(name), str):
+                    return record[name].strip()
+        values = {}
+        for name, kind in text.fields.items():
+            if kind == "str":
+                values[name] = field(record, name, str, loc).strip()
+                if not values[name]:
+                    raise UserError(f"{loc}: field '{name}' is empty")
+            else:
+                values[name] = string_list(record, name, loc)
+                if not values[name]:
+                    raise UserError(f"{loc}: field '{name}' has no non-empty item")
+        return TEMPLATE.format(text.template, **values).strip()
+
+    # request -> prompt
+    def prompt(self, topic: str) -> str:
+        """A request's topic as the generation prompt after `<|bos|><|domain|>` ("" for no topic)."""
+        r = self.spec.request
+        if r.verbatim and re.match(r.verbatim, topic):
+            return topic.strip()
+        if r.strip:
+            topic = re.sub(r.strip, "", topic, count=1, flags=re.IGNORECASE).strip()
+        return TEMPLATE.format(r.prompt, topic=topic) if topic.strip() else ""
+
+    # generated text -> structurally valid?
+    @property
+    def check(self) -> Callable[[str], bool] | None:
+        c = self.spec.check
+        if c is None:
+            return None
+        if isinstance(c, str):
+            return CHECKS[c][0]
+        pattern = re.compile(c["pattern"], re.DOTALL)
+        return lambda text: pattern.fullmatch(text.strip()) is not None
+
+    @property
+    def check_name(self) -> str:
+        c = self.spec.check
+        return "" if c is None else CHECKS[c][1] if isinstance(c, str) else f"matches {c['pattern']!r}"
+
+    def valid(self, text: str, finished: bool) -> bool:
+        """A sample passes the structural check only if it also ended before the length limit."""
+        check = self.check
+        return bool(finished and check is not None and check(text))
 
 
 def field(record: Record, name: str, kind: type, loc: str):
@@ -34,66 +264,83 @@ def string_list(record: Record, name: str, loc: str) -> list[str]:
     return [s.strip() for s in items if s.strip()]
 
 
-def render_text(record: Record, loc: str) -> str:
-    """Plain-text domains: the record's `text` field, stripped."""
-    return field(record, "text", str, loc).strip()
-
-
-def as_is(topic: str) -> str:
-    return topic
-
-
-@dataclass(frozen=True)
-class Domain:
-    name: str
-    render: Renderer = render_text          # a record → its training text
-    description: str = ""
-    # where the data lives: a Hugging Face dataset for online users, file names under a local data dir
-    hub_id: str | None = None
-    hub_val_split: str | None = None        # the hub dataset's validation split (None: hold out 1%)
-    train_file: str | None = None
-    valid_file: str | None = None
-    # requests: what the genre is called, words that ask for it, phrases that introduce a topic
-    nouns: tuple[str, ...] = ()             # "recipe", "story": stripped from a request's topic
-    keywords: str = ""                      # regex: a word in a request that asks for this domain
-    instructions: tuple[str, ...] = ()      # regexes: "a recipe for ", "a story about "; the topic follows
-    prompt: Callable[[str], str] = as_is    # a request's topic → the generation prompt
-    # generated text: a structural check of a finished sample (None: no structure to check)
-    check: Callable[[str], bool] | None = None
-    check_name: str = ""
-    demo_request: str = ""                  # a free-text request the demo routes and answers
-
-    @property
-    def tag(self) -> str:
-        return f"<|{self.name}|>"
-
-    def valid(self, text: str, finished: bool) -> bool:
-        """A sample passes the structural check only if it also ended before the length limit."""
-        return bool(finished and self.check is not None and self.check(text))
-
-    def keyword_match(self, request: str) -> re.Match | None:
-        return re.search(self.keywords, request, re.IGNORECASE) if self.keywords else None
-
-
+# -- the registry -----------------------------------------------------------------------------------
 DOMAINS: dict[str, Domain] = {}
+BUILTIN = ("stories", "recipes", "code")  # in this order: the paper's two, then the third
 
 
 def register_domain(domain: Domain) -> Domain:
-    """Make a domain known by name; its tag becomes a special token of tokenizers trained after."""
-    DOMAINS[domain.name] = domain
-    return domain
+    """Make a domain known by name. The same name declared twice must mean the same spec."""
+    known = DOMAINS.get(domain.name)
+    if known is not None and known.spec != domain.spec:
+        if known.builtin:
+            raise UserError(f"domain '{domain.name}' is built in; give your own domain another name")
+        raise UserError(f"two different specs declare domain '{domain.name}'; give one of them another name")
+    DOMAINS.setdefault(domain.name, domain)
+    return DOMAINS[domain.name]
+
+
+def load_spec(path: str | Path, builtin: bool = False) -> Domain:
+    """A domain from its YAML spec file, registered; a bad spec names the file and the key."""
+    path = Path(path)
+    spec = build(DomainSpec, load_yaml(path), str(path))
+    if not builtin:  # the data paths of a user's spec start at the spec's folder
+        for key in ("train", "valid"):
+            value = getattr(spec.data, key)
+            if value is not None:
+                setattr(spec.data, key, str((path.resolve().parent / value).resolve()))
+    return register_domain(Domain(spec, builtin))
+
+
+
+def is_spec_path(name: str) -> bool:
+    return str(name).endswith((".yaml", ".yml"))
 
 
 def get_domain(name: str) -> Domain:
+    """A domain by name, or by the path of its spec file (which registers it)."""
+    if is_spec_path(name):
+        return load_spec(name)
     try:
         return DOMAINS[name]
     except KeyError:
-        raise UserError(f"unknown domain '{name}' (known: {', '.join(sorted(DOMAINS))})") from None
+        raise UserError(f"unknown domain '{name}' (known: {', '.join(sorted(DOMAINS))}; or give the path "
+                        "of a domain spec file, e.g. poems.yaml)") from None
 
 
-def domain_tags() -> list[str]:
-    return [d.tag for d in DOMAINS.values()]
+def domain_name(name: str) -> str:
+    """The name of a domain given by name or spec path."""
+    return get_domain(name).name
 
 
-# The built-in domains, one file each; importing them registers them.
-from . import stories, recipes, code  # noqa: E402,F401  (in this order: the paper's, then the third)
+def builtin_tags() -> list[str]:
+    """The tags every tokenizer reserves, so one tokenizer can serve each built-in domain."""
+    return [DOMAINS[n].tag for n in BUILTIN]
+
+
+# -- a model folder's own domains -------------------------------------------------------------------
+def save_specs(folder: Path, names: list[str]) -> None:
+    """Write the specs of `names` that are not built in to `folder/domains.yaml` (their data paths are
+    absolute, so the folder does not depend on where the spec file was)."""
+    from ..atomic import write_text
+    from ..run_folder import is_main_process
+
+    specs = [dataclasses.asdict(get_domain(n).spec) for n in names if not get_domain(n).builtin]
+    if specs and is_main_process():
+        write_text(folder / SPECS_FILE, yaml.safe_dump({"domains": specs}, sort_keys=False, allow_unicode=True))
+
+
+def load_folder_specs(folder: Path) -> None:
+    """Register the domains a model folder declares (see `save_specs`)."""
+    path = Path(folder) / SPECS_FILE
+    if not path.exists():
+        return
+    entries = load_yaml(path).get("domains")
+    if not isinstance(entries, list):
+        raise UserError(f"{path}: expected 'domains:' with a list of domain specs")
+    for i, entry in enumerate(entries):
+        register_domain(Domain(build(DomainSpec, entry, f"{path}: domains[{i}]")))
+
+
+for _name in BUILTIN:
+    load_spec(HERE / f"{_name}.yaml", builtin=True)

@@ -72,8 +72,8 @@ class ExpandBranch(Strategy):
         train_every: Annotated[int, Field(ge=0)] = arg(
             0, "train the branch's copy of every k-th old block (LLaMA Pro's control; 0: none)")
 
-    def new_tokenizer(self, documents: list[str], old_tokenizer):
-        return train_bpe(documents, self.options.vocab_size or len(old_tokenizer))
+    def new_tokenizer(self, documents: list[str], old_tokenizer, domain):
+        return train_bpe(documents, self.options.vocab_size or len(old_tokenizer), [domain.tag])
 
     def build(self, base, ctx: AdaptContext):
         model = copy.deepcopy(base)  # the old model stays as it is: it serves the old domains
