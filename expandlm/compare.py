@@ -140,8 +140,10 @@ class Study:
 
     def val_corpus(self, name: str):
         """A domain's validation documents (read once per study)."""
-        if name not in self._val:
-            self._val[name] = load_corpus(self.sources[name][1], get_domain(name), "validation", self.cfg.val_limit)
+        if name not in self._val:  # the validation file, or the slice the runs held out when there is none
+            (train, val), domain = self.sources[name], get_domain(name)
+            self._val[name] = (load_corpus(val, domain, "validation", self.cfg.val_limit) if val else
+                               load_train_val(train, domain, None, self.cfg.limit, self.cfg.val_limit)[1])
         return self._val[name]
 
     # -- training stages (each reused when done, resumed when interrupted) --------------------------
