@@ -202,15 +202,18 @@ def test_export_writes_each_domain_as_a_standard_checkpoint(base, paths, tmp_pat
     stories = AutoModelForCausalLM.from_pretrained(tmp_path / "stories")
     assert stories.config.num_hidden_layers == base_model.config.num_hidden_layers
     assert torch.equal(_logits(stories, _ids(served.tokenizer)), _logits(base_model, _ids(served.tokenizer)))
+    assert main(["export", str(paths), "--domain", "poems", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown domain 'poems'" in capsys.readouterr().err
     assert main(["export", str(paths), "--domain", "code", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown domain 'code'" in capsys.readouterr().err
+    assert "serves stories, recipes, not 'code'" in capsys.readouterr().err
 
 
 def test_a_model_whose_strategy_cannot_be_adapted_again_is_refused(base, paths):
     root, recipes = base
-    spec = AdaptSpec(base=str(paths), strategy="full_ft", domain="recipes", data=str(recipes),
+    spec = AdaptSpec(base=str(paths), strategy="full_ft", domain="code", data=str(recipes),
                      out=str(root / "again-paths"), train=TrainConfig(**FAST))
-    with pytest.raises(UserError, match="adapting a expand_paths model again is not supported"):
+    with pytest.raises(UserError, match="adapting a expand_paths model again is not supported by the full_ft "
+                                        "strategy .* adapt it with expand_branch"):
         adapt(spec)
 
 
