@@ -20,7 +20,7 @@ from .model import count_params
 from .run_folder import RUN_RECORD, RunFolder
 from .serving import load_served
 from .shards import PackedBatches, build_shard
-from .strategies import DEFAULT_STRATEGY, AdaptContext, make_strategy
+from .strategies import DEFAULT_STRATEGY, STRATEGIES, AdaptContext, make_strategy
 from .tokenizer import load_tokenizer
 from .train import TrainConfig, distributed_state, train
 from .vocab import expand_tokenizer, grow_embeddings, train_only_new_rows
@@ -57,14 +57,20 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
         raise UserError(f"--expand-vocab is not supported by the {strategy.name} strategy")
     served = load_served(spec.base, device="cpu")  # accelerate places the model for training
     base_folder = served.folder
-    if not served.strategy.adaptable_again:
-        raise UserError(f"{base_folder.path}: adapting a {served.strategy.name} model again is not supported yet; "
-                        "adapt an expert or a model with one set of weights")
     old_data = served.domain_data()
     domain = get_domain(spec.domain)
     old_domains = served.domains or list(old_data)
     if domain.name in old_domains:
         raise UserError(f"{base_folder.path} already serves '{domain.name}'; adapt it to a domain it does not serve")
+    if strategy.serves_old_from_base:  # the new domain grows from the trunk: the base's first domain's model
+        model, base_tokenizer = served.export_model(old_domains[0]), served.tokenizer_for(old_domains[0])
+    elif served.strategy.adaptable_again:
+        model, base_tokenizer = served.model, served.tokenizer
+    else:
+        able = [n for n, cls in STRATEGIES.items() if cls.serves_old_from_base]
+        raise UserError(f"{base_folder.path}: adapting a {served.strategy.name} model again is not supported by the "
+                        f"{strategy.name} strategy (no one set of weights serves all its domains); adapt it with "
+                        f"{' or '.join(able)}, which leaves its domains to it, or adapt a model with one set of weights")
     missing = [d for d in old_domains if d not in old_data]
     if missing:
         raise UserError(f"{base_folder / RUN_RECORD}: field 'domain_data' has no entry for {', '.join(missing)}")
@@ -75,7 +81,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
                                      old_data[d].get("val_limit"))
                    for d in old_domains}
 
-    base_tokenizer, base_vocab = served.tokenizer, len(served.tokenizer)
+    base_vocab = len(base_tokenizer)
     tokenizer = base_tokenizer  # the new domain's: the old one, grown, or (own_tokenizer) a new one
     with dist.main_process_first():  # one process writes the tokenizer and the shards
         if resume or not dist.is_main_process and (spec.expand_vocab or strategy.own_tokenizer):
@@ -94,11 +100,11 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
         new_shard = build_shard(new_train, tokenizer, spec.cache_dir)
         val_shards = {domain.name: build_shard(new_val, tokenizer, spec.cache_dir)}
         old_shards = {}
-        for d, (train_c, val_c) in old_corpora.items():
-            old_shards[d] = build_shard(train_c, old_tokenizer, spec.cache_dir)
-            val_shards[d] = build_shard(val_c, old_tokenizer, spec.cache_dir)
+        for d, (train_c, val_c) in old_corpora.items():  # each old domain's text as it will be served
+            tok = served.tokenizer_for(d) if strategy.serves_old_from_base else old_tokenizer
+            old_shards[d] = build_shard(train_c, tok, spec.cache_dir)
+            val_shards[d] = build_shard(val_c, tok, spec.cache_dir)
 
-    model = served.model
     model.train()
     if spec.expand_vocab:
         grow_embeddings(model, len(tokenizer))

@@ -6,6 +6,10 @@ domain, then run the evaluation suite (design.md §6) on every model. Optionally
 (per-domain BPE vs shared BPE vs GPT-2 vs bytes, equal model and tokens). Every stage writes its own
 folder and is reused when finished (resumed when interrupted), so a killed study continues where it
 stopped. Writes `results.json`, `report.md`, plots and sample generations.
+
+With `grow` (a growth study), every strategy adds the new domain, then each domain of `grow` in turn,
+each step adapting the previous step's model of the same strategy; every domain gets a scratch expert
+as reference, and every step is evaluated on every domain it serves (`growth.png`, one table).
 """
 from __future__ import annotations
 
@@ -23,10 +27,11 @@ from .errors import UserError
 from .evaluate import evaluate_bpb
 from .expert import ExpertSpec, log, train_expert
 from .generate import SamplingConfig, generate
-from .report import write_study_report
+from .report import write_growth_report, write_study_report
 from .run_folder import SUITE, RunFolder, versions
 from .serving import context_length, load_served, tokenizer_folder
 from .shards import build_shard
+from .strategies import strategy_class
 from .suite import DomainClassifier, domain_control_accuracy, text_health, validity, validity_ceiling
 from .tokenizer import load_tokenizer, train_bpe
 from .train import TrainConfig
@@ -65,6 +70,8 @@ class TokenizerStudy:
 class StudyConfig:
     old_domain: str = arg(help="the base expert's domain")
     new_domain: str = arg(help="the domain every strategy adds")
+    grow: list[str] | None = arg(None, "a growth study: domains every strategy adds after new_domain, one at a time, "
+                                 "each step adapting the previous step's model")
     preset: str = arg("tiny", "model size of every model")
     seeds: list[int] = arg(help="one full study per seed", factory=lambda: [0])
     data_dir: str | None = arg(None, "folder with the corpora (default: $EXPANDLM_DATA or ../shared/data)")
@@ -81,7 +88,12 @@ class StudyConfig:
 
     @property
     def domains(self) -> list[str]:
-        return [self.old_domain, self.new_domain]
+        return [self.old_domain, self.new_domain, *(self.grow or [])]
+
+    @property
+    def added(self) -> list[str]:
+        """The domains the strategies add, in order (one in a two-domain study)."""
+        return self.domains[1:]
 
     @property
     def budgets(self) -> list[int]:
@@ -112,11 +124,15 @@ def load_config(path: str | Path) -> StudyConfig:
         same = (run.name, run.options, run.expand_vocab, run.train)
         if kind.setdefault(run.key, same) != same:
             raise UserError(f"{path}: strategies: runs labelled '{run.key}' differ in strategy or settings")
-    for key in ("old_domain", "new_domain"):  # a domain spec's path is relative to the config; then its name
-        name = getattr(cfg, key)
+    def named(name: str) -> str:  # a domain spec's path is relative to the config; then its name
         if is_spec_path(name) and not Path(name).is_absolute():
             name = str(Path(path).parent / name)
-        setattr(cfg, key, get_domain(name).name)
+        return get_domain(name).name
+
+    cfg.old_domain, cfg.new_domain = named(cfg.old_domain), named(cfg.new_domain)
+    if cfg.grow is not None:
+        cfg.grow = [named(d) for d in cfg.grow]
+        check_growth(cfg, path)
     for run in cfg.strategies:  # a bad per-run setting fails now, not an hour into the study
         build(TrainConfig, {**dataclasses.asdict(cfg.train), **run.train}, f"{path}: strategy '{run.key}': train")
         for key, allowed in (("seeds", cfg.seeds), ("adapt_tokens", cfg.budgets)):
@@ -125,6 +141,21 @@ def load_config(path: str | Path) -> StudyConfig:
                 raise UserError(f"{path}: strategy '{run.key}': '{key}' has {sorted(extra)}, not among the study's "
                                 f"{allowed}")
     return cfg
+
+
+def check_growth(cfg: StudyConfig, path) -> None:
+    if not cfg.grow:
+        raise UserError(f"{path}: 'grow' lists no domain; name the domains to add after new_domain, or drop the key")
+    if len(set(cfg.domains)) != len(cfg.domains):
+        raise UserError(f"{path}: 'grow' must name each domain once, and neither old_domain nor new_domain: "
+                        f"{cfg.domains}")
+    if len(cfg.budgets) != 1:
+        raise UserError(f"{path}: 'adapt_tokens' must be one budget in a growth study ('grow'), not {cfg.adapt_tokens}")
+    for run in cfg.strategies:
+        cls = strategy_class(run.name)
+        if not (cls.adaptable_again or cls.serves_old_from_base):
+            raise UserError(f"{path}: strategies: '{run.key}': a {run.name} model cannot be adapted again, so it "
+                            "cannot grow ('grow'); drop it from this study")
 
 
 class Study:
@@ -164,13 +195,14 @@ class Study:
         train_expert(spec, resume=state == "resume")
         return folder
 
-    def adapted(self, run: StrategyRun, base: Path, folder: Path, seed: int, tokens: int) -> Path:
+    def adapted(self, run: StrategyRun, base: Path, folder: Path, seed: int, tokens: int, domain: str | None = None) -> Path:
         state = RunFolder(folder).auto()
         if state == "done":
             return folder
-        data, val = self.sources[self.cfg.new_domain]
-        log(f"== {folder.relative_to(self.out)}: {run.key} ({state})")
-        spec = AdaptSpec(base=str(base), strategy=run.name, domain=self.cfg.new_domain, data=data, val_data=val,
+        domain = domain or self.cfg.new_domain
+        data, val = self.sources[domain]
+        log(f"== {folder.relative_to(self.out)}: {run.key} +{domain} ({state})")
+        spec = AdaptSpec(base=str(base), strategy=run.name, domain=domain, data=data, val_data=val,
                          out=str(folder), options=run.options, expand_vocab=run.expand_vocab, limit=self.cfg.limit,
                          val_limit=self.cfg.val_limit, cache_dir=self.cache,
                          train=self._train_cfg(seed, tokens, run))
@@ -201,7 +233,8 @@ class Study:
         served = load_served(folder)
         known = RunFolder(folder).record()["bpb"]  # the run measured its own domains on the same sets
         result = {"bpb": {}, "samples": {}, "validity": {}, "health": {}}
-        for name in self.sources:
+        # a growth study measures the domains a model serves; a domain not added yet is not one of them
+        for name in (served.domains if self.cfg.grow else self.sources):
             if name in known:
                 result["bpb"][name] = known[name]
                 continue
@@ -224,6 +257,8 @@ class Study:
 
     # -- the study ----------------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.cfg.grow:
+            return self.run_growth()
         started = time.time()
         cfg, old, new = self.cfg, self.cfg.old_domain, self.cfg.new_domain
         rows = []
@@ -251,6 +286,53 @@ class Study:
         write_json(self.out / "results.json", results)
         write_study_report(self.out, results)
         return results
+
+    def run_growth(self) -> dict:
+        """Every strategy adds the domains one after another; each step is evaluated on every domain it serves."""
+        started = time.time()
+        cfg, old, tokens = self.cfg, self.cfg.old_domain, self.cfg.budgets[0]
+        rows = []
+        for seed in cfg.seeds:
+            root = self.out / f"seed{seed}"
+            experts = {old: self.expert(old, root / f"expert-{old}", seed, cfg.base_tokens),
+                       **{d: self.expert(d, root / f"expert-{d}", seed, tokens) for d in cfg.added}}
+            reference = {d: self.suite(folder)["bpb"][d] for d, folder in experts.items()}
+            row = functools.partial(self._growth_row, seed=seed, reference=reference)
+            rows.append(row("base", f"{old} expert (step 0)", experts[old], step=0, added_at={}))
+            rows += [row("scratch", f"{d} expert (reference)", experts[d], step=None, added_at={}) for d in cfg.added]
+            for run in cfg.runs_at(seed, tokens):
+                base, added_at = experts[old], {old: reference[old]}
+                for step, domain in enumerate(cfg.added, 1):
+                    base = self.adapted(run, base, root / run.key / f"{step}-{domain}", seed, tokens, domain)
+                    rows.append(row(run.name, run.key, base, step=step, added_at=added_at))
+                    added_at[domain] = rows[-1]["bpb"][domain]
+        tokenizer_rows = self.tokenizer_study(cfg.seeds[0]) if cfg.tokenizer_study else []
+        results = {"config": dataclasses.asdict(cfg), "versions": versions(), "models": rows,
+                   "tokenizer_study": tokenizer_rows, "seconds": round(time.time() - started, 1)}
+        write_json(self.out / "results.json", results)
+        write_growth_report(self.out, results)
+        return results
+
+    def _growth_row(self, strategy, label, folder, seed, step, reference, added_at) -> dict:
+        """One model of a growth study: bpb per domain it serves, forgetting of each domain against its bpb
+        at the step that added it, and the gap of each against its scratch expert."""
+        record, suite = RunFolder(folder).record(), self.suite(folder)
+        bpb = suite["bpb"]
+        params = record.get("total_params", record.get("params"))
+        return {
+            "strategy": strategy, "label": label, "seed": seed, "step": step,
+            "added": RunFolder(folder).card().get("domains", [None])[-1], "model": str(folder.relative_to(self.out)),
+            "bpb": bpb,
+            "forgetting": {d: bpb[d] - v for d, v in added_at.items() if d in bpb},
+            "forgetting_rel": {d: (bpb[d] - v) / v for d, v in added_at.items() if d in bpb},
+            "gap": {d: v / reference[d] - 1 for d, v in bpb.items()},
+            "domain_accuracy": suite.get("domain_accuracy", {}),
+            "validity": suite.get("validity", {}),
+            "validity_ceiling": {d: self.validity_ceiling(folder, d) for d in bpb if get_domain(d).check is not None},
+            "health": suite.get("health", {}),
+            "trainable_params": record.get("trainable_params", params), "total_params": params,
+            "tokens": record.get("tokens"), "seconds": record.get("train_seconds"),
+        }
 
     def validity_ceiling(self, folder: Path, name: str) -> float:
         """`suite.validity_ceiling` of `name`'s validation documents with the model's tokenizer."""

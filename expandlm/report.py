@@ -208,3 +208,75 @@ def write_study_report(out: Path, results: dict) -> None:
                           "", "```", s["text"], "```", ""]
     write_text(out / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False))
     write_text(out / "report.md", "\n".join(lines))
+
+
+def plot_growth(rows: list[dict], domains: list[str], path: Path) -> Path:
+    """Per strategy: the bpb of each domain after each step (from the step that added it), each domain's
+    scratch expert a dashed line of the same colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in rows if r["strategy"] == "base")
+    reference = {r["added"]: r["bpb"][r["added"]] for r in rows if r["strategy"] in ("base", "scratch")}
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["step"]))
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 4.5), sharey=True, squeeze=False)
+    steps = [domains[0], *(f"+{d}" for d in domains[1:])]
+    for ax, label in zip(axes[0], labels):
+        mine = [base, *sorted((r for r in rows if r["label"] == label), key=lambda r: r["step"])]
+        for i, d in enumerate(domains):
+            points = [(r["step"], r["bpb"][d]) for r in mine if d in r["bpb"]]
+            ax.plot(*zip(*points), marker="o", color=f"C{i}", label=d)
+            ax.axhline(reference[d], color=f"C{i}", ls="--", lw=0.8)
+        ax.set_xticks(range(len(steps)), steps)
+        ax.set(title=label, xlabel="after step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation bits per byte")
+    axes[0][0].legend()
+    fig.suptitle("bpb of every domain after each step (dashed: the domain's scratch expert; lower is better)")
+    _save(fig, Path(path))
+    return Path(path)
+
+
+def write_growth_report(out: Path, results: dict) -> None:
+    """`report.md` of a growth study: one table (strategy × step) and `growth.png`."""
+    import json
+
+    cfg, rows = results["config"], results["models"]
+    domains = [cfg["old_domain"], cfg["new_domain"], *cfg["grow"]]
+    tokens = cfg["adapt_tokens"][0] if isinstance(cfg["adapt_tokens"], list) else cfg["adapt_tokens"]
+    checked = list(dict.fromkeys(d for r in rows for d in r["validity_ceiling"]))
+    table = []
+    for r in rows:
+        acc = r["domain_accuracy"] or {}
+        row = {"model": r["label"], "seed": r["seed"], "step": "-" if r["step"] is None else f"{r['step']}: {'+' * bool(r['step'])}{r['added']}",
+               **{f"bpb {d}": r["bpb"].get(d) for d in domains},
+               **{f"forgetting {d}": _pct(r["forgetting_rel"].get(d)) for d in domains[:-1]},
+               **{f"gap {d}": _pct(r["gap"].get(d)) for d in domains}}
+        for d in checked:
+            row[f"{d} valid"] = r["validity"].get(d)
+            row[f"{d} ceiling"] = r["validity_ceiling"].get(d)
+        row.update({f"ctrl acc {d}": acc.get(d) for d in domains})
+        row.update({"trainable": r["trainable_params"], "total": r["total_params"], "tokens": r["tokens"],
+                    "minutes": None if r["seconds"] is None else round(r["seconds"] / 60, 2)})
+        table.append(row)
+    first = [r for r in rows if r["seed"] == cfg["seeds"][0]]
+    plot_growth(first, domains, out / "growth.png")
+    samples = {r["model"]: read_json(out / r["model"] / SUITE).get("samples", {}) for r in rows}
+    write_text(out / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False))
+    lines = [f"# expandlm growth study: {' → +'.join(domains)} ({cfg['preset']} preset)", "",
+             f"Base: a {domains[0]} expert trained on {cfg['base_tokens']:,} tokens (step 0). Every strategy then "
+             f"adds {', then '.join(domains[1:])}, each step adapting the previous step's model on "
+             f"{tokens:,} tokens of the added domain. Each domain has a scratch expert (the base, for "
+             f"{domains[0]}; the others at {tokens:,} tokens). bpb: bits per byte on each served "
+             "domain's validation set (- : not served yet). forgetting: relative change of a domain's bpb since the "
+             "step that added it. gap: bpb against the domain's scratch expert. valid: share of samples passing the "
+             "domain's structural check and ending before the context limit; ceiling: the same share of real "
+             "validation documents. ctrl acc: share of samples a held-out classifier assigns to the requested domain.",
+             "", markdown_table(table, list(table[0])), "", "![growth](growth.png)", "", "## Samples", "",
+             "One sample per domain of each strategy's last step; all of them are in `samples.json`.", ""]
+    for r in first:
+        if r["step"] == len(domains) - 1:
+            for domain, drawn in samples[r["model"]].items():
+                lines += [f"### {r['label']}: {domain}", "", "```", drawn[0]["text"] if drawn else "", "```", ""]
+    write_text(out / "report.md", "\n".join(lines))

@@ -59,10 +59,14 @@ class ServedModel:
         self._check(name)
         return self.strategy.serve(self.model, self.card, name)
 
+    def export_model(self, name: str) -> torch.nn.Module:
+        """`name`'s model as one standard `transformers` model computing exactly what `for_domain` serves."""
+        self._check(name)
+        return self.strategy.export(self.model, self.card, name)
+
     def export(self, name: str, out: str | os.PathLike) -> RunFolder:
         """`name`'s model as a standard checkpoint folder (`AutoModelForCausalLM` loads it)."""
-        self._check(name)
-        model = self.strategy.export(self.model, self.card, name)
+        model = self.export_model(name)
         folder = RunFolder(out)
         folder.save(model.save_pretrained)
         folder.save(self.tokenizer_for(name).save_pretrained)
@@ -74,8 +78,7 @@ class ServedModel:
         """`name`'s model and tokenizer as one GGUF file that llama.cpp runs (see `gguf_export`)."""
         from .gguf_export import write_gguf
 
-        self._check(name)
-        write_gguf(self.strategy.export(self.model, self.card, name), self.tokenizer_for(name), out,
+        write_gguf(self.export_model(name), self.tokenizer_for(name), out,
                    name=f"{self.path.name}/{name}")
         return Path(out)
 

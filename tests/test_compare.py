@@ -139,3 +139,48 @@ def test_per_run_seeds_and_budgets_must_be_the_studys(tmp_path):
     bad.write_text("old_domain: stories\nnew_domain: recipes\nstrategies:\n  - {name: full_ft, train: {lr: -1}}\n")
     with pytest.raises(UserError, match=r"bad.yaml: strategy 'full_ft': train: 'lr'"):
         load_config(bad)
+
+
+@pytest.mark.slow
+def test_a_growth_study_adds_the_domains_one_at_a_time_per_strategy(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("EXPANDLM_DATA", str(shared_data))
+    out = tmp_path / "grow"
+    assert main(["compare", str(REPO / "configs" / "grow-smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["models"]
+    runs = [(r["label"], r["step"], r["added"]) for r in rows if r["step"]]
+    assert runs == [(s, step, d) for s in ("expand_branch", "replay", "joint", "full_ft")
+                    for step, d in ((1, "recipes"), (2, "code"))]
+    reference = {r["added"]: r["bpb"][r["added"]] for r in rows if r["strategy"] in ("base", "scratch")}
+    assert set(reference) == {"stories", "recipes", "code"}
+    by = {(r["label"], r["step"]): r for r in rows}
+    for label, step in by:
+        r = by[label, step]
+        served = ["stories", "recipes", "code"][:step + 1] if step is not None else [r["added"]]
+        assert set(r["bpb"]) == set(served) and set(r["gap"]) == set(served)
+        assert set(r["validity_ceiling"]) == {d for d in served if d != "stories"}  # recipes and code have a check
+        assert set(r["validity"]) == set(r["validity_ceiling"])
+    first, second = by["expand_branch", 1], by["expand_branch", 2]
+    assert second["forgetting"] == {"stories": 0.0, "recipes": 0.0} and first["forgetting"] == {"stories": 0.0}
+    assert second["bpb"]["recipes"] == first["bpb"]["recipes"]
+    replay = by["replay", 2]
+    assert replay["forgetting"]["recipes"] == replay["bpb"]["recipes"] - by["replay", 1]["bpb"]["recipes"]
+    assert replay["gap"]["code"] == pytest.approx(replay["bpb"]["code"] / reference["code"] - 1)
+    assert (out / "growth.png").exists() and "| expand_branch | 0 | 2: +code |" in (out / "report.md").read_text()
+
+
+def test_growth_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    domains = "old_domain: stories\nnew_domain: recipes\n"
+    for text, error in (("grow: []\n", "'grow' lists no domain"),
+                        ("grow: [recipes]\n", "'grow' must name each domain once"),
+                        ("grow: [poems]\n", "unknown domain 'poems'"),
+                        ("grow: [code]\nadapt_tokens: [1000, 2000]\n", "'adapt_tokens' must be one budget"),
+                        ("grow: [code]\nstrategies:\n  - {name: lora}\n", "strategies: 'lora': a lora model cannot be "
+                                                                          "adapted again")):
+        bad.write_text(domains + text)
+        with pytest.raises(UserError, match=error):
+            load_config(bad)
+    grow = load_config(REPO / "configs" / "grow.yaml")
+    assert grow.domains == ["stories", "recipes", "code"] and grow.preset == "tiny" and grow.budgets == [1_000_000]
+    assert [s.key for s in grow.strategies] == ["expand_branch", "replay", "joint", "full_ft"]
+    assert load_config(REPO / "configs" / "grow-smoke.yaml").preset == "nano"

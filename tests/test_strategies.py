@@ -210,9 +210,10 @@ def test_export_writes_each_domain_as_a_standard_checkpoint(base, paths, tmp_pat
 
 def test_a_model_whose_strategy_cannot_be_adapted_again_is_refused(base, paths):
     root, recipes = base
-    spec = AdaptSpec(base=str(paths), strategy="full_ft", domain="recipes", data=str(recipes),
+    spec = AdaptSpec(base=str(paths), strategy="full_ft", domain="code", data=str(recipes),
                      out=str(root / "again-paths"), train=TrainConfig(**FAST))
-    with pytest.raises(UserError, match="adapting a expand_paths model again is not supported"):
+    with pytest.raises(UserError, match="adapting a expand_paths model again is not supported by the full_ft "
+                                        "strategy .* adapt it with expand_branch"):
         adapt(spec)
 
 

@@ -15,7 +15,9 @@ is particular to it, from adapting to serving:
     export(model, card, domain)   a standard checkpoint computing exactly what `serve` computes
 
 and declares what it can do: `supports_vocab_expansion`, `keeps_old_domains` (old domains' outputs
-stay bit-identical), `adaptable_again` (its saved model can be adapted to a further domain),
+stay bit-identical), `adaptable_again` (its saved model is one set of weights that a further strategy
+may continue), `serves_old_from_base` (the new domain is built from one old domain's model and the old
+domains stay served by the base folder itself, so it adapts any model, whatever strategy made it),
 `own_tokenizer` (the new domain gets its own tokenizer: `ctx.tokenizer` is then the new domain's). Each hook
 has a default for a strategy whose single set of weights serves every domain.
 """
@@ -73,6 +75,7 @@ class Strategy:
     supports_vocab_expansion: ClassVar[bool] = True
     keeps_old_domains: ClassVar[bool] = False
     adaptable_again: ClassVar[bool] = True
+    serves_old_from_base: ClassVar[bool] = False
     own_tokenizer: ClassVar[bool] = False   # the new domain gets a tokenizer of its own (adapt trains it)
 
     def __init__(self, options=None):

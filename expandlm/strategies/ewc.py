@@ -1,8 +1,8 @@
 """ewc: full fine-tuning on B with an elastic penalty toward the old weights (Kirkpatrick et al. 2017).
 
 penalty = λ/2 · Σ_i F_i (θ_i − θ*_i)², with F the diagonal (empirical) Fisher information estimated on
-the old domains' data: the mean squared gradient of the next-token loss. F is normalised to mean 1
-over all parameters so that λ reads the same at every model size.
+the old domains' data (each an equal share): the mean squared gradient of the next-token loss. F is
+normalised to mean 1 over all parameters so that λ reads the same at every model size.
 """
 from typing import Annotated
 
@@ -42,8 +42,10 @@ class EWC(Strategy):
 
     def build(self, base, ctx: AdaptContext):
         context = base.config.max_position_embeddings
-        batches = PackedBatches(list(ctx.old_shards.values()), context, self.options.fisher_batch_size,
-                                seed=ctx.seed + 1)
+        shards = list(ctx.old_shards.values())
+        # every old domain an equal share of the Fisher's windows (one domain: its windows in epoch order)
+        weights = [1 / len(shards)] * len(shards) if len(shards) > 1 else None
+        batches = PackedBatches(shards, context, self.options.fisher_batch_size, seed=ctx.seed + 1, weights=weights)
         fisher = diagonal_fisher(base, batches, self.options.fisher_batches)
         anchor = {n: (p.detach().clone(), fisher[n]) for n, p in base.named_parameters() if n in fisher}
         return Adapted(base, {"anchor": anchor})  # name → (θ*, F)

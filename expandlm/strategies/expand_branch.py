@@ -8,7 +8,11 @@ matters) per path: the old blocks are a good engine for the new domain once its 
 its own tokenizer and embedding, and the new blocks add capacity on the new path only.
 
 The folder holds the new domain's model as a standard checkpoint with its tokenizer (what
-`AutoModelForCausalLM` / `AutoTokenizer` load from it); the old domains are served from `base`.
+`AutoModelForCausalLM` / `AutoTokenizer` load from it); the old domains are served from `base`, loaded
+as the model folder it is (through its own strategy), so a base may be any model: a chain
+stories → +recipes → +code loads each folder once, and every old domain runs exactly as it did.
+The branch is built from the model of the base's first domain (`adapt` exports it): the trunk the
+chain grew from, trained the longest, so every branch is the trunk plus k blocks, whatever its order.
 
 Because the branch is a copy of the old model, any other capacity given to it stays on the new path:
 the options add LoRA adapters on the copied old blocks (merged into the branch when saved), train
@@ -26,6 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from ..config import arg, config
 from ..errors import UserError
+from ..run_folder import MODEL_CARD, RunFolder
 from ..tokenizer import train_bpe
 from . import Adapted, AdaptContext, Strategy, freeze, register
 from .expand import expand_blocks
@@ -33,11 +38,14 @@ from .lora import ALL_LINEAR
 
 
 class BranchModels(torch.nn.Module):
-    """The model of each domain (a module, so `.to()` and `.eval()` reach all of them)."""
+    """The folder's own domains' model and the base folder's model (modules, so `.to()` and `.eval()` reach
+    both); `base` is the base's `ServedModel`, which serves and exports the old domains."""
 
-    def __init__(self, models: dict[str, torch.nn.Module]):
+    def __init__(self, own: dict[str, torch.nn.Module], base):
         super().__init__()
-        self.models = torch.nn.ModuleDict(models)
+        self.own = torch.nn.ModuleDict(own)
+        self.base_model = base.model
+        self.base = base
 
 
 def shared_tokens(old_tokenizer, new_tokenizer) -> list[tuple[int, int]]:
@@ -52,7 +60,8 @@ class ExpandBranch(Strategy):
     summary = "B's own tokenizer, embedding/head, final norm and k new blocks over A's frozen blocks"
     supports_vocab_expansion = False  # B has a whole vocabulary of its own
     keeps_old_domains = True
-    adaptable_again = False
+    adaptable_again = False  # a model per domain: no one set of weights to continue
+    serves_old_from_base = True
     own_tokenizer = True
 
     @config
@@ -140,22 +149,26 @@ class ExpandBranch(Strategy):
     def card(self, adapted: Adapted, ctx: AdaptContext):
         return {"new_layers": adapted.state["new_layers"], "own_domains": [ctx.new_domain.name]}
 
-    def _base(self, folder, card) -> Path:
-        base = folder.path / card["base"]
-        if not (base / "config.json").exists():
-            raise UserError(f"{folder.path}: its base model {base.resolve()} is missing (the old domains run on it)")
+    def _base(self, folder, card) -> RunFolder:
+        base = RunFolder(folder.path / card["base"])
+        if not (base / MODEL_CARD).exists() and not (base / "config.json").exists():
+            raise UserError(f"{folder.path}: its base model {base.path.resolve()} is missing (the old domains run on it)")
         return base
 
     def load(self, folder, card):
+        from ..serving import load_served  # serving imports the strategies
         new = AutoModelForCausalLM.from_pretrained(folder.path)
-        old = AutoModelForCausalLM.from_pretrained(self._base(folder, card))
-        return BranchModels({d: new if d in card["own_domains"] else old for d in card["domains"]})
+        return BranchModels({d: new for d in card["own_domains"]}, load_served(self._base(folder, card).path, "cpu"))
 
     def serve(self, model, card, domain):
-        return model.models[domain]
+        return model.own[domain] if domain in model.own else model.base.for_domain(domain)
 
     def export(self, model, card, domain):
-        return model.models[domain]
+        return model.own[domain] if domain in model.own else model.base.export_model(domain)
 
-    def tokenizer_folder(self, folder, card, domain):
-        return folder.path if domain in card["own_domains"] else self._base(folder, card)
+    def tokenizer_folder(self, folder, card, domain) -> Path:
+        if domain in card["own_domains"]:
+            return folder.path
+        from ..serving import tokenizer_folder
+        base = self._base(folder, card)
+        return tokenizer_folder(base, base.card(), domain)
