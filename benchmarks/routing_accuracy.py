@@ -5,8 +5,8 @@ row and column, and the time each took to train.
 The classifier routers are trained from the corpora in `corpus.default_data_dir()` (the first
 `ROUTER_DOCS` documents per domain, as `load_router` does for a model folder). The likelihood and
 combined routers need a model that serves every domain of the requests: `--model FOLDER`, or
-`--train-nano` trains a nano stories expert and grows it to recipes and code with the default strategy
-(`--nano-steps` each; minutes, and far from converged: its likelihoods are weak evidence). Without
+`--train-nano` trains a nano stories expert and adapts it to recipes and code with `replay`
+(`--nano-steps` each; over 10 minutes on 2 busy cores, and far from converged). Without
 either they are reported as not measured.
 
     python benchmarks/routing_accuracy.py                    # the classifier routers, ~1 minute on 2 cores
@@ -65,7 +65,8 @@ def evaluate(router, requests: list[dict]) -> dict:
 
 
 def nano_model(out: Path, data: Path, steps: int) -> Path:
-    """A nano model serving stories, recipes and code: an expert, grown twice by the default strategy."""
+    """A nano model serving stories, recipes and code: an expert, adapted twice with `replay` (the
+    default strategy, expand_branch, cannot be adapted again yet)."""
     from expandlm.adapt import AdaptSpec, adapt
     from expandlm.expert import ExpertSpec, train_expert
     from expandlm.train import TrainConfig
@@ -76,7 +77,7 @@ def nano_model(out: Path, data: Path, steps: int) -> Path:
                             preset="nano", limit=3000, val_limit=50, cache_dir=str(out / "cache"),
                             train=TrainConfig(**train)))
     for i, name in enumerate(names[1:], 1):
-        adapt(AdaptSpec(base=str(out / str(i - 1)), domain=name, data=str(data / get_domain(name).train_file),
+        adapt(AdaptSpec(base=str(out / str(i - 1)), domain=name, strategy="replay", data=str(data / get_domain(name).train_file),
                         out=str(out / str(i)), limit=3000, val_limit=50, cache_dir=str(out / "cache"),
                         train=TrainConfig(**train)))
     return out / str(len(names) - 1)
@@ -140,7 +141,7 @@ def main(argv=None) -> None:
         if args.train_nano:
             start = time.perf_counter()
             model = nano_model(Path(tmp), args.data, args.nano_steps)
-            note = (f"Likelihood and combined: a nano model trained here, stories then grown to recipes and code "
+            note = (f"Likelihood and combined: a nano model trained here, stories then adapted to recipes and code "
                     f"({args.nano_steps} steps of 8 documents each, {time.perf_counter() - start:.0f} s in all).")
         elif model:
             note = f"Likelihood and combined: the model `{model}`."
