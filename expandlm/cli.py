@@ -155,6 +155,9 @@ def cmd_generate(args) -> None:
     if args.request is not None:
         routed = route_request(args.request, served)
         domain_name, prompt = routed.domain, routed.prompt
+        if not routed.fits:  # still answered by the best guess: say so before the text
+            print(f"[warning: {routed.reason}; answering as {routed.domain} anyway; use --domain to choose]",
+                  file=sys.stderr)
         print(f"[routed to {routed.domain} ({routed.confidence:.0%} confident; {routed.reason}); "
               f"prompt {prompt!r}]", file=sys.stderr)
     model = served.for_domain(domain_name)
@@ -165,7 +168,7 @@ def cmd_generate(args) -> None:
         result = {"domain": domain_name, "samples": [s.__dict__ for s in samples]}
         if routed:
             result["routing"] = {"domain": routed.domain, "confidence": routed.confidence, "scores": routed.scores,
-                                 "reason": routed.reason, "prompt": routed.prompt}
+                                 "reason": routed.reason, "prompt": routed.prompt, "fits": routed.fits}
         print(json.dumps(result, ensure_ascii=False, indent=2))
     elif stream:
         print()

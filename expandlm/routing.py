@@ -1,123 +1,354 @@
 """Routing: a free-text request ("write a recipe for banana bread") becomes a domain and a prompt.
 
-design.md §2: the request is routed automatically and the decision is reported. The held-out
-`DomainClassifier` scores the whole request; a rule decides first when the request names its genre
-with one of the domains' own instruction phrases or keywords (`Domain.instructions`, `.keywords`),
-because a few words of topic are thin evidence and "a story about a cake" is still a story.
-`Route.reason` says which of the two decided. The topic becomes a prompt by the domain's `prompt`.
+design.md §2: the request is routed automatically and the decision and its confidence are reported.
+Nothing here names a domain or lists a domain's words: a router is learned from each domain's own
+data (its training documents, its genre `nouns`, its `prompt`). Three kinds (`ROUTERS`), measured
+against each other by `benchmarks/routing_accuracy.py` on hand-written requests:
+
+- `documents`: the TF-IDF `DomainClassifier` trained on the domains' training documents only.
+- `requests` (the default): the same classifier trained on those documents plus requests synthesised
+  from them: generic templates ("write a {noun} about {x}", "{x} {noun}", "{x}") filled with a
+  domain's noun and a topic cut from any domain's documents, labelled by the noun's domain, or by the
+  topic's when the template has no noun. It learns that the genre noun decides ("a story about a
+  chef") and that the topic decides alone when there is none ("chocolate chip cookies").
+- `likelihood`: the served model itself: the topic as each domain's prompt, scored under
+  `<|bos|><|domain|>` by that domain's view and tokenizer; softmax over negated bits per byte.
+- `combined`: the product of the `requests` and `likelihood` probabilities.
+
+A request none of the domains fits ("asdf qwerty") keeps its best guess but is flagged (`Route.fits`):
+its top probability is below the router's `threshold`, the confidence that all but `MISS_SHARE` of
+held-out synthesised requests reach (calibrated from data at training time), or none of its words
+occurs in the training text. A plain-English question ("what is the capital of France?") is mostly not
+caught: it reads like a story to a router that knows only stories, recipes and code.
 """
 from __future__ import annotations
 
+import math
+import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .atomic import atomic_path
 from .domains import DOMAINS, get_domain
 from .errors import UserError
 from .run_folder import ROUTER, RUN_RECORD, is_main_process
 from .suite import DomainClassifier
 
-# Grammar shared by every domain; what names a domain in a request lives on the domain
-# (`Domain.instructions`, `.keywords`, `.nouns`). Instruction phrases are searched anywhere ("could you
-# please write me a recipe for ..."); the earliest wins.
+# -- reading a request: generic English, the same for every domain ------------------------------------
 _F = re.IGNORECASE
-# Fallback: a bare leading verb ("bake me a chocolate cake", "write a banana bread recipe").
-GENERIC = re.compile(r"^\s*(?:please\s+)?(?:(?:can|could|would)\s+you\s+)?(?:please\s+)?"
-                     r"(?:write|give|make|tell|generate|create|show|share|bake|cook)(?:\s+(?:me|us))?\s+", _F)
-_ADJECTIVES = r"(?:(?:short|quick|simple|easy|good|nice|bedtime|fairy|funny|little|new)\s+)*"
-_TRAILER = re.compile(r"(?:[\s,]*\bplease)?[\s.!?,;:]*$", _F)
-
-
-def _nouns(domains) -> str:
-    return "|".join(re.escape(n) for d in domains for n in d.nouns) or r"(?!)"
-
-
-@dataclass
-class Route:
-    domain: str
-    confidence: float          # the classifier's probability of `domain`; 1.0 when the rule decided
-    prompt: str                # generation prompt after `<|bos|><|domain|>`
-    scores: dict[str, float] = field(default_factory=dict)  # the classifier's probabilities, always
-    reason: str = "classifier"
+# A leading request verb ("can you please write me", "bake me", "how do I make", "I'd like").
+GENERIC = re.compile(r"^\s*(?:please\s+)?(?:(?:can|could|would|will)\s+you\s+)?(?:please\s+)?"
+                     r"(?:(?:how\s+(?:do|can|should|would)\s+(?:i|you|we)\s+|how\s+to\s+)?"
+                     r"(?:write|give|make|tell|generate|create|show|share|bake|cook|prepare|implement|code)"
+                     r"(?:\s+(?:me|us))?(?:\s+up)?\s+|i(?:'d|\s+would)\s+like\s+|i\s+(?:want|need)\s+)", _F)
+_TRAILER = re.compile(r"(?:[\s,]*\bplease)?[\s.!?,;]*$", _F)  # not ':': "def f(x):" keeps it
+_ARTICLE = r"(?:a|an|some|another|one|the)\s+"
+_ADJECTIVES = r"(?:(?:short|long|quick|simple|easy|good|nice|great|funny|little|new|small|random)\s+)*"
+# what introduces the topic after a genre noun: "story about", "recipe for", "function that", "tale: "
+_CONNECTIVE = re.compile(r"^\s*(?::\s*|(?:about|of|for|with|on|where|in\s+which|featuring|that|which|to|"
+                         r"who|using)\s+)", _F)
 
 
 @dataclass
 class Request:
-    genre: str | None    # the domain the instruction phrase asks for, if it names one
-    instruction: str     # the matched instruction phrase ("" when none)
+    genre: str | None    # the domain whose genre noun the request names first, if any
+    instruction: str     # the text before the topic ("write me a recipe for "; "" when none)
     topic: str           # what the user wants the text to be about ("" when nothing is left)
 
 
+def _first_noun(text: str, domains) -> re.Match | None:
+    nouns = [n for d in domains for n in d.nouns]
+    return re.search(rf"\b({'|'.join(map(re.escape, nouns))})s?\b", text, _F) if nouns else None
+
+
 def split_request(request: str, domains=None) -> Request:
-    """"Tell me a story about a brave cat!" -> Request("stories", "story about ", "a brave cat").
-    `domains`: the domains whose phrases count (default: every registered domain)."""
-    domains = list(DOMAINS.values()) if domains is None else domains
-    found = [(m, d.name) for d in domains for rx in d.instructions if (m := re.search(rx, request, _F))]
-    if found:
-        m, genre = min(found, key=lambda f: (f[0].start(), -f[0].end()))
-    else:
-        m, genre = GENERIC.search(request), None
-    cut = m.end() if m else 0
-    topic = _TRAILER.sub("", request[cut:].strip())
-    nouns = _nouns(domains)
-    head = rf"^(?:(?:a|an|some|another|one)\s+)?{_ADJECTIVES}(?:{nouns})s?\b\s*"  # "a short story"
-    tail = rf"\s*\b(?:{nouns})s?$"                                               # "banana bread recipe"
-    topic = re.sub(tail, "", re.sub(head, "", topic, flags=_F), flags=_F).strip()
-    return Request(genre, m.group(0) if m else "", topic)
+    """"Tell me a story about a brave cat!" -> Request("stories", "Tell me a story about ", "a brave cat").
+    `domains`: the domains whose `nouns` count (default: every registered domain)."""
+    domains = list(DOMAINS.values()) if domains is None else list(domains)
+    text = _TRAILER.sub("", request.strip())
+    lead = GENERIC.search(text)
+    rest = text[lead.end():] if lead else text
+    nouns = {n.lower(): d.name for d in domains for n in d.nouns}
+    m = _first_noun(rest, domains)
+    if not m:
+        return Request(None, text[:len(text) - len(rest)], rest.strip())
+    genre, before, after = nouns[m.group(1).lower()], rest[:m.start()], rest[m.end():]
+    if c := _CONNECTIVE.match(after):  # "a funny story about a cat": the topic follows the connective
+        return Request(genre, text[:len(text) - len(after) + c.end()], after[c.end():].strip())
+    # "a banana bread recipe", "a pancake recipe without eggs", "write a short story"
+    before = re.sub(rf"^(?:{_ARTICLE})?{_ADJECTIVES}", "", before, flags=_F)
+    return Request(genre, text[:len(text) - len(rest)], f"{before} {after}".strip())
 
 
-def route(request: str, classifier: DomainClassifier) -> Route:
-    """Pick the domain for a free-text request and build its generation prompt. The decision goes to
-    the instruction phrase's genre, else to a lone genre keyword, else to the classifier."""
-    if not request.strip():
-        raise UserError("empty request; say what to write, e.g. 'a recipe for banana bread'")
-    scores = classifier.predict_proba([request])[0]
-    domains = [get_domain(d) for d in scores]
-    parsed = split_request(request, domains)
-    top = max(scores, key=scores.get)
-    domain, confidence, reason = top, scores[top], "classifier"
-    hits = {d.name: m.group(0) for d in domains if (m := d.keyword_match(request))}
-    if parsed.genre in scores:
-        domain, rule = parsed.genre, f"instruction '{parsed.instruction.strip()}'"
-    elif len(hits) == 1:
-        [(domain, word)] = hits.items()
-        rule = f"keyword '{word}'"
-    else:
-        rule = None
-    if rule:
-        confidence, reason = 1.0, f"{rule} (classifier alone: {top} {scores[top]:.2f})"
-    return Route(domain, confidence, get_domain(domain).prompt(parsed.topic), scores, reason)
+# -- synthesised requests ------------------------------------------------------------------------------
+# Written once for every domain: {noun} is a genre noun of the label's domain, {x} a topic of any domain.
+TEMPLATES = (
+    "write a {noun} about {x}", "a {noun} about {x}", "{noun} for {x}", "{x} {noun}", "a {x} {noun}",
+    "can you give me a {noun} with {x}", "tell me a {noun} about {x}", "give me a {noun} for {x}",
+    "I want a {noun} of {x}", "please write a short {noun} on {x}", "{noun}: {x}", "{noun} about {x}",
+    "could you make me a {noun} featuring {x}", "I need a {noun} where {x}", "a {noun} that {x}",
+    "write me a {noun} with {x} please", "any good {noun}s for {x}?", "show me a {noun} to {x}",
+    "a simple {noun}", "write a {noun}", "{noun}s with {x}", "create a {noun} using {x}",
+)
+BARE = ("{x}", "{x} please", "make {x}", "write {x}", "I want {x}", "something like {x}",
+        "how do I {x}?", "{x}.")  # no noun: the topic decides
+_PROSE = re.compile(r"[\"'#\s]*(?:[A-Za-z][a-z]*[,.;:!?]?\s+){3,}[A-Za-z][a-z]*[,.;:!?\"']*")  # 4+ plain words
+_WORDS = re.compile(r"[A-Za-z][a-z]+|[A-Z]+(?![a-z])|\d+")  # "parseHTTPHeader_v2" -> parse HTTP Header v 2
 
 
-ROUTER_DOCS = 2000  # real training documents per domain for a model's router
+def topics(document: str, rng: random.Random, k: int = 2) -> list[str]:
+    """Short topics cut from a document, the same way for every domain: its first line when short (a
+    recipe title, a signature), that line as plain words (identifiers split: "def merge_sorted(a, b):"
+    -> "def merge sorted a b") and a few 2-7 word spans of its lines, preferably from an article on
+    ("a little cherry tree who ..."), of its prose lines when it has some."""
+    lines = [ln.strip() for ln in document.splitlines() if ln.strip()]
+    if not lines:
+        return []
+    out = []
+    if len(lines[0].split()) <= 10:
+        out += [lines[0], " ".join(_WORDS.findall(lines[0])).lower()]
+    prose = [ln for ln in lines if _PROSE.fullmatch(ln)] or lines  # a docstring, a step, a sentence
+    for _ in range(k):
+        words = rng.choice(prose).split()
+        starts = [i for i, w in enumerate(words) if w.lower() in ("a", "an", "the")] or range(len(words))
+        i = rng.choice(list(starts))
+        span = " ".join(words[i:i + rng.randint(2, 7)]).strip(" .,;:!?\"'")
+        if span:
+            out.append(span)
+    return out
 
 
-def load_router(served) -> DomainClassifier | None:
-    """The request router of a served model: `router.joblib` in its folder, trained on first use from
-    the real training text of the domains the model serves (its run record names the files), so it
-    exists for every model whatever its strategy. None for a single-domain model."""
-    from .corpus import load_corpus
+def synthesise(documents: dict[str, list[str]], nouns: dict[str, tuple[str, ...]], per_domain: int,
+               seed: int = 0) -> dict[str, list[str]]:
+    """`per_domain` requests labelled with each domain: half name its noun (the topic from any
+    domain, so the noun must win over the topic), half are bare topics of its own documents."""
+    rng = random.Random(seed)
+    pools = {d: [t for doc in docs for t in topics(doc, rng)] for d, docs in sorted(documents.items())}
+    out = {}
+    for d, pool in pools.items():
+        named = [rng.choice(TEMPLATES).format(noun=rng.choice(nouns[d]), x=rng.choice(pools[rng.choice(list(pools))]))
+                 for _ in range(per_domain // 2 if nouns.get(d) else 0)]
+        bare = [rng.choice(BARE).format(x=rng.choice(pool)) for _ in range(per_domain - len(named))]
+        out[d] = named + bare
+    return out
 
-    domains = served.domains
-    if len(domains) < 2:
-        return None
-    path = served.folder / ROUTER
-    if path.exists():
-        return DomainClassifier.load(path)
-    data = served.domain_data()
-    missing = [d for d in domains if d not in data]
-    if missing:
-        raise UserError(f"{served.folder / RUN_RECORD}: field 'domain_data' lacks {', '.join(missing)}; "
-                        "cannot train a request router")
-    texts = {d: load_corpus(data[d]["train"], get_domain(d), limit=ROUTER_DOCS).documents for d in domains}
-    router = DomainClassifier().fit(texts, seed=0)
-    if is_main_process():
-        router.save(path)
+
+# -- routers -------------------------------------------------------------------------------------------
+ROUTERS = ("documents", "requests", "likelihood", "combined")
+DEFAULT_ROUTER = "requests"   # the best measured (benchmarks/results/routing_accuracy.md)
+ROUTER_DOCS = 1000            # training documents per domain (more costs time, not accuracy)
+SYNTH_REQUESTS = 3000         # synthesised requests per domain
+MISS_SHARE = 0.02             # held-out in-domain requests a threshold may flag as fitting no domain
+FORMAT = "expandlm-router-1"
+
+
+@dataclass
+class Router:
+    """A trained request router: a classifier over whole requests and its no-domain threshold."""
+    kind: str
+    classifier: DomainClassifier
+    threshold: float = 0.0
+    train_seconds: float = 0.0
+
+    @property
+    def domains(self) -> list[str]:
+        return self.classifier.domains
+
+    def scores(self, requests: list[str]) -> list[dict[str, float]]:
+        return self.classifier.predict_proba(marked(requests, self.domains) if self.kind == "requests" else requests)
+
+    def knows(self, request: str) -> bool:
+        """Whether any word of the request occurs in the training text ("asdf qwerty": none does)."""
+        words = self.classifier.pipeline.named_steps["features"].transformer_list[0][1]
+        return words.transform([request]).nnz > 0
+
+    def save(self, path) -> Path:
+        import joblib
+        with atomic_path(path) as tmp:
+            joblib.dump({"format": FORMAT, "kind": self.kind, "threshold": self.threshold,
+                         "train_seconds": self.train_seconds, "pipeline": self.classifier.pipeline,
+                         "domains": self.classifier.domains, "per_domain": self.classifier.per_domain}, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path) -> "Router | None":
+        """None for a file of another format (an older expandlm's router): the caller retrains it."""
+        import joblib
+        try:
+            state = joblib.load(path)
+        except Exception as e:  # pickle raises many types for truncated or foreign files
+            raise UserError(f"{path}: not a readable router file ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            return None
+        clf = DomainClassifier()
+        clf.pipeline, clf.domains, clf.per_domain = state["pipeline"], list(state["domains"]), state["per_domain"]
+        return cls(state["kind"], clf, state["threshold"], state.get("train_seconds", 0.0))
+
+
+def marked(requests: list[str], domains) -> list[str]:
+    """Each request with a word for the genre noun it names first ("a function that tells a story" ->
+    "... genre_function"): a bag of words cannot see which noun came first, and the first one is
+    the genre asked for. The classifier learns what the word means from the synthesised requests."""
+    domains = [get_domain(d) for d in domains]
+    out = []
+    for r in requests:
+        m = _first_noun(r, domains)
+        out.append(f"{r} genre_{m.group(1).lower()}" if m else r)
+    return out
+
+
+def calibrate(router, requests_by_domain: dict[str, list[str]], miss_share: float = MISS_SHARE) -> float:
+    """The no-domain threshold: the top probability that all but `miss_share` of these in-domain
+    requests reach (held-out ones: never the requests a router is evaluated on)."""
+    tops = sorted(max(s.values()) for reqs in requests_by_domain.values() for s in router.scores(reqs))
+    return tops[int(miss_share * len(tops))] if tops else 0.0
+
+
+def train_router(documents: dict[str, list[str]], kind: str = DEFAULT_ROUTER, seed: int = 0) -> Router:
+    """A classifier router (`documents` or `requests`) from each domain's training documents; the last
+    tenth of them is held out to synthesise the requests that set its threshold."""
+    import time
+    if kind not in ("documents", "requests"):
+        raise UserError(f"router '{kind}' is not trained from documents (trained kinds: documents, requests)")
+    start = time.perf_counter()
+    train = {d: docs[:max(1, len(docs) * 9 // 10)] for d, docs in documents.items()}
+    held = {d: docs[len(train[d]):] or docs for d, docs in documents.items()}
+    nouns = {d: get_domain(d).nouns for d in documents}
+    texts = {d: list(docs) for d, docs in train.items()}
+    if kind == "requests":
+        for d, reqs in synthesise(train, nouns, SYNTH_REQUESTS, seed).items():
+            texts[d] += marked(reqs, documents)
+    router = Router(kind, DomainClassifier().fit(texts, max_per_domain=None, seed=seed))
+    router.threshold = calibrate(router, synthesise(held, nouns, 100, seed + 1))
+    router.train_seconds = time.perf_counter() - start
     return router
 
 
-def route_request(request: str, served) -> Route:
+class LikelihoodRouter:
+    """Routes by the served model's own likelihood of the topic as each domain's prompt."""
+    kind = "likelihood"
+
+    def __init__(self, served, threshold: float = 0.0):
+        self.served, self.threshold = served, threshold
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.served.domains)
+
+    def bpb(self, request: str) -> dict[str, float]:
+        import torch
+        from .generate import request_ids
+        topic = split_request(request, [get_domain(d) for d in self.domains]).topic
+        out = {}
+        for d in self.domains:
+            domain = get_domain(d)
+            prompt = domain.prompt(topic) or topic or request
+            ids = request_ids(self.served.tokenizer_for(d), domain, prompt)
+            model = self.served.for_domain(d)
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, 1:-1].float()
+            nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[2:], device=device), reduction="sum")
+            out[d] = float(nats) / math.log(2) / max(1, len(prompt.encode()))
+        return out
+
+    def scores(self, requests: list[str]) -> list[dict[str, float]]:
+        return [_softmax({d: -b for d, b in self.bpb(r).items()}) for r in requests]
+
+
+class CombinedRouter:
+    """The product of two routers' probabilities, renormalised."""
+    kind = "combined"
+
+    def __init__(self, *routers, threshold: float = 0.0):
+        self.routers, self.threshold = routers, threshold
+
+    @property
+    def domains(self) -> list[str]:
+        return self.routers[0].domains
+
+    def knows(self, request: str) -> bool:
+        return self.routers[0].knows(request)
+
+    def scores(self, requests: list[str]) -> list[dict[str, float]]:
+        rows = [r.scores(requests) for r in self.routers]
+        return [_softmax({d: sum(math.log(max(s[d], 1e-12)) for s in per) for d in per[0]}) for per in zip(*rows)]
+
+
+def _softmax(logits: dict[str, float]) -> dict[str, float]:
+    top = max(logits.values())
+    e = {d: math.exp(v - top) for d, v in logits.items()}
+    return {d: v / sum(e.values()) for d, v in e.items()}
+
+
+# -- routing -------------------------------------------------------------------------------------------
+
+@dataclass
+class Route:
+    domain: str
+    confidence: float          # the router's probability of `domain`
+    prompt: str                # generation prompt after `<|bos|><|domain|>`
+    scores: dict[str, float] = field(default_factory=dict)  # the router's probabilities
+    reason: str = ""
+    fits: bool = True          # False: no domain fits the request; `domain` is only the best guess
+
+
+def route(request: str, router) -> Route:
+    """Pick the domain for a free-text request with `router` and build its generation prompt."""
+    if not request.strip():
+        raise UserError("empty request; say what to write, e.g. 'a recipe for banana bread'")
+    scores = router.scores([request])[0]
+    domains = [get_domain(d) for d in scores]
+    domain = max(scores, key=scores.get)
+    confidence = scores[domain]
+    parsed = split_request(request, domains)
+    reason = f"{router.kind} router: {domain} {confidence:.2f}"
+    if parsed.genre:
+        reason += f"; the request names a {parsed.genre} genre noun"
+    fits = confidence >= router.threshold
+    if not fits:
+        reason = (f"no domain fits this request ({router.kind} router's best guess {domain} {confidence:.2f} "
+                  f"is below its threshold {router.threshold:.2f})")
+    elif hasattr(router, "knows") and not router.knows(request):
+        fits, reason = False, (f"no domain fits this request (none of its words occurs in the domains' training "
+                               f"text; best guess {domain} {confidence:.2f})")
+    return Route(domain, confidence, get_domain(domain).prompt(parsed.topic), scores, reason, fits)
+
+
+def load_router(served, kind: str = DEFAULT_ROUTER):
+    """The request router of a served model. A classifier router is `router.joblib` in its folder,
+    trained on first use from the real training text of the domains the model serves (its run
+    record names the files), so it exists for every model whatever its strategy; the likelihood
+    router needs nothing but the model. None for a single-domain model."""
+    from .corpus import load_corpus
+
+    if kind not in ROUTERS:
+        raise UserError(f"unknown router '{kind}' (known: {', '.join(ROUTERS)})")
+    domains = served.domains
+    if len(domains) < 2:
+        return None
+    if kind == "likelihood":
+        return LikelihoodRouter(served)
+    trained = "requests" if kind == "combined" else kind
+    path = served.folder / ROUTER
+    router = Router.load(path) if path.exists() else None
+    if router is None or router.kind != trained or sorted(router.domains) != sorted(domains):
+        data = served.domain_data()
+        missing = [d for d in domains if d not in data]
+        if missing:
+            raise UserError(f"{served.folder / RUN_RECORD}: field 'domain_data' lacks {', '.join(missing)}; "
+                            "cannot train a request router")
+        texts = {d: load_corpus(data[d]["train"], get_domain(d), limit=ROUTER_DOCS).documents for d in domains}
+        router = train_router(texts, trained)
+        if is_main_process():
+            router.save(path)
+    return CombinedRouter(router, LikelihoodRouter(served), threshold=router.threshold) if kind == "combined" else router
+
+
+def route_request(request: str, served, kind: str = DEFAULT_ROUTER) -> Route:
     """Route for a served model: its router, or its single domain."""
-    router = load_router(served)
+    router = load_router(served, kind)
     if router is None:
         if not served.domains:
             raise UserError(f"{served.path}: no expandlm.json saying which domains it serves; use --domain")

@@ -379,8 +379,9 @@ def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
 
 def _routing(plan: Plan) -> dict | None:
     r = plan.routed
+    # fits false: no domain fits the request; the best guess still answers, and `reason` says so
     return None if r is None else {"domain": r.domain, "confidence": r.confidence, "scores": r.scores,
-                                   "reason": r.reason, "prompt": r.prompt}
+                                   "reason": r.reason, "prompt": r.prompt, "fits": r.fits}
 
 
 def create_app(catalog: Catalog, scheduler: Scheduler) -> FastAPI:

@@ -1,105 +1,152 @@
+"""Routing learned from data: three made-up domains (registered here, not the built-ins) whose routers
+must route by content alone, by genre noun across domains, and flag what fits none of them."""
+import json
+import random
+from pathlib import Path
+
 import pytest
 
-from expandlm.corpus import load_corpus
-from expandlm.domains import get_domain
-from expandlm.errors import UserError
+from expandlm.domains import DOMAINS, Domain
 from expandlm.domains.recipes import recipe_prompt
 from expandlm.domains.stories import story_prompt
-from expandlm.routing import route, split_request
-from expandlm.suite import DomainClassifier
+from expandlm.errors import UserError
+from expandlm.routing import Router, route, split_request, synthesise, train_router
+
+REQUESTS = Path(__file__).parent / "data" / "requests.jsonl"
+
+# Three vocabularies that share no word: the router can only know them from the documents.
+WORDS = {
+    "sails": "ship harbour anchor mast sailor wave deck rope captain storm tide compass".split(),
+    "gardens": "tulip soil seed compost rake bloom hedge orchard petal weed spade sprout".split(),
+    "stars": "comet orbit nebula telescope galaxy planet crater meteor rocket moon eclipse quasar".split(),
+}
+NOUNS = {"sails": ("log", "voyage"), "gardens": ("plan",), "stars": ("chart", "atlas")}
 
 
-class Fixed:
-    """A stand-in classifier that gives every text the same probabilities."""
-    def __init__(self, **scores):
-        self.scores = scores
-
-    def predict_proba(self, texts):
-        return [dict(self.scores) for _ in texts]
-
-
-@pytest.fixture(scope="module")
-def classifier(shared_data):
-    docs = {name: load_corpus(shared_data / get_domain(name).train_file, get_domain(name), limit=500).documents
-            for name in ("stories", "recipes")}
-    return DomainClassifier().fit(docs)
+@pytest.fixture
+def made_up(monkeypatch):
+    for name, nouns in NOUNS.items():
+        monkeypatch.setitem(DOMAINS, name, Domain(name, nouns=nouns, prompt=lambda t, n=name: f"[{n}] {t}"))
+    rng = random.Random(0)
+    return {name: [" ".join(rng.choice(words) for _ in range(30)) for _ in range(60)]
+            for name, words in WORDS.items()}
 
 
-@pytest.mark.parametrize("request_, domain, prompt", [
-    ("write a recipe for banana bread", "recipes", "Banana Bread"),
-    ("Could you please give me a recipe for chicken noodle soup?", "recipes", "Chicken Noodle Soup"),
-    ("How do I bake chocolate chip cookies?", "recipes", "Chocolate Chip Cookies"),
-    ("how to make guacamole please", "recipes", "Guacamole"),
-    ("bake me a chocolate cake", "recipes", "Chocolate Cake"),
-    ("Write a banana bread recipe.", "recipes", "Banana Bread"),
-    ("give me a quick recipe for mom's lasagna with spinach", "recipes", "Mom's Lasagna with Spinach"),
-    ("give me a recipe", "recipes", ""),
-    ("tell me a story about a brave little cat", "stories", "Once upon a time, there was a brave little cat."),
-    ("Tell me a bedtime story about an old owl!", "stories", "Once upon a time, there was an old owl."),
-    ("I'd like a tale about a little girl named Lily who lost her red ball", "stories",
-     "Once upon a time, there was a little girl named Lily who lost her red ball."),
-    ("tell me a story about a baker who bakes bread", "stories", "Once upon a time, there was a baker who bakes bread."),
-    ("Once upon a time there was a dragon who loved to sing", "stories",
-     "Once upon a time, there was a dragon who loved to sing."),
-    ("write a short story", "stories", ""),
-])
-def test_realistic_requests(classifier, request_, domain, prompt):
-    r = route(request_, classifier)
-    assert (r.domain, r.prompt) == (domain, prompt)
-    assert set(r.scores) == {"stories", "recipes"} and sum(r.scores.values()) == pytest.approx(1.0)
+@pytest.fixture
+def router(made_up):
+    return train_router(made_up, "requests")
 
 
-@pytest.mark.parametrize("request_, domain, prompt", [
-    ("pancakes with blueberry syrup", "recipes", "Pancakes with Blueberry Syrup"),
-    ("a little boy who wanted to fly", "stories", "Once upon a time, there was a little boy who wanted to fly."),
-])
-def test_the_classifier_decides_without_keywords(classifier, request_, domain, prompt):
-    r = route(request_, classifier)
-    assert (r.domain, r.prompt, r.reason) == (domain, prompt, "classifier")
-    assert r.confidence == r.scores[domain] > 0.5
+def test_content_alone_decides_without_a_noun(router):
+    for name, words in WORDS.items():
+        r = route(f"{words[0]} and {words[1]} with a {words[2]}", router)
+        assert (r.domain, r.fits) == (name, True), r
+        assert r.confidence == r.scores[name] == max(r.scores.values())
+        assert r.prompt == f"[{name}] {words[0]} and {words[1]} with a {words[2]}"
 
 
-def test_instruction_overrides_the_classifier_and_says_so():
-    r = route("Tell me a story about a cake", Fixed(recipes=0.9, stories=0.1))
-    assert (r.domain, r.confidence) == ("stories", 1.0)
-    assert r.reason == "instruction 'story about' (classifier alone: recipes 0.90)"
-    assert r.scores == {"recipes": 0.9, "stories": 0.1}  # the classifier's view is still reported
+def test_the_first_genre_noun_decides_across_domains(router):
+    r = route("write a voyage about a tulip and a compost heap", router)
+    assert (r.domain, r.prompt) == ("sails", "[sails] a tulip and a compost heap")
+    assert "names a sails genre noun" in r.reason
+    assert route("a plan for a comet orbit", router).domain == "gardens"
+    assert route("an atlas that tells a voyage about ship decks", router).domain == "stars"  # first noun wins
 
 
-def test_lone_keyword_decides_but_two_genres_leave_it_to_the_classifier():
-    r = route("bake me something nice", Fixed(recipes=0.2, stories=0.8))
-    assert (r.domain, r.confidence, r.reason) == ("recipes", 1.0, "keyword 'bake' (classifier alone: stories 0.80)")
-    r = route("cooking tales", Fixed(recipes=0.3, stories=0.7))
-    assert (r.domain, r.confidence, r.reason) == ("stories", 0.7, "classifier")
+def test_a_request_that_fits_no_domain_is_flagged_with_its_best_guess(router):
+    r = route("asdf qwerty", router)
+    assert not r.fits and r.domain in NOUNS and "no domain fits" in r.reason
+    assert sum(r.scores.values()) == pytest.approx(1.0)
 
 
-def test_other_domains_get_the_topic_as_is_and_genres_of_unserved_domains_are_ignored(monkeypatch):
-    from expandlm.domains import DOMAINS, Domain
-    monkeypatch.setitem(DOMAINS, "poems", Domain("poems"))  # a domain with no request words of its own
-    r = route("write a poem about the sea", Fixed(poems=0.8, stories=0.2))
-    assert (r.domain, r.prompt, r.reason) == ("poems", "a poem about the sea", "classifier")
-    r = route("a recipe for soup", Fixed(poems=0.6, stories=0.4))  # the model serves no recipes
-    assert (r.domain, r.prompt, r.reason) == ("poems", "a recipe for soup", "classifier")
+def test_the_threshold_comes_from_held_out_requests(made_up):
+    r = train_router(made_up, "requests")
+    assert 1 / 3 < r.threshold < 1.0  # above chance for three domains, reached by most in-domain requests
+    held = synthesise(made_up, NOUNS, 60, seed=5)
+    tops = [max(s.values()) for reqs in held.values() for s in r.scores(reqs)]
+    assert sum(t >= r.threshold for t in tops) / len(tops) > 0.9
+
+
+def test_documents_router_is_selectable_and_keywords_are_never_used(made_up):
+    r = train_router(made_up, "documents")
+    assert r.kind == "documents" and sorted(r.domains) == sorted(WORDS)
+    with pytest.raises(UserError, match="router 'likelihood' is not trained"):
+        train_router(made_up, "likelihood")
+
+
+def test_saved_router_reloads_with_the_same_scores(router, tmp_path):
+    path = router.save(tmp_path / "router.joblib")
+    again = Router.load(path)
+    request = ["a voyage about tulips", "comet crater"]
+    assert (again.kind, again.threshold) == (router.kind, router.threshold)
+    assert again.scores(request) == router.scores(request)
+    (tmp_path / "old.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="not a readable router file"):
+        Router.load(tmp_path / "old.joblib")
+
+
+def test_training_is_deterministic(made_up):
+    a, b = train_router(made_up, "requests", seed=3), train_router(made_up, "requests", seed=3)
+    assert a.scores(["a rope and a seed"]) == b.scores(["a rope and a seed"]) and a.threshold == b.threshold
+
+
+def test_a_models_router_covers_exactly_its_domains(two_domain_models):
+    from expandlm.routing import load_router
+    from expandlm.run_folder import ROUTER
+    from expandlm.serving import load_served
+    served = load_served(two_domain_models["expand_branch"], device="cpu")
+    router = load_router(served)
+    assert sorted(router.domains) == sorted(served.domains) == ["recipes", "stories"]
+    assert (served.path / ROUTER).exists()
+    assert Router.load(served.path / ROUTER).scores(["a soup"]) == router.scores(["a soup"])
+    assert load_router(served, "likelihood").domains == served.domains
+    r = route("give me a recipe for banana bread", load_router(served, "combined"))
+    assert set(r.scores) == {"recipes", "stories"} and r.domain == "recipes"
+    with pytest.raises(UserError, match="unknown router 'regex'"):
+        load_router(served, "regex")
 
 
 def test_split_request():
     assert split_request("Could you tell me a story about a brave cat?").topic == "a brave cat"
     parsed = split_request("Please write me a recipe for apple pie, please!")
-    assert (parsed.genre, parsed.instruction, parsed.topic) == ("recipes", "recipe for ", "apple pie")
-    parsed = split_request("make me some pancakes")
-    assert (parsed.genre, parsed.instruction, parsed.topic) == (None, "make me ", "some pancakes")
-    assert split_request("a little boy who wanted to fly").instruction == ""
+    assert (parsed.genre, parsed.instruction, parsed.topic) == ("recipes", "Please write me a recipe for ", "apple pie")
+    assert split_request("Write a banana bread recipe.").topic == "banana bread"
+    assert split_request("write a short story").topic == ""
+    assert split_request("a function that flattens a nested list").topic == "flattens a nested list"
+    assert split_request("How do I make guacamole?").topic == "guacamole"
+    parsed = split_request("a little boy who wanted to fly")
+    assert (parsed.genre, parsed.instruction, parsed.topic) == (None, "", "a little boy who wanted to fly")
+    assert split_request("def merge_sorted(a, b):").topic == "def merge_sorted(a, b):"
 
 
 def test_prompt_builders():
     assert recipe_prompt("a chicken with rice and beans") == "Chicken with Rice and Beans"
-    assert recipe_prompt("some BBQ ribs") == "BBQ Ribs"
     assert recipe_prompt("") == ""
     assert story_prompt("there was a cat") == "Once upon a time, there was a cat."
-    assert story_prompt("Once upon a time, there lived a king") == "Once upon a time, there was a king."
     assert story_prompt("") == ""
 
 
-def test_empty_request():
+def test_empty_request(router):
     with pytest.raises(UserError, match="empty request"):
-        route("   ", Fixed(recipes=0.5, stories=0.5))
+        route("   ", router)
+
+
+def test_the_hand_written_requests_are_data():
+    rows = [json.loads(line) for line in REQUESTS.read_text().splitlines()]
+    counts = {d: sum(r["domain"] == d for r in rows) for d in ("stories", "recipes", "code", None)}
+    assert min(counts[d] for d in ("stories", "recipes", "code")) >= 25 and counts[None] >= 10
+    assert all(set(r) == {"request", "domain"} for r in rows)
+
+
+def test_accuracy_on_the_hand_written_requests(shared_data):
+    """A floor clearly below the measured 95% of in-domain requests routed to their domain (see
+    benchmarks/results/routing_accuracy.md); it fails when routing breaks, not when it wobbles."""
+    from expandlm.corpus import load_corpus
+    from expandlm.domains import get_domain
+    rows = [json.loads(line) for line in REQUESTS.read_text().splitlines()]
+    names = ("stories", "recipes", "code")
+    docs = {d: load_corpus(shared_data / get_domain(d).train_file, get_domain(d), limit=400).documents for d in names}
+    router = train_router(docs, "requests")
+    rows = [r for r in rows if r["domain"]]
+    right = sum(route(r["request"], router).domain == r["domain"] for r in rows)
+    assert right / len(rows) >= 0.85

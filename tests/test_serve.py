@@ -103,6 +103,15 @@ def test_chat_with_auto_routing_says_which_domain_answered(client):
     assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
 
 
+def test_auto_answers_a_request_no_domain_fits_with_its_best_guess_and_says_so(client):
+    out = client.completions.create(model="auto", prompt="asdf qwerty", max_tokens=4, temperature=0, seed=0)
+    routing = out.model_extra["routing"]
+    assert routing["fits"] is False and "no domain fits" in routing["reason"]
+    assert out.model.endswith("/" + routing["domain"])
+    ok = client.completions.create(model="auto", prompt="a recipe for soup", max_tokens=4, temperature=0, seed=0)
+    assert ok.model_extra["routing"]["fits"] is True
+
+
 def test_n_choices_and_stop_strings(client):
     out = client.completions.create(model=STORIES, prompt="The", max_tokens=20, temperature=1.0, seed=4, n=3)
     assert [c.index for c in out.choices] == [0, 1, 2] and len({c.text for c in out.choices}) > 1
