@@ -73,11 +73,11 @@ def nano_model(out: Path, data: Path, steps: int) -> Path:
 
     train = dict(max_steps=steps, batch_size=8, eval_interval=0, eval_docs=5, progress=False, log_interval=steps)
     names = ["stories", "recipes", "code"]
-    train_expert(ExpertSpec(domain="stories", data=str(data / get_domain("stories").train_file), out=str(out / "0"),
+    train_expert(ExpertSpec(domain="stories", data=get_domain("stories").local_files(data)[0], out=str(out / "0"),
                             preset="nano", limit=3000, val_limit=50, cache_dir=str(out / "cache"),
                             train=TrainConfig(**train)))
     for i, name in enumerate(names[1:], 1):
-        adapt(AdaptSpec(base=str(out / str(i - 1)), domain=name, strategy="replay", data=str(data / get_domain(name).train_file),
+        adapt(AdaptSpec(base=str(out / str(i - 1)), domain=name, strategy="replay", data=get_domain(name).local_files(data)[0],
                         out=str(out / str(i)), limit=3000, val_limit=50, cache_dir=str(out / "cache"),
                         train=TrainConfig(**train)))
     return out / str(len(names) - 1)
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     requests = read_requests()
     names = sorted({r["domain"] for r in requests if r["domain"]})
-    docs = {d: load_corpus(args.data / get_domain(d).train_file, get_domain(d), limit=ROUTER_DOCS).documents
+    docs = {d: load_corpus(get_domain(d).local_files(args.data)[0], get_domain(d), limit=ROUTER_DOCS).documents
             for d in names}
     results = {"command": "python benchmarks/routing_accuracy.py" + (" --train-nano" if args.train_nano else "")
                + (f" --model {args.model}" if args.model else ""), "requests": len(requests), "domains": names,

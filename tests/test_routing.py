@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from expandlm.domains import DOMAINS, Domain
-from expandlm.domains.recipes import recipe_prompt
-from expandlm.domains.stories import story_prompt
+from expandlm.domains import DOMAINS, Domain, DomainSpec, RequestSpec, get_domain
 from expandlm.errors import UserError
 from expandlm.routing import Router, route, split_request, synthesise, train_router
 
@@ -26,7 +24,8 @@ NOUNS = {"sails": ("log", "voyage"), "gardens": ("plan",), "stars": ("chart", "a
 @pytest.fixture
 def made_up(monkeypatch):
     for name, nouns in NOUNS.items():
-        monkeypatch.setitem(DOMAINS, name, Domain(name, nouns=nouns, prompt=lambda t, n=name: f"[{n}] {t}"))
+        spec = DomainSpec(name=name, request=RequestSpec(nouns=list(nouns), prompt=f"[{name}] {{topic}}"))
+        monkeypatch.setitem(DOMAINS, name, Domain(spec))
     rng = random.Random(0)
     return {name: [" ".join(rng.choice(words) for _ in range(30)) for _ in range(60)]
             for name, words in WORDS.items()}
@@ -120,10 +119,10 @@ def test_split_request():
 
 
 def test_prompt_builders():
-    assert recipe_prompt("a chicken with rice and beans") == "Chicken with Rice and Beans"
-    assert recipe_prompt("") == ""
-    assert story_prompt("there was a cat") == "Once upon a time, there was a cat."
-    assert story_prompt("") == ""
+    assert get_domain("recipes").prompt("a chicken with rice and beans") == "Chicken with Rice and Beans"
+    assert get_domain("recipes").prompt("") == ""
+    assert get_domain("stories").prompt("there was a cat") == "Once upon a time, there was a cat."
+    assert get_domain("stories").prompt("") == ""
 
 
 def test_empty_request(router):
@@ -145,7 +144,7 @@ def test_accuracy_on_the_hand_written_requests(shared_data):
     from expandlm.domains import get_domain
     rows = [json.loads(line) for line in REQUESTS.read_text().splitlines()]
     names = ("stories", "recipes", "code")
-    docs = {d: load_corpus(shared_data / get_domain(d).train_file, get_domain(d), limit=400).documents for d in names}
+    docs = {d: load_corpus(get_domain(d).data_file("train", shared_data), get_domain(d), limit=400).documents for d in names}
     router = train_router(docs, "requests")
     rows = [r for r in rows if r["domain"]]
     right = sum(route(r["request"], router).domain == r["domain"] for r in rows)

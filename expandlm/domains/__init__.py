@@ -232,7 +232,7 @@ class Domain:
             return None
         if isinstance(c, str):
             return CHECKS[c][0]
-        pattern = re.compile(c["pattern"], re.DOTALL)
+        pattern = re.compile(c["pattern"])  # no DOTALL: "." stays within a line, as in a line-based layout
         return lambda text: pattern.fullmatch(text.strip()) is not None
 
     @property
