@@ -316,13 +316,21 @@ def route(request: str, router) -> Route:
     return Route(domain, confidence, get_domain(domain).prompt(parsed.topic), scores, reason, fits)
 
 
+def router_from_data(domain_data: dict[str, dict], kind: str = DEFAULT_ROUTER) -> Router:
+    """A classifier router over the domains of `domain_data` (a run record's `domain_data`: each domain's
+    training file), from their real training text."""
+    from .corpus import load_corpus
+
+    texts = {d: load_corpus(entry["train"], get_domain(d), limit=ROUTER_DOCS).documents
+             for d, entry in domain_data.items()}
+    return train_router(texts, kind)
+
+
 def load_router(served, kind: str = DEFAULT_ROUTER):
     """The request router of a served model. A classifier router is `router.joblib` in its folder,
     trained on first use from the real training text of the domains the model serves (its run
     record names the files), so it exists for every model whatever its strategy; the likelihood
     router needs nothing but the model. None for a single-domain model."""
-    from .corpus import load_corpus
-
     if kind not in ROUTERS:
         raise UserError(f"unknown router '{kind}' (known: {', '.join(ROUTERS)})")
     domains = served.domains
@@ -339,8 +347,7 @@ def load_router(served, kind: str = DEFAULT_ROUTER):
         if missing:
             raise UserError(f"{served.folder / RUN_RECORD}: field 'domain_data' lacks {', '.join(missing)}; "
                             "cannot train a request router")
-        texts = {d: load_corpus(data[d]["train"], get_domain(d), limit=ROUTER_DOCS).documents for d in domains}
-        router = train_router(texts, trained)
+        router = router_from_data({d: data[d] for d in domains}, trained)
         if is_main_process():
             router.save(path)
     return CombinedRouter(router, LikelihoodRouter(served), threshold=router.threshold) if kind == "combined" else router

@@ -97,7 +97,7 @@ class Catalog:
         for endpoint in self.endpoints.values():
             self.aliases.setdefault(endpoint.domain, []).append(endpoint)
         self.aliases = {d: eps[0] for d, eps in self.aliases.items() if len(eps) == 1}
-        self.router = load_router(models[0])  # loaded (or trained) once, not per request
+        self.router = self._router()  # loaded (or trained) once, not per request
 
     def ids(self) -> list[str]:
         return [*self.endpoints, AUTO]
@@ -109,15 +109,33 @@ class Catalog:
                            param="model", code="model_not_found")
         return endpoint
 
+    def _router(self):
+        """The first model's own router when it serves every domain served here; else one router over
+        the union of the folders' domains, trained at start from each domain's recorded training data
+        (the first folder that serves a domain answers it)."""
+        domains = list(dict.fromkeys(e.domain for e in self.endpoints.values()))
+        if set(domains) <= set(self.models[0].domains):
+            return load_router(self.models[0])
+        data = {}
+        for served in self.models:
+            known = served.domain_data()
+            for d in served.domains:
+                if d not in data and d in known:
+                    data[d] = known[d]
+        missing = [d for d in domains if d not in data]
+        if missing:
+            raise UserError(f"cannot route 'auto' over {', '.join(domains)}: no recorded training data for "
+                            f"{', '.join(missing)} (run.json 'domain_data')")
+        return routing.router_from_data(data)
+
     def route(self, request: str) -> tuple[Endpoint, Route]:
-        """`auto`: the first model's router picks the domain (the first model that serves it answers)."""
+        """`auto`: the router picks the domain; the first model that serves it answers."""
         try:
             routed = (routing.route(request, self.router) if self.router
                       else route_request(request, self.models[0]))
         except UserError as e:
             raise APIError(400, str(e), param="prompt") from None
-        served = self.models[0]
-        endpoint = next(e for e in self.endpoints.values() if e.served is served and e.domain == routed.domain)
+        endpoint = next(e for e in self.endpoints.values() if e.domain == routed.domain)
         return endpoint, routed
 
 

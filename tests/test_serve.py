@@ -112,6 +112,25 @@ def test_auto_answers_a_request_no_domain_fits_with_its_best_guess_and_says_so(c
     assert ok.model_extra["routing"]["fits"] is True
 
 
+def test_auto_routes_over_the_domains_of_every_folder(two_domain_models, tmp_path):
+    """Two folders, one domain each: `auto` routes over both, and the folder that serves the chosen
+    domain answers (not only the first folder's domains)."""
+    from expandlm.expert import ExpertSpec, train_expert
+    from expandlm.train import TrainConfig
+    from conftest import NANO_STEPS, RECIPES, write_jsonl
+
+    recipes = write_jsonl(tmp_path / "recipes.jsonl", RECIPES)
+    train_expert(ExpertSpec(domain="recipes", data=str(recipes), out=str(tmp_path / "recipes"), preset="nano",
+                            vocab_size=400, train=TrainConfig(**NANO_STEPS)))
+    stories, only_recipes = load_served(two_domain_models["base"]), load_served(tmp_path / "recipes")
+    catalog = Catalog([stories, only_recipes])
+    assert sorted(catalog.router.domains) == ["recipes", "stories"]
+    endpoint, routed = catalog.route("a recipe for tomato soup")
+    assert (endpoint.served, endpoint.domain, routed.domain) == (only_recipes, "recipes", "recipes")
+    endpoint, routed = catalog.route("tell me a story about a little cat")
+    assert (endpoint.served, endpoint.domain) == (stories, "stories")
+
+
 def test_n_choices_and_stop_strings(client):
     out = client.completions.create(model=STORIES, prompt="The", max_tokens=20, temperature=1.0, seed=4, n=3)
     assert [c.index for c in out.choices] == [0, 1, 2] and len({c.text for c in out.choices}) > 1
