@@ -106,6 +106,7 @@ def _gap_curve(out: Path, rows: list[dict], new: str) -> list[str]:
     ax.axhline(0, color="k", lw=1, label=f"{new} scratch expert")
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{t / 1e6:g}M" for t in budgets])
+    ax.set_xticks([], minor=True)  # the log axis's own minor labels (6×10⁵) would stand between ours
     ax.set(xlabel=f"training tokens of {new}", ylabel=f"{new} bpb vs its scratch expert (%)",
            title="new-domain gap against tokens (lower is better; bars: lowest..highest seed)")
     ax.grid(alpha=0.3)
