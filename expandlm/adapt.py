@@ -23,7 +23,7 @@ from .shards import PackedBatches, build_shard
 from .strategies import DEFAULT_STRATEGY, STRATEGIES, AdaptContext, make_strategy
 from .tokenizer import load_tokenizer
 from .train import TrainConfig, distributed_state, train
-from .vocab import expand_tokenizer, grow_embeddings, train_only_new_rows
+from .vocab import expand_tokenizer, grow_embeddings, train_only_new_rows, with_tag
 
 KEEP_TEXTS = 2000  # old-domain documents whose tokenization vocabulary expansion must keep exactly
 
@@ -83,8 +83,14 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
 
     base_vocab = len(base_tokenizer)
     tokenizer = base_tokenizer  # the new domain's: the old one, grown, or (own_tokenizer) a new one
+    # a domain the old tokenizer was not trained for (a user's, or code on an older model) needs its tag
+    needs_tag = not strategy.own_tokenizer and not spec.expand_vocab and domain.tag not in base_tokenizer.get_vocab()
+    if needs_tag and strategy.keeps_old_domains:
+        raise UserError(f"{base_folder.path}: its tokenizer has no tag {domain.tag}, and {strategy.name} keeps the old "
+                        "domains bit-identical only over the old vocabulary; adapt with expand_branch (the default: "
+                        f"{domain.name} gets a tokenizer of its own) or with --expand-vocab N")
     with dist.main_process_first():  # one process writes the tokenizer and the shards
-        if resume or not dist.is_main_process and (spec.expand_vocab or strategy.own_tokenizer):
+        if resume or not dist.is_main_process and (spec.expand_vocab or strategy.own_tokenizer or needs_tag):
             tokenizer = load_tokenizer(folder.path)
         elif strategy.own_tokenizer:
             tokenizer = strategy.new_tokenizer(new_train.documents, base_tokenizer, domain)
@@ -93,6 +99,9 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
             keep = [doc for train_c, _ in old_corpora.values() for doc in train_c.documents[:KEEP_TEXTS]]
             tokenizer = expand_tokenizer(base_tokenizer, new_train.documents, spec.expand_vocab, keep_texts=keep)
             log(f"vocabulary: {base_vocab} → {len(tokenizer)} tokens ({len(tokenizer) - base_vocab} from {domain.name})")
+        elif needs_tag:
+            tokenizer = with_tag(base_tokenizer, domain.tag)
+            log(f"vocabulary: {domain.tag} appended ({base_vocab} → {len(tokenizer)} tokens)")
         if not resume:
             folder.save(tokenizer.save_pretrained)
             save_specs(folder.path, [*old_domains, domain.name])
@@ -106,7 +115,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
             val_shards[d] = build_shard(val_c, tok, spec.cache_dir)
 
     model.train()
-    if spec.expand_vocab:
+    if spec.expand_vocab or needs_tag:
         grow_embeddings(model, len(tokenizer))
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
                        tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=base_vocab, preset=served.card.get("preset", "tiny"),

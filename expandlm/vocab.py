@@ -148,6 +148,11 @@ def expand_tokenizer(old: PreTrainedTokenizerFast, new_texts: list[str], num_new
         banned |= {a + b for i, (a, b) in enumerate(picked) if first_new + i in fired}
 
 
+def with_tag(tokenizer: PreTrainedTokenizerFast, tag: str) -> PreTrainedTokenizerFast:
+    """The tokenizer with one more special token (a domain's tag) at the next id; all else as it was."""
+    return wrap(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), [*tokenizer.all_special_tokens, tag])
+
+
 def grow_embeddings(model, new_vocab_size: int) -> int:
     """Resize the tied input/output embedding of `model` to `new_vocab_size` rows; returns the old size.
 

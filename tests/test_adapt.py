@@ -208,3 +208,30 @@ def test_adapting_a_chain_to_a_domain_it_serves_or_with_one_set_of_weights_is_re
         grow("branch2", "expand_branch", "recipes", "again")
     with pytest.raises(UserError, match="adapting a expand_branch model again is not supported by the replay"):
         grow("branch1", "replay", "code", "replay-on-branch")
+
+
+def test_a_domain_whose_tag_the_old_tokenizer_lacks_gets_it_appended(base, tmp_path, user_domains):
+    """A user's domain on a model whose tokenizer was trained before it: whole-model strategies append
+    its tag (one more row); strategies that promise the old domains bit for bit refuse, saying why."""
+    from expandlm.adapt import AdaptSpec, adapt
+    from expandlm.domains import get_domain
+    from expandlm.train import TrainConfig
+    from tests.conftest import NANO_STEPS, write_jsonl
+
+    root, _ = base
+    write_jsonl(tmp_path / "poems.jsonl", [{"text": f"the rain falls soft on roof {i}"} for i in range(40)])
+    (tmp_path / "poems.yaml").write_text("name: poems\ndata: {train: poems.jsonl}\n")
+    get_domain(str(tmp_path / "poems.yaml"))
+    old = load_served(root / "base")
+    assert "<|poems|>" not in old.tokenizer.get_vocab()
+    record = adapt(AdaptSpec(base=str(root / "base"), domain="poems", strategy="replay", out=str(tmp_path / "r"),
+                             train=TrainConfig(**NANO_STEPS)))
+    grown = load_served(tmp_path / "r")
+    assert len(grown.tokenizer) == len(old.tokenizer) + 1 == grown.model.config.vocab_size
+    assert grown.tokenizer.convert_tokens_to_ids("<|poems|>") == len(old.tokenizer)
+    text = "Once upon a time there was a cat."
+    assert grown.tokenizer(text)["input_ids"] == old.tokenizer(text)["input_ids"]  # old text reads as before
+    assert record["bpb"]["poems"] > 0 and "stories" in record["forgetting"]
+    with pytest.raises(UserError, match="has no tag <\\|poems\\|>, and lora keeps the old domains bit-identical"):
+        adapt(AdaptSpec(base=str(root / "base"), domain="poems", strategy="lora", out=str(tmp_path / "l"),
+                        train=TrainConfig(**NANO_STEPS)))

@@ -183,6 +183,6 @@ def test_growth_config_errors_name_the_key(tmp_path):
         with pytest.raises(UserError, match=error):
             load_config(bad)
     grow = load_config(REPO / "configs" / "grow.yaml")
-    assert grow.domains == ["stories", "recipes", "code"] and grow.preset == "tiny" and grow.budgets == [1_000_000]
+    assert grow.domains == ["stories", "recipes", "code"] and grow.preset == "tiny" and grow.budgets == [500_000]
     assert [s.key for s in grow.strategies] == ["expand_branch", "replay", "joint", "full_ft"]
     assert load_config(REPO / "configs" / "grow-smoke.yaml").preset == "nano"
