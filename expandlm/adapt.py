@@ -31,7 +31,7 @@ KEEP_TEXTS = 2000  # old-domain documents whose tokenization vocabulary expansio
 @config
 class AdaptSpec:
     base: str = arg(help="the model folder to adapt (an expert from `train`, or an adapted model)", path=True)
-    domain: str = arg(help="the new domain: a name, or the path of a domain spec (YAML)", path=True)
+    domain: str = arg(help="the new domain: a name, or the path of a domain spec (YAML)")
     out: str = arg(help="the run folder to write", path=True)
     data: str | None = arg(None, "the new domain's training corpus: a file or hub dataset id (default: the domain "
                            "spec's training file)", path=True)
@@ -51,7 +51,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     if resume:
         spec = saved_spec(folder, AdaptSpec, spec.train.progress)
     dist = distributed_state()
-    spec = with_domain_data(spec)
+    spec = with_domain_data(spec, folder)
     strategy = make_strategy(spec.strategy, spec.options)
     if spec.expand_vocab and not strategy.supports_vocab_expansion:
         raise UserError(f"--expand-vocab is not supported by the {strategy.name} strategy")

@@ -10,7 +10,7 @@ import time
 
 from .config import arg, build, config, path_fields
 from .corpus import default_data_dir, load_train_val
-from .domains import get_domain, save_specs
+from .domains import get_domain, load_folder_specs, save_specs
 from .evaluate import evaluate_bpb
 from .model import build_model, count_params, get_preset, preset_dict
 from .run_folder import RunFolder
@@ -21,7 +21,7 @@ from .train import TrainConfig, distributed_state, train
 
 @config
 class ExpertSpec:
-    domain: str = arg(help="the domain to train on: a name, or the path of a domain spec (YAML)", path=True)
+    domain: str = arg(help="the domain to train on: a name, or the path of a domain spec (YAML)")
     out: str = arg(help="the run folder to write", path=True)
     data: str | None = arg(None, "training corpus: a .jsonl(.gz), .txt, .parquet file or a hub dataset id "
                            "(default: the domain spec's training file)", path=True)
@@ -58,12 +58,16 @@ def saved_spec(folder: RunFolder, spec_cls, progress: bool = True):
     return build(spec_cls, data, f"{folder / 'run.json'}: spec")
 
 
-def with_domain_data(spec):
-    """The spec with its corpus: `--data` when given, else the files its domain's spec names (a built-in
-    domain's under the data folder); the validation file follows the same choice."""
+def with_domain_data(spec, folder: RunFolder):
+    """The spec with its domain by name (a spec file is read once; the run folder keeps it, so a resumed
+    run knows the domain) and its corpus: `--data` when given, else the files the domain's spec names (a
+    built-in domain's under the data folder); the validation file follows the same choice."""
+    load_folder_specs(folder.path)
+    domain = get_domain(spec.domain)
+    spec = dataclasses.replace(spec, domain=domain.name)
     if spec.data is not None:
         return spec
-    train, valid = get_domain(spec.domain).local_files(default_data_dir())
+    train, valid = domain.local_files(default_data_dir())
     return dataclasses.replace(spec, data=train, val_data=spec.val_data or valid)
 
 
@@ -81,7 +85,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
         spec = saved_spec(folder, ExpertSpec, spec.train.progress)
         log(f"resuming {folder.path} with its saved configuration")
     dist = distributed_state()
-    spec = with_domain_data(spec)
+    spec = with_domain_data(spec, folder)
     domain, preset = get_domain(spec.domain), get_preset(spec.preset)
     t0 = time.time()
     corpus, val_corpus = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
