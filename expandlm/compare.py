@@ -280,12 +280,7 @@ class Study:
                     rows.append(row("base", f"{old} expert (before)", base, base_suite))
                 rows.append(row("scratch", f"{new} expert (reference)", scratch, scratch_suite, forgetting=False))
                 rows += [row(run.name, run.key, adapted[run.key], self.suite(adapted[run.key])) for run in runs]
-        tokenizer_rows = self.tokenizer_study(cfg.seeds[0]) if cfg.tokenizer_study else []
-        results = {"config": dataclasses.asdict(cfg), "versions": versions(), "models": rows,
-                   "tokenizer_study": tokenizer_rows, "seconds": round(time.time() - started, 1)}
-        write_json(self.out / "results.json", results)
-        write_study_report(self.out, results)
-        return results
+        return self._finish(rows, started, write_study_report)
 
     def run_growth(self) -> dict:
         """Every strategy adds the domains one after another; each step is evaluated on every domain it serves."""
@@ -306,11 +301,15 @@ class Study:
                     base = self.adapted(run, base, root / run.key / f"{step}-{domain}", seed, tokens, domain)
                     rows.append(row(run.name, run.key, base, step=step, added_at=added_at))
                     added_at[domain] = rows[-1]["bpb"][domain]
-        tokenizer_rows = self.tokenizer_study(cfg.seeds[0]) if cfg.tokenizer_study else []
-        results = {"config": dataclasses.asdict(cfg), "versions": versions(), "models": rows,
+        return self._finish(rows, started, write_growth_report)
+
+    def _finish(self, rows: list[dict], started: float, write_report) -> dict:
+        """The tokenizer study (if asked), then `results.json` and the report of a finished study."""
+        tokenizer_rows = self.tokenizer_study(self.cfg.seeds[0]) if self.cfg.tokenizer_study else []
+        results = {"config": dataclasses.asdict(self.cfg), "versions": versions(), "models": rows,
                    "tokenizer_study": tokenizer_rows, "seconds": round(time.time() - started, 1)}
         write_json(self.out / "results.json", results)
-        write_growth_report(self.out, results)
+        write_report(self.out, results)
         return results
 
     def _growth_row(self, strategy, label, folder, seed, step, reference, added_at) -> dict:
