@@ -1,4 +1,4 @@
-"""Command line: `expandlm tokenizer | train | adapt | eval | generate | export | serve | compare | demo`.
+"""Command line: `expandlm tokenizer | train | adapt | merge | distill | eval | generate | export | serve | compare | demo`.
 
 The flags of `train`, `adapt`, `generate` and `demo` are made from the fields of their config
 dataclasses (`config.flags`), so every default and help text is written once, beside the field; a
@@ -115,6 +115,13 @@ def cmd_adapt(args) -> None:
     if options:
         spec = dataclasses.replace(spec, options={**spec.options, **options})
     adapt(spec)
+
+
+def cmd_merge(args) -> None:
+    from .merge import load_merge_config, merge
+
+    folder = merge(load_merge_config(args.config), args.out)
+    print(f"merged → {folder.path} (AutoModelForCausalLM, or PeftModel for an adapter, loads it)")
 
 
 def cmd_eval(args) -> None:
@@ -268,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a strategy option, repeatable: new_blocks=2, r=16, target_modules=q_proj,v_proj, "
                          "fraction=0.2, lam=1, from_scratch=false")
     ad.set_defaults(func=cmd_adapt)
+
+    m = sub.add_parser("merge", help="merge experts of one common start (linear, task arithmetic, TIES, DARE, Fisher, RegMean)")
+    m.add_argument("config", help="a mergekit-style YAML: method, base, models (model, weight), parameters")
+    m.add_argument("--out", required=True, help="the merged model's folder (a new one)")
+    m.set_defaults(func=cmd_merge)
 
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
     e.add_argument("--model", required=True)

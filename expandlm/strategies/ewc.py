@@ -15,16 +15,19 @@ from ..train import causal_lm_loss
 from . import Adapted, AdaptContext, Strategy, register
 
 
-def diagonal_fisher(model, batches: PackedBatches, num_batches: int) -> dict[str, torch.Tensor]:
+def diagonal_fisher(model, batches: list[torch.Tensor], normalize: bool = True) -> dict[str, torch.Tensor]:
+    """The mean squared gradient of the next-token loss over `batches` (normalised: mean 1)."""
     fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
     model.train()
-    for i in range(num_batches):
+    for batch in batches:
         model.zero_grad(set_to_none=True)
-        causal_lm_loss(model, batches.batch(i)).backward()
+        causal_lm_loss(model, batch).backward()
         for n, p in model.named_parameters():
             if p.grad is not None:
-                fisher[n] += p.grad.detach() ** 2 / num_batches
+                fisher[n] += p.grad.detach() ** 2 / len(batches)
     model.zero_grad(set_to_none=True)
+    if not normalize:
+        return fisher
     mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp_min(1e-30)
     return {n: f / mean for n, f in fisher.items()}
 
@@ -46,7 +49,7 @@ class EWC(Strategy):
         # every old domain an equal share of the Fisher's windows (one domain: its windows in epoch order)
         weights = [1 / len(shards)] * len(shards) if len(shards) > 1 else None
         batches = PackedBatches(shards, context, self.options.fisher_batch_size, seed=ctx.seed + 1, weights=weights)
-        fisher = diagonal_fisher(base, batches, self.options.fisher_batches)
+        fisher = diagonal_fisher(base, [batches.batch(i) for i in range(self.options.fisher_batches)])
         anchor = {n: (p.detach().clone(), fisher[n]) for n, p in base.named_parameters() if n in fisher}
         return Adapted(base, {"anchor": anchor})  # name → (θ*, F)
 

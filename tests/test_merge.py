@@ -1,0 +1,214 @@
+"""Merging experts of one common start (expandlm.merge): every method, full models and adapters."""
+import json
+
+import pytest
+import torch
+import yaml
+from peft.utils import merge_utils
+from transformers import AutoModelForCausalLM
+
+from conftest import NANO_STEPS, RECIPES, STORIES, write_jsonl
+from expandlm.errors import UserError
+from expandlm.merge import MergeConfig, MergeModel, MergeParameters, check_config, load_merge_config, merge
+from expandlm.serving import load_served
+
+CODE = ["def add(a, b):\n    return a + b\n", "def square(x):\n    \"\"\"x times x.\"\"\"\n    return x * x\n",
+        "def first(items):\n    for item in items:\n        return item\n    return None\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """A nano stories base; full fine-tunes of it on recipes and on code; LoRA adapters of it on each."""
+    from expandlm.adapt import AdaptSpec, adapt
+    from expandlm.expert import ExpertSpec, train_expert
+    from expandlm.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("merge")
+    data = {"stories": write_jsonl(root / "stories.jsonl", [{"text": t} for t in STORIES]),
+            "recipes": write_jsonl(root / "recipes.jsonl", RECIPES),
+            "code": write_jsonl(root / "code.jsonl", [{"text": t} for t in CODE])}
+    cache = str(root / "cache")
+    train_expert(ExpertSpec(domain="stories", data=str(data["stories"]), out=str(root / "base"), preset="nano",
+                            cache_dir=cache, vocab_size=400, train=TrainConfig(**NANO_STEPS)))
+    out = {"base": root / "base", "root": root}
+    for strategy in ("full_ft", "lora"):
+        for domain in ("recipes", "code"):
+            name = f"{domain}-{strategy}"
+            adapt(AdaptSpec(base=str(root / "base"), strategy=strategy, domain=domain, data=str(data[domain]),
+                            out=str(root / name), cache_dir=cache, train=TrainConfig(**{**NANO_STEPS, "lr": 0.01})))
+            out[name] = root / name
+    return out
+
+
+def state(path):
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def cfg(method, models, base=None, **parameters):
+    return MergeConfig(method=method, models=[MergeModel(model=str(m)) for m in models],
+                       base=str(base) if base else None, parameters=MergeParameters(**parameters))
+
+
+def test_linear_merge_is_the_weighted_average_and_loads_with_transformers(experts, tmp_path):
+    a, b = experts["recipes-full_ft"], experts["code-full_ft"]
+    config = MergeConfig(method="linear", models=[MergeModel(model=str(a), weight=3.0), MergeModel(model=str(b), weight=1.0)])
+    out = merge(config, tmp_path / "linear")
+    merged, sa, sb = state(out.path), state(a), state(b)
+    for k in merged:
+        torch.testing.assert_close(merged[k], 0.75 * sa[k] + 0.25 * sb[k])
+    served = load_served(out.path)
+    assert served.domains == ["stories", "recipes", "code"]  # every domain its models served
+    card = json.loads((out.path / "expandlm.json").read_text())
+    assert card["merged"] == {"method": "linear", "experts": ["recipes", "code"]}
+    assert set(served.domain_data()) == {"stories", "recipes", "code"}
+
+
+def test_task_arithmetic_adds_the_weighted_task_vectors_to_the_base(experts, tmp_path):
+    base, a, b = experts["base"], experts["recipes-full_ft"], experts["code-full_ft"]
+    config = MergeConfig(method="task_arithmetic", base=str(base),
+                         models=[MergeModel(model=str(a), weight=0.5), MergeModel(model=str(b), weight=0.7)])
+    merged, s0, sa, sb = state(merge(config, tmp_path / "ta").path), state(base), state(a), state(b)
+    for k in merged:
+        torch.testing.assert_close(merged[k], s0[k] + 0.5 * (sa[k] - s0[k]) + 0.7 * (sb[k] - s0[k]))
+
+
+def test_ties_keeps_the_top_density_of_each_task_vector_and_elects_signs(experts, tmp_path):
+    base, a, b = experts["base"], experts["recipes-full_ft"], experts["code-full_ft"]
+    merged = state(merge(cfg("ties", [a, b], base, density=0.2), tmp_path / "ties").path)
+    s0, sa, sb = state(base), state(a), state(b)
+    key = "model.layers.0.mlp.up_proj.weight"
+    deltas = [sa[key] - s0[key], sb[key] - s0[key]]
+    expected = s0[key] + merge_utils.ties(deltas, torch.ones(2), 0.2, "total")
+    torch.testing.assert_close(merged[key], expected)
+    changed = (merged[key] != s0[key]).float().mean().item()
+    assert changed <= 0.4 + 1e-6  # at most the union of the two kept 20 %
+
+
+def test_dare_is_seeded_and_rescales_what_it_keeps(experts, tmp_path):
+    base, a, b = experts["base"], experts["recipes-full_ft"], experts["code-full_ft"]
+    first = state(merge(cfg("dare_linear", [a, b], base, density=0.5, seed=3), tmp_path / "d1").path)
+    again = state(merge(cfg("dare_linear", [a, b], base, density=0.5, seed=3), tmp_path / "d2").path)
+    other = state(merge(cfg("dare_linear", [a, b], base, density=0.5, seed=4), tmp_path / "d3").path)
+    key = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(first[key], again[key]) and not torch.equal(first[key], other[key])
+    s0, sa, sb = state(base), state(a), state(b)
+    # each kept delta entry is rescaled by 1/density, so the expected merged delta is the plain sum
+    mean_delta = (first[key] - s0[key]).mean()
+    plain = ((sa[key] - s0[key]) + (sb[key] - s0[key])).mean()
+    assert abs(mean_delta - plain) < 0.5 * (sa[key] - s0[key]).abs().mean() + 1e-6
+
+
+def test_fisher_merge_weighs_each_parameter_by_each_experts_fisher(experts, tmp_path, monkeypatch):
+    from expandlm import merge as merge_module
+
+    a, b = experts["recipes-full_ft"], experts["code-full_ft"]
+    out = merge(cfg("fisher", [a, b], windows=4), tmp_path / "fisher")
+    merged, sa, sb = state(out.path), state(a), state(b)
+    key = "model.layers.0.self_attn.v_proj.weight"
+    lo, hi = torch.minimum(sa[key], sb[key]), torch.maximum(sa[key], sb[key])
+    assert ((merged[key] >= lo - 1e-6) & (merged[key] <= hi + 1e-6)).all()  # a per-entry convex combination
+    assert not torch.allclose(merged[key], (sa[key] + sb[key]) / 2)  # and not the plain average
+    # with equal Fishers it is the plain average
+    monkeypatch.setattr(merge_module, "diagonal_fisher",
+                        lambda model, batches, normalize: {n: torch.ones_like(p) for n, p in model.named_parameters()})
+    even = state(merge(cfg("fisher", [a, b], windows=2), tmp_path / "even").path)
+    torch.testing.assert_close(even[key], (sa[key] + sb[key]) / 2)
+
+
+def test_regmean_solves_each_linear_layer_from_the_experts_inputs(experts, tmp_path):
+    a, b = experts["recipes-full_ft"], experts["code-full_ft"]
+    merged = state(merge(cfg("regmean", [a, b], windows=4), tmp_path / "regmean").path)
+    sa, sb = state(a), state(b)
+    norm = "model.layers.0.input_layernorm.weight"
+    torch.testing.assert_close(merged[norm], (sa[norm] + sb[norm]) / 2)  # not a linear layer: the average
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(merged[key], (sa[key] + sb[key]) / 2)
+    # alpha 0 keeps only the Gram diagonals: a per-input-feature weighted average, between the two
+    diag = state(merge(cfg("regmean", [a, b], windows=4, regmean_alpha=0.0), tmp_path / "diag").path)
+    lo, hi = torch.minimum(sa[key], sb[key]), torch.maximum(sa[key], sb[key])
+    assert ((diag[key] >= lo - 1e-5) & (diag[key] <= hi + 1e-5)).all()
+
+
+def test_merging_one_model_with_itself_gives_it_back(experts, tmp_path):
+    a = experts["recipes-full_ft"]
+    for method in ("fisher", "regmean"):
+        merged = state(merge(cfg(method, [a, a], windows=2), tmp_path / method).path)
+        for k, v in state(a).items():
+            torch.testing.assert_close(merged[k], v, atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_merge_into_one_peft_adapter(experts, tmp_path):
+    from peft import PeftModel
+
+    a, b = experts["recipes-lora"], experts["code-lora"]
+    out = merge(cfg("task_arithmetic", [a, b], experts["base"]), tmp_path / "lora-ta")
+    assert (out.path / "adapter_config.json").exists() and not (out.path / "config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(experts["base"])
+    merged = PeftModel.from_pretrained(base, out.path).merge_and_unload().state_dict()
+    # PEFT's `cat` stacks the ranks: exactly the sum of both updates
+    ua = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(experts["base"]), a).merge_and_unload().state_dict()
+    ub = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(experts["base"]), b).merge_and_unload().state_dict()
+    s0 = state(experts["base"])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[key], s0[key] + (ua[key] - s0[key]) + (ub[key] - s0[key]), atol=1e-5, rtol=1e-4)
+    served = load_served(out.path)
+    assert served.domains == ["stories", "recipes", "code"]
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(served.for_domain("stories")(input_ids=ids).logits,
+                               served.for_domain("code")(input_ids=ids).logits)  # one merged model for all
+
+
+def test_adapters_with_a_data_method_become_a_full_checkpoint(experts, tmp_path):
+    out = merge(cfg("fisher", [experts["recipes-lora"], experts["code-lora"]], windows=2), tmp_path / "lora-fisher")
+    assert (out.path / "config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out.path)
+
+
+def test_config_errors_name_the_problem(experts, tmp_path):
+    a, b = str(experts["recipes-full_ft"]), str(experts["code-full_ft"])
+    with pytest.raises(UserError, match="needs 'base'"):
+        check_config(cfg("ties", [a, b]), "m.yaml")
+    with pytest.raises(UserError, match="at least 2"):
+        check_config(cfg("linear", [a]), "m.yaml")
+    with pytest.raises(UserError, match="not a model folder"):
+        check_config(cfg("linear", [a, tmp_path / "missing"]), "m.yaml")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"method": "slerp", "models": [{"model": a}, {"model": b}]}))
+    with pytest.raises(UserError, match="bad.yaml.*method"):
+        load_merge_config(path)
+    path.write_text(yaml.safe_dump({"method": "ties", "models": [{"model": a}, {"model": b}], "base": str(experts["base"]),
+                                    "parameters": {"density": 1.5}}))
+    with pytest.raises(UserError, match="density"):
+        load_merge_config(path)
+
+
+def test_models_of_another_tokenizer_or_shape_are_refused(experts, tmp_path, two_domain_models):
+    import shutil
+
+    from expandlm.tokenizer import load_tokenizer
+    from expandlm.vocab import with_tag
+
+    a = experts["recipes-full_ft"]
+    other = shutil.copytree(experts["code-full_ft"], tmp_path / "other-tokenizer")
+    with_tag(load_tokenizer(other), "<|extra|>").save_pretrained(other)
+    with pytest.raises(UserError, match="different tokenizer"):
+        merge(cfg("linear", [a, other]), tmp_path / "tok")
+    with pytest.raises(UserError, match="different weights|export a domain"):
+        merge(cfg("linear", [a, two_domain_models["expand_branch"]]), tmp_path / "branch")
+    with pytest.raises(UserError, match="adapters with adapters"):
+        merge(cfg("task_arithmetic", [a, experts["code-lora"]], experts["base"]), tmp_path / "mixed")
+    out = merge(cfg("linear", [a, experts["code-full_ft"]]), tmp_path / "once")
+    with pytest.raises(UserError, match="already holds a run"):
+        merge(cfg("linear", [a, experts["code-full_ft"]]), out.path)
+
+
+def test_merge_command_reads_a_mergekit_style_yaml(experts, tmp_path):
+    from expandlm.cli import main
+
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump({"method": "dare_ties", "base": str(experts["base"]), "parameters": {"density": 0.7},
+                                    "models": [{"model": str(experts["recipes-full_ft"]), "weight": 0.6},
+                                               {"model": str(experts["code-full_ft"]), "weight": 0.6}]}))
+    assert main(["merge", str(path), "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["kind"] == "merge" and record["spec"]["parameters"]["density"] == 0.7 and "versions" in record
