@@ -124,6 +124,16 @@ def cmd_merge(args) -> None:
     print(f"merged → {folder.path} (AutoModelForCausalLM, or PeftModel for an adapter, loads it)")
 
 
+def cmd_distill(args) -> None:
+    from .distill import distill, load_distill_spec
+
+    spec = load_distill_spec(args.config, args.out)
+    spec.train.progress = args.progress
+    record = distill(spec, resume=args.resume)
+    print(f"student → {args.out} (AutoModelForCausalLM loads it); bpb "
+          + ", ".join(f"{d} {v:.4f}" for d, v in record["bpb"].items()))
+
+
 def cmd_eval(args) -> None:
     from .atomic import write_json
     from .corpus import default_data_dir, load_corpus
@@ -280,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="a mergekit-style YAML: method, base, models (model, weight), parameters")
     m.add_argument("--out", required=True, help="the merged model's folder (a new one)")
     m.set_defaults(func=cmd_merge)
+
+    di = sub.add_parser("distill", help="train one student on several experts' outputs (alpha 0: joint training)")
+    di.add_argument("config", help="YAML: teachers ({model, domain} each), student, alpha, temperature, train")
+    di.add_argument("--out", required=True, help="the student's run folder")
+    di.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    di.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    di.set_defaults(func=cmd_distill)
 
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
     e.add_argument("--model", required=True)

@@ -138,12 +138,15 @@ class PackedBatches:
             out.append(tuple(self.windows[rows[int(torch.randint(len(rows), (1,), generator=g))]]))
         return out
 
-    def batch(self, micro_step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    def picks(self, micro_step: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+        """The (shard, start) of each window of batch `micro_step`."""
         if self.weights is not None:
-            picks = self._mixed(micro_step, rank)
-        else:
-            first = (micro_step * world + rank) * self.batch_size
-            picks = [self.windows[self._order(i // len(self.windows))[i % len(self.windows)]]
-                     for i in range(first, first + self.batch_size)]
-        rows = [np.asarray(self._tokens[k][start:start + self.context + 1], dtype=np.int64) for k, start in picks]
+            return self._mixed(micro_step, rank)
+        first = (micro_step * world + rank) * self.batch_size
+        return [tuple(self.windows[self._order(i // len(self.windows))[i % len(self.windows)]])
+                for i in range(first, first + self.batch_size)]
+
+    def batch(self, micro_step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        rows = [np.asarray(self._tokens[k][start:start + self.context + 1], dtype=np.int64)
+                for k, start in self.picks(micro_step, rank, world)]
         return torch.from_numpy(np.stack(rows))

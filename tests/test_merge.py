@@ -7,38 +7,9 @@ import yaml
 from peft.utils import merge_utils
 from transformers import AutoModelForCausalLM
 
-from conftest import NANO_STEPS, RECIPES, STORIES, write_jsonl
 from expandlm.errors import UserError
 from expandlm.merge import MergeConfig, MergeModel, MergeParameters, check_config, load_merge_config, merge
 from expandlm.serving import load_served
-
-CODE = ["def add(a, b):\n    return a + b\n", "def square(x):\n    \"\"\"x times x.\"\"\"\n    return x * x\n",
-        "def first(items):\n    for item in items:\n        return item\n    return None\n"] * 20
-
-
-@pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    """A nano stories base; full fine-tunes of it on recipes and on code; LoRA adapters of it on each."""
-    from expandlm.adapt import AdaptSpec, adapt
-    from expandlm.expert import ExpertSpec, train_expert
-    from expandlm.train import TrainConfig
-
-    root = tmp_path_factory.mktemp("merge")
-    data = {"stories": write_jsonl(root / "stories.jsonl", [{"text": t} for t in STORIES]),
-            "recipes": write_jsonl(root / "recipes.jsonl", RECIPES),
-            "code": write_jsonl(root / "code.jsonl", [{"text": t} for t in CODE])}
-    cache = str(root / "cache")
-    train_expert(ExpertSpec(domain="stories", data=str(data["stories"]), out=str(root / "base"), preset="nano",
-                            cache_dir=cache, vocab_size=400, train=TrainConfig(**NANO_STEPS)))
-    out = {"base": root / "base", "root": root}
-    for strategy in ("full_ft", "lora"):
-        for domain in ("recipes", "code"):
-            name = f"{domain}-{strategy}"
-            adapt(AdaptSpec(base=str(root / "base"), strategy=strategy, domain=domain, data=str(data[domain]),
-                            out=str(root / name), cache_dir=cache, train=TrainConfig(**{**NANO_STEPS, "lr": 0.01})))
-            out[name] = root / name
-    return out
-
 
 def state(path):
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
