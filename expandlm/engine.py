@@ -138,6 +138,9 @@ def _unwrap(model) -> tuple[torch.nn.Module, str | None, str | None]:
 
 def supported(model) -> str | None:
     """Why the engine cannot run `model` (None: it can)."""
+    peft_config = getattr(model.model if isinstance(model, DomainView) else model, "peft_config", {})
+    if any(getattr(c, "arrow_config", None) is not None for c in peft_config.values()):
+        return "its LoRA experts are routed per token (arrow)"
     llama, _, _ = _unwrap(model)
     cfg = llama.config
     if getattr(cfg, "model_type", None) != "llama":
@@ -360,7 +363,7 @@ def make_engine(name: str, model, slots: int = 1):
     """The engine called `name` (one of ENGINES) over `model` with `slots` sequences."""
     if name not in ENGINES:
         raise UserError(f"unknown engine '{name}' (known: {', '.join(ENGINES)})")
-    if name == "hf":
+    if name == "hf" or supported(model) is not None:  # what the lean loop cannot run, transformers' generate does
         return TransformersEngine(model, slots)
     return DecodeEngine(model, slots, kernel=name == "fast")
 

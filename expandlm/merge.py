@@ -29,6 +29,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from .atomic import files_into
 from .config import arg, build, config, load_yaml
 from .corpus import load_train_val
 from .domains import get_domain, save_specs
@@ -42,7 +43,7 @@ from .strategies.ewc import diagonal_fisher
 
 DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")   # merge task vectors: need a base
 DATA_METHODS = ("fisher", "regmean")                                       # weigh by each expert's own data
-METHODS = ("linear", *DELTA_METHODS, *DATA_METHODS)
+METHODS = ("linear", *DELTA_METHODS, *DATA_METHODS, "arrow")   # arrow: adapters kept, routed per token
 # how PEFT's add_weighted_adapter does each method on LoRA adapters: `cat` stacks the ranks, so it is
 # exactly the sum of the weighted updates; TIES and DARE act on the full updates, then SVD back to a rank
 ADAPTER_COMBINATION = {"linear": "linear", "task_arithmetic": "cat", "ties": "ties_svd",
@@ -69,11 +70,13 @@ class MergeParameters:
     svd_rank: Annotated[int, Field(gt=0)] | None = arg(None, "adapters, TIES/DARE: rank of the merged adapter "
                                                             "(default: the sum of the adapters' ranks)")
     seed: int = arg(0, "DARE: seed of the random drops")
+    top_k: Annotated[int, Field(gt=0)] = arg(1, "arrow: adapters mixed per token")
+    router_temperature: Annotated[float, Field(gt=0)] = arg(1.0, "arrow: softmax temperature of the routing")
 
 
 @config
 class MergeConfig:
-    method: Literal[METHODS] = arg(help="how the models are combined")
+    method: Literal[METHODS] = arg(help="how the models are combined (arrow: LoRA adapters kept apart, routed per token)")
     models: list[MergeModel] = arg(help="the experts to merge", factory=list)
     base: str | None = arg(None, "the common start the experts were fine-tuned from (task arithmetic, TIES, DARE)",
                            path=True)
@@ -294,6 +297,8 @@ def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
         domain_data.update({d: v for d, v in s.domain_data().items() if d not in domain_data})
     weights = torch.tensor([m.weight for m in cfg.models])
     p = cfg.parameters
+    if cfg.method == "arrow":
+        return _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, out)
     if all(adapters) and cfg.method in ADAPTER_COMBINATION:
         model, kind = _merged_adapter(served, cfg), "adapter"
     else:
@@ -319,11 +324,8 @@ def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
         model = copy.deepcopy(models[0])
         model.load_state_dict(merged, strict=False)  # tied weights share one tensor: either name loads it
         kind = "full"
-    folder = RunFolder(out)
-    folder.begin(resume=False)  # never over an earlier run
+    folder = _new_folder(out, served[0], domains)
     folder.save(model.save_pretrained)
-    folder.save(served[0].tokenizer.save_pretrained)
-    save_specs(folder.path, domains)
     card = {"domains": domains, "preset": served[0].card.get("preset"),
             "merged": {"method": cfg.method, "experts": experts}}
     if kind == "adapter":
@@ -331,13 +333,52 @@ def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
                     base=folder.portable(served[0].folder.resolve(served[0].card["base"])))
     else:
         card["strategy"] = Strategy.name
+    return _finish(folder, cfg, card, kind, domain_data, len(served))
+
+
+def _new_folder(out, first: ServedModel, domains: list[str]) -> RunFolder:
+    folder = RunFolder(out)
+    folder.begin(resume=False)  # never over an earlier run
+    folder.save(first.tokenizer.save_pretrained)
+    save_specs(folder.path, domains)
+    return folder
+
+
+def _finish(folder: RunFolder, cfg: MergeConfig, card: dict, kind: str, domain_data: dict, n: int) -> RunFolder:
+    """The card and the run record (the config, versions, every domain's data for later stages)."""
     spec = {**dataclasses.asdict(cfg), "models": [{**dataclasses.asdict(m), "model": folder.portable(m.model)}
                                                   for m in cfg.models], "base": folder.portable(cfg.base)}
-    record = folder.new_record("merge", spec, p.seed, card=card, output=kind, bpb={}, status="done",
+    record = folder.new_record("merge", spec, cfg.parameters.seed, card=card, output=kind, bpb={}, status="done",
                                domain_data={d: {**v, "train": folder.portable(v["train"]),
                                                 "val": folder.portable(v.get("val"))} for d, v in domain_data.items()})
     folder.write_record(record)
     folder.write_card(card)
-    log(f"merge: {cfg.method} of {len(served)} {'adapters' if kind == 'adapter' else 'models'} → {folder.path} "
-        f"(serves {', '.join(domains)})")
+    log(f"merge: {cfg.method} of {n} models ({kind}) → {folder.path} (serves {', '.join(card['domains'])})")
     return folder
+
+
+def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, out) -> RunFolder:
+    """The adapters kept apart in one folder, routed per token by PEFT's Arrow (strategies/arrow.py)."""
+    import shutil
+
+    from .strategies.arrow import EXPERTS
+
+    if not all(adapters):
+        raise UserError(f"arrow routes among LoRA adapters; {', '.join(n for n, a in zip(names, adapters) if not a)} "
+                        "are full models")
+    bases = {s.folder.resolve(s.card["base"]) for s in served}
+    if len(bases) > 1:
+        raise UserError(f"the adapters were trained on different bases ({', '.join(sorted(bases))}); arrow routes "
+                        "among adapters of one base")
+    folder = _new_folder(out, served[0], domains)
+    keys = [f"{i}-{d}" for i, d in enumerate(experts)]
+    for key, s in zip(keys, served):
+        (folder.path / EXPERTS / key).mkdir(parents=True, exist_ok=True)
+        with files_into(folder.path / EXPERTS / key) as tmp:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(s.path / name, Path(tmp) / name)
+    card = {"domains": domains, "preset": served[0].card.get("preset"), "strategy": "arrow",
+            "options": {"top_k": cfg.parameters.top_k, "router_temperature": cfg.parameters.router_temperature},
+            "base": folder.portable(next(iter(bases))), "experts": keys,
+            "merged": {"method": "arrow", "experts": experts}}
+    return _finish(folder, cfg, card, "routed adapters", domain_data, len(served))

@@ -183,3 +183,33 @@ def test_merge_command_reads_a_mergekit_style_yaml(experts, tmp_path):
     assert main(["merge", str(path), "--out", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert record["kind"] == "merge" and record["spec"]["parameters"]["density"] == 0.7 and "versions" in record
+
+
+def test_arrow_keeps_the_adapters_and_routes_each_token_among_them(experts, tmp_path):
+    from peft import PeftModel
+
+    from expandlm.generate import SamplingConfig, generate
+    from expandlm.domains import get_domain
+
+    a, b = experts["recipes-lora"], experts["code-lora"]
+    out = merge(cfg("arrow", [a, b], top_k=1), tmp_path / "arrow")
+    assert sorted(p.name for p in (out.path / "experts").iterdir()) == ["0-recipes", "1-code"]
+    served = load_served(out.path)
+    assert served.strategy.name == "arrow" and served.domains == ["stories", "recipes", "code"]
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    base = AutoModelForCausalLM.from_pretrained(experts["base"]).eval()
+    with torch.no_grad():
+        routed = served.for_domain("recipes")(input_ids=ids).logits
+        assert not torch.allclose(routed, base(input_ids=ids).logits)
+    # two copies of one adapter: whatever the routing picks, the output is that adapter's
+    twice = load_served(merge(cfg("arrow", [a, a], top_k=2), tmp_path / "twice").path)
+    alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(experts["base"]), a).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twice.model(input_ids=ids).logits, alone(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    drawn = generate(served.for_domain("code"), served.tokenizer_for("code"), get_domain("code"), "", 1,
+                     SamplingConfig(temperature=0, max_new_tokens=5))  # the lean engine hands it to transformers
+    assert drawn[0].text is not None
+    with pytest.raises(UserError, match="no one set of weights"):
+        served.export_model("code")
+    with pytest.raises(UserError, match="full models"):
+        merge(cfg("arrow", [a, experts["code-full_ft"]]), tmp_path / "mixed")

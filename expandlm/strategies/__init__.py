@@ -157,7 +157,7 @@ def strategy_of(card: dict) -> Strategy:
                          f"{MODEL_CARD}: options")
 
 # The strategies, one file each; importing them registers them.
-from . import ewc, expand, expand_branch, expand_paths, full_ft, joint, lora, replay  # noqa: E402,F401
+from . import arrow, ewc, expand, expand_branch, expand_paths, full_ft, joint, lora, replay  # noqa: E402,F401
 
 __all__ = ["AdaptContext", "Adapted", "Strategy", "STRATEGIES", "DEFAULT_STRATEGY", "register", "make_strategy", "strategy_of",
            "freeze", "mix"]
