@@ -220,9 +220,11 @@ def cmd_serve(args) -> None:
 
 
 def cmd_compare(args) -> None:
+    from .combine import CombineStudy, CombineStudyConfig
     from .compare import Study, load_config
 
-    Study(load_config(args.config), args.out, progress=args.progress).run()
+    cfg = load_config(args.config)
+    (CombineStudy if isinstance(cfg, CombineStudyConfig) else Study)(cfg, args.out, progress=args.progress).run()
     print(f"report: {args.out}/report.md  results: {args.out}/results.json")
 
 

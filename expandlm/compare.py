@@ -109,8 +109,13 @@ def budget_label(tokens: int) -> str:
     return f"{tokens / 1e6:g}M"
 
 
-def load_config(path: str | Path) -> StudyConfig:
-    cfg = build(StudyConfig, load_yaml(path), str(path))
+def load_config(path: str | Path):
+    """A study config: the two-domain (or growth) study, or, with `experts`, the combination study."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and "experts" in data:
+        from .combine import load_combine_config
+        return load_combine_config(data, path)
+    cfg = build(StudyConfig, data, str(path))
     # one label is one curve: entries may share it to run it at different seeds per budget, never twice
     # at the same point, and always as the same strategy
     points, kind = set(), {}

@@ -11,7 +11,7 @@ from transformers import TextStreamer, set_seed
 
 from .config import arg, config
 from .domains import Domain
-from .engine import Sampler, make_engine, run_batch
+from .engine import Sampler, make_engine, run_batch, supported
 from .errors import UserError
 from .tokenizer import encode_texts, require_tag
 
@@ -82,7 +82,7 @@ def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: in
     context = model.config.max_position_embeddings
     check_length(ids, context)
     max_new = min(sampling.max_new_tokens or context, context - len(ids))
-    if engine != "hf":
+    if engine != "hf" and supported(model) is None:  # what the lean loop cannot run, transformers' generate does
         return _generate_fast(make_engine(engine, model, num_samples), tokenizer, ids, prompt, sampling, max_new,
                               stream)
     set_seed(sampling.seed)

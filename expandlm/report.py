@@ -281,3 +281,74 @@ def write_growth_report(out: Path, results: dict) -> None:
             for domain, drawn in samples[r["model"]].items():
                 lines += [f"### {r['label']}: {domain}", "", "```", drawn[0]["text"] if drawn else "", "```", ""]
     write_text(out / "report.md", "\n".join(lines))
+
+
+def plot_combine(rows: list[dict], domains: list[str], path: Path) -> Path:
+    """Each way of combining the experts: its bpb gap to each domain's expert, and the control accuracy of
+    its samples."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [r["label"] for r in rows]
+    fig, (ax_gap, ax_acc) = plt.subplots(1, 2, figsize=(15, 0.32 * len(rows) + 2.2), sharey=True)
+    y = np.arange(len(rows))
+    height = 0.8 / len(domains)
+    for i, d in enumerate(domains):
+        gaps = [r["gap"].get(d, np.nan) for r in rows]
+        ax_gap.barh(y + (i - (len(domains) - 1) / 2) * height, np.clip(gaps, -50, 150), height, label=d)
+    ax_gap.axvline(0, color="black", lw=0.8)
+    ax_gap.set(xlabel="bpb gap to the domain's expert (%, clipped at 150)", title="bpb on every domain")
+    ax_gap.set_yticks(y, labels, fontsize=8)
+    ax_gap.invert_yaxis()
+    acc = [r["mean_accuracy"] if r["mean_accuracy"] is not None else np.nan for r in rows]
+    ax_acc.barh(y, acc, 0.6, color="tab:gray")
+    ax_acc.set(xlabel="domain-control accuracy of samples (mean over domains)", xlim=(0, 1), title="samples")
+    for ax in (ax_gap, ax_acc):
+        ax.grid(axis="x", alpha=0.3)
+    ax_gap.legend(loc="lower right")
+    _save(fig, Path(path))
+    return Path(path)
+
+
+def write_combine_report(out: Path, results: dict) -> None:
+    """`report.md` of the combination study (combine.py): one table, `combine.png`, samples."""
+    import json
+
+    domains, rows = results["domains"], results["models"]
+    cfg = results["config"]
+    table = []
+    for r in rows:
+        row = {"model": r["label"], "kind": r["family"], "from": r["base"]}
+        for d in domains:
+            bpb, gap = r["bpb"].get(d), r["gap"].get(d)
+            row[f"{d} bpb (gap)"] = "-" if bpb is None else f"{bpb:.3f} ({gap:+.1f}%)"
+        acc = r["domain_accuracy"] or {}
+        row["ctrl acc " + "/".join(d[:4] for d in domains)] = (
+            "/".join("-" if acc.get(d) is None else f"{acc[d]:.2f}" for d in domains) if acc else "-")
+        row.update({"trained": r["trained_params"], "stored": r["stored_params"],
+                    "minutes": None if r["seconds"] is None else round(r["seconds"] / 60, 1)})
+        table.append(row)
+    plot_combine(rows, domains, out / "combine.png")
+    samples = {r["label"]: r.get("samples", {}) for r in rows if r.get("samples")}
+    write_text(out / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False))
+    routed = next((r for r in rows if "routing_accuracy" in r), None)
+    lines = [f"# expandlm: combining experts ({cfg['preset']} preset, seed {cfg['seed']})", "",
+             f"Common start: a {cfg['base_domain']} expert ({cfg['base_tokens']:,} tokens). Each of "
+             f"{', '.join(cfg['experts'])} is fine-tuned from it once on {cfg['expert_tokens']:,} tokens, fully and "
+             "as a LoRA adapter; every row then serves every domain. bpb: bits per byte on each domain's validation "
+             "set, with the gap to that domain's expert (the base for "
+             f"{cfg['base_domain']}, the full fine-tune for the others). ctrl acc: share of samples for each domain "
+             "that a held-out classifier assigns to it. trained: parameters the row's own step trained (a merge: 0, "
+             "on top of its experts); stored: parameters kept to serve it; minutes: its training, its experts' "
+             "included, and the merge.", ""]
+    if routed:
+        lines += [f"The per-request router sent {100 * routed['routing_accuracy']:.1f}% of the validation documents "
+                  f"(their first {cfg['routing_chars']} characters) to their own domain's expert.", ""]
+    lines += [markdown_table(table, list(table[0])), "", "![combine](combine.png)", "", "## Samples", "",
+              "The first sample per domain of a few rows; all of them are in `samples.json`.", ""]
+    for label, by_domain in list(samples.items())[:6]:
+        for domain, drawn in by_domain.items():
+            lines += [f"### {label}: {domain}", "", "```", drawn[0]["text"][:400] if drawn else "", "```", ""]
+    write_text(out / "report.md", "\n".join(lines))
