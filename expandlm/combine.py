@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -34,7 +35,6 @@ from .errors import UserError
 from .evaluate import evaluate_bpb
 from .expert import log
 from .merge import METHODS, MergeConfig, MergeModel, MergeParameters, merge
-from .model import count_params
 from .report import write_combine_report
 from .routing import route, router_from_data
 from .run_folder import RUN_RECORD, RunFolder, versions
@@ -108,6 +108,21 @@ def load_combine_config(data: dict, path) -> CombineStudyConfig:
     return cfg
 
 
+def stored_params(folder: Path) -> int:
+    """Parameters kept on disk to serve a folder: its weight files, and its base's for adapters."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(folder).rglob("*.safetensors"):
+        if "checkpoint" not in path.relative_to(folder).parts:
+            with safe_open(path, "pt") as f:
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    card = RunFolder(folder).card()
+    if "base" in card and not (Path(folder) / "config.json").exists():  # an adapter's base is stored too
+        total += stored_params(RunFolder(folder).path / card["base"])
+    return total
+
+
 class CombineStudy(Study):
     cfg: CombineStudyConfig
 
@@ -168,7 +183,7 @@ class CombineStudy(Study):
         if trained is None:
             trained = record.get("trainable_params", 0)
         if stored is None:
-            stored = count_params(load_served(folder, device="cpu").model)
+            stored = stored_params(folder)
         if seconds is None:
             seconds = record.get("train_seconds")
         return self._row(label, family, base, suite["bpb"], suite.get("domain_accuracy", {}), trained, stored, seconds,
@@ -196,7 +211,7 @@ class CombineStudy(Study):
                 model = s.for_domain(d) if d in s.domains else s.model
                 result = evaluate_bpb(model, build_shard(corpus, s.tokenizer_for(d), self.cache))
                 nats, nbytes = nats + result["nats"], nbytes + result["bytes"]
-            bpb[d] = nats / 0.6931471805599453 / nbytes
+            bpb[d] = nats / math.log(2) / nbytes
         return bpb, right / total
 
     def run(self) -> dict:
@@ -209,7 +224,7 @@ class CombineStudy(Study):
         lora = {d: self._adapt(base, d, "lora", out / f"{d}-lora", cfg.lora) for d in cfg.experts} if needs_lora else {}
         experts = {cfg.base_domain: base, **full}  # each domain's expert: the reference of every row
         reference = {d: self.suite(f)["bpb"][d] for d, f in experts.items()}
-        base_params = count_params(load_served(base, device="cpu").model)
+        base_params = stored_params(base)
         seconds = {d: RunFolder(f).record().get("train_seconds") or 0 for d, f in {**full, **{f"{d}-lora": f for d, f in lora.items()}}.items()}
         tag = f"{cfg.base_domain} expert"
         rows.append(self._folder_row(f"{cfg.base_domain} expert (the base)", "expert", tag, base, reference))

@@ -244,16 +244,22 @@ def regmean_merge(models: list[torch.nn.Module], batches: list[list[torch.Tensor
     return merged
 
 
+def shared_base(adapters: list[ServedModel]) -> str:
+    """The base model folder every adapter was trained on (adapters of different bases do not combine)."""
+    bases = {s.folder.resolve(s.card["base"]) for s in adapters}
+    if len(bases) > 1:
+        raise UserError(f"the adapters were trained on different bases ({', '.join(sorted(bases))}); "
+                        "adapters combine only over the base they share")
+    return next(iter(bases))
+
+
 def _merged_adapter(served: list[ServedModel], cfg: MergeConfig) -> torch.nn.Module:
     """The adapters as one PEFT adapter, merged by PEFT's `add_weighted_adapter`."""
     from peft import PeftModel
 
-    bases = {s.folder.resolve(s.card["base"]) for s in served}
-    if len(bases) > 1:
-        raise UserError(f"the adapters were trained on different bases ({', '.join(sorted(bases))}); "
-                        "adapters merge only over the base they share")
-    if cfg.base is not None and Path(cfg.base).resolve() != Path(next(iter(bases))).resolve():
-        raise UserError(f"'base' is {cfg.base}, but the adapters were trained on {next(iter(bases))}")
+    shared = shared_base(served)
+    if cfg.base is not None and Path(cfg.base).resolve() != Path(shared).resolve():
+        raise UserError(f"'base' is {cfg.base}, but the adapters were trained on {shared}")
     model = copy.deepcopy(served[0].model)
     names = [f"expert{i}" for i in range(len(served))]
     model.load_adapter(str(served[0].path), adapter_name=names[0])
@@ -366,10 +372,7 @@ def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, o
     if not all(adapters):
         raise UserError(f"arrow routes among LoRA adapters; {', '.join(n for n, a in zip(names, adapters) if not a)} "
                         "are full models")
-    bases = {s.folder.resolve(s.card["base"]) for s in served}
-    if len(bases) > 1:
-        raise UserError(f"the adapters were trained on different bases ({', '.join(sorted(bases))}); arrow routes "
-                        "among adapters of one base")
+    base = shared_base(served)
     folder = _new_folder(out, served[0], domains)
     keys = [f"{i}-{d}" for i, d in enumerate(experts)]
     for key, s in zip(keys, served):
@@ -379,6 +382,6 @@ def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, o
                 shutil.copy2(s.path / name, Path(tmp) / name)
     card = {"domains": domains, "preset": served[0].card.get("preset"), "strategy": "arrow",
             "options": {"top_k": cfg.parameters.top_k, "router_temperature": cfg.parameters.router_temperature},
-            "base": folder.portable(next(iter(bases))), "experts": keys,
+            "base": folder.portable(base), "experts": keys,
             "merged": {"method": "arrow", "experts": experts}}
     return _finish(folder, cfg, card, "routed adapters", domain_data, len(served))

@@ -166,6 +166,8 @@ def test_models_of_another_tokenizer_or_shape_are_refused(experts, tmp_path, two
         merge(cfg("linear", [a, other]), tmp_path / "tok")
     with pytest.raises(UserError, match="different weights|export a domain"):
         merge(cfg("linear", [a, two_domain_models["expand_branch"]]), tmp_path / "branch")
+    with pytest.raises(UserError, match="different bases"):  # the same tokenizer, another stories expert
+        merge(cfg("task_arithmetic", [experts["recipes-lora"], two_domain_models["lora"]], experts["base"]), tmp_path / "b")
     with pytest.raises(UserError, match="adapters with adapters"):
         merge(cfg("task_arithmetic", [a, experts["code-lora"]], experts["base"]), tmp_path / "mixed")
     out = merge(cfg("linear", [a, experts["code-full_ft"]]), tmp_path / "once")
