@@ -7,10 +7,10 @@ and vLLM/TGI do not target CPUs of this size. The engine runs the same computati
 `LlamaForCausalLM` (RMSNorm, RoPE from the model's own rotary module, attention, SwiGLU, tied head)
 on weights read once from the model, fused where that saves work (q/k/v in one matmul, gate/up in
 one), with a pre-allocated cache, and gives the same greedy tokens as `model.generate`
-(tests/test_engine.py). A prompt goes through in one PyTorch pass; each decode step is one call
-into `decode_kernel.c` (compiled at first use with the system compiler, as llama2.c's run.c is
-built), or, where no compiler is found (or with `kernel=False`: engine "torch"), a PyTorch loop of
-about twenty operations per block.
+(tests/test_engine.py). A prompt goes through in one PyTorch pass (a prompt of a few tokens, through
+the C step); each decode step is one call into `decode_kernel.c` (compiled at first use with the
+system compiler, as llama2.c's run.c is built), or, where no compiler is found (or with
+`kernel=False`: engine "torch"), a PyTorch loop of about twenty operations per block.
 
 It reads the weights of what `ServedModel.for_domain` returns: a plain Llama model, a `DomainView`
 whose gated blocks run only on some domains' paths (`expand_paths`: the engine keeps the blocks of
@@ -224,11 +224,16 @@ class DecodeEngine:
                             *[ctypes.cast(self._layer_pointers[n], ctypes.POINTER(_P))
                               for n in ("attn_norm", "wqkv", "wo", "ffn_norm", "wgate_up", "wdown")],
                             ptr(self.k_cache), ptr(self.v_cache))
-        width = 3 * self.embed.shape[1] + self.q_size + 2 * self.kv_size + 3 * self.hidden
-        self._scratch = torch.empty(self.slots * width + self.context)
+        # prompts of up to one block of rows (those the C matmul reads each weight row once for) go
+        # through the C step too (`prefill`): scratch for that many rows or `slots`, whichever is more
+        self._kernel_rows = ctypes.c_int.in_dll(library, "row_block").value
+        width = 3 * self.embed.shape[1] + self.q_size + 2 * self.kv_size + 3 * self.hidden  # floats per row
+        self._scratch = torch.empty(max(self.slots, self._kernel_rows) * width + self.context)
         self._spec = spec
         self._greedy = library.decode_greedy
         self._greedy.restype = ctypes.c_int
+        self._prefill = library.prefill
+        self._prefill.restype = None
         return library.decode_step
 
     @property
@@ -278,6 +283,19 @@ class DecodeEngine:
         """Put a prompt into `slot` (replacing what was there); the next-token logits [vocab]."""
         if not 0 < len(ids) < self.context:
             raise UserError(f"prompt is {len(ids)} tokens; the model's context is {self.context}")
+        n = len(ids)
+        if self._kernel is not None and n <= self._kernel_rows:
+            # a short prompt through the C step, its tokens as the rows of one pass: that costs about one
+            # decode step (one read of the weights), where a PyTorch pass costs hundreds of microseconds
+            # of dispatch (0.5 ms on nano: the time of a hundred of its tokens). Longer prompts go to
+            # PyTorch, whose matrix products overtake the C loop somewhere past a few tens of tokens,
+            # depending on the model and the machine.
+            ints = lambda values: (ctypes.c_int * n)(*values)  # noqa: E731
+            logits = torch.empty(self.vocab_size)
+            self._prefill(ctypes.byref(self._spec), n, ints([slot] * n), ints(ids), ints(range(n)),
+                          ctypes.c_void_p(logits.data_ptr()), ctypes.c_void_p(self._scratch.data_ptr()))
+            self.lengths[slot] = n
+            return logits
         tokens = torch.tensor([ids], device=self.device)
         positions = torch.arange(len(ids), device=self.device)[None]
         rows = slice(slot, slot + 1)
