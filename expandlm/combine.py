@@ -192,11 +192,8 @@ class CombineStudy(Study):
     def _routed(self, experts: dict[str, Path]) -> tuple[dict, float]:
         """bpb of each domain when each validation document goes to the expert the router picks from its
         opening characters; and the share of documents routed to their own domain's expert."""
-        data = {}
-        for d, folder in experts.items():
-            data.update(load_served(folder, device="cpu").domain_data())
-        router = router_from_data({d: data[d] for d in experts})
         served = {d: load_served(f, device="cpu") for d, f in experts.items()}
+        router = router_from_data({d: s.domain_data()[d] for d, s in served.items()})
         bpb, right, total = {}, 0, 0
         for d in experts:
             docs = self.val_corpus(d).documents

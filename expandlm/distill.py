@@ -88,7 +88,7 @@ def distillation_loss(teachers: list, alpha: float, temperature: float, model, b
 
 def distill(spec: DistillSpec, resume: bool = False) -> dict:
     """Train the student; returns the run record (also `out/run.json`)."""
-    from .merge import _check_tokenizers
+    from .merge import check_tokenizers
 
     folder = RunFolder(spec.out)
     folder.begin(resume)
@@ -104,7 +104,7 @@ def distill(spec: DistillSpec, resume: bool = False) -> dict:
     served = [load_served(t.model) for t in spec.teachers]  # on the device the student trains on
     names = [f"teachers[{i}]" for i in range(len(served))]
     student_start = load_served(spec.student, device="cpu") if spec.student else None
-    _check_tokenizers(served + ([student_start] if student_start else []), names + ["student"] * bool(student_start))
+    check_tokenizers(served + ([student_start] if student_start else []), names + ["student"] * bool(student_start))
     teachers = [s.for_domain(d) for s, d in zip(served, domains)]
     tokenizer = served[0].tokenizer_for(domains[0])
     t0 = time.time()

@@ -122,7 +122,7 @@ def _load(path: str, what: str) -> ServedModel:
     return served
 
 
-def _check_tokenizers(models: list[ServedModel], names: list[str]) -> None:
+def check_tokenizers(models: list[ServedModel], names: list[str]) -> None:
     vocab = models[0].tokenizer.get_vocab()
     for served, name in zip(models[1:], names[1:]):
         other = served.tokenizer.get_vocab()
@@ -294,7 +294,7 @@ def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
     served = [_load(m.model, n) for m, n in zip(cfg.models, names)]
     base = _load(cfg.base, "base") if cfg.base is not None else None
     everyone = served + ([base] if base else [])
-    _check_tokenizers(everyone, names + (["base"] if base else []))
+    check_tokenizers(everyone, names + (["base"] if base else []))
     adapters = [is_adapter(s) for s in served]
     domains = list(dict.fromkeys(d for s in everyone for d in s.domains))
     experts = [expert_domain(s, m, n) for s, m, n in zip(served, cfg.models, names)]
