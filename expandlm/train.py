@@ -134,6 +134,14 @@ def _step_cap(cfg: TrainConfig, tokens_per_step: int) -> int | None:
     return min(caps) if caps else None
 
 
+def planned_tokens(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int) -> int | None:
+    """The training tokens a run will see, known before it starts: the fixed budgets, or one epoch when
+    there is no budget at all; None under a minutes budget (where it stops depends on the machine's pace)."""
+    if cfg.minutes:
+        return None
+    return plan_steps(cfg, tokens_per_step, epoch_tokens) * tokens_per_step
+
+
 def plan_steps(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int, micro_step_s: float | None = None,
                micro_tokens: int = 1, eval_tokens: float = 0.0) -> int:
     """Total optimizer steps from the budgets, planned before the first step. Fixed budgets (steps, tokens,

@@ -347,13 +347,14 @@ def test_expand_branch_gives_the_new_domain_its_own_tokenizer_embedding_norm_and
         assert torch.equal(_logits(exported, _ids(tok, domain)), _logits(served.for_domain(domain), _ids(tok, domain)))
         assert _greedy(exported, tok, domain) == _greedy(served.for_domain(domain), served.tokenizer_for(domain), domain)
     assert set(record["bpb"]) == {"stories", "recipes"} and record["forgetting"] == {"stories": 0.0}
+    assert served.card["trunk"] == "frozen"  # 4 steps: far fewer tokens than the old model has parameters
 
 
-def _branch(base, tokenizer=None, **options):
+def _branch(base, tokenizer=None, budget=None, **options):
     root, _ = base
     old_tok = load_tokenizer(root / "base")
     ctx = _context(base, old_tok)
-    ctx.tokenizer = tokenizer or old_tok
+    ctx.tokenizer, ctx.budget_tokens = tokenizer or old_tok, budget
     strategy = make_strategy("expand_branch", {"new_blocks": 1, **options})
     return strategy.build(AutoModelForCausalLM.from_pretrained(root / "base"), ctx), ctx
 
@@ -393,6 +394,31 @@ def test_expand_branch_path_only_capacity_on_the_copied_old_blocks(base):
     assert count_params(every.model, True) - count_params(plain.model, True) == block * (len(old) // 2)
     trained = [i for i in old if all(p.requires_grad for p in every.model.model.layers[i].parameters())]
     assert trained == old[1::2]
+
+
+def test_expand_branch_trunk_trains_when_the_budget_reaches_a_token_per_old_parameter(base):
+    root, _ = base
+    params = count_params(AutoModelForCausalLM.from_pretrained(root / "base"))
+    frozen, trained, unknown = (_branch(base, new_blocks=None, budget=b)[0] for b in (params - 1, params, None))
+    assert frozen.state["trunk"] == unknown.state["trunk"] == "frozen" and len(frozen.state["new_layers"]) == 2
+    assert not any(p.requires_grad for i in frozen.state["old_layers"]
+                   for p in frozen.model.model.layers[i].parameters())
+    assert trained.state == {"old_layers": list(range(PRESETS["nano"].layers)), "new_layers": [], "trunk": "trained"}
+    assert count_params(trained.model, True) == count_params(trained.model)  # the expert's size, every weight
+    def same(a, b):  # the same weights, and the same of them trained
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        grads = lambda m: {n: p.requires_grad for n, p in m.named_parameters()}  # noqa: E731
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa) and grads(a.model) == grads(b.model)
+    # what issue 7's curve trained by hand before `trunk` existed (docs/RESULTS.md's rows are these models)
+    assert same(trained, _branch(base, new_blocks=0, train_every=1)[0])
+    assert same(frozen, _branch(base, new_blocks=2)[0])
+    big = 10 * params
+    assert _branch(base, new_blocks=None, trunk="frozen", budget=big)[0].state["trunk"] == "frozen"
+    assert len(_branch(base, new_blocks=2, trunk="trained", budget=0)[0].state["new_layers"]) == 2
+    for frozen_only in ({"lora_r": 4}, {"train_every": 2}, {"train_block_norms": True}):  # these mean a frozen trunk
+        assert _branch(base, budget=big, **frozen_only)[0].state["trunk"] == "frozen"
+        with pytest.raises(UserError, match="with trunk=trained every copied block trains already"):
+            _branch(base, trunk="trained", **frozen_only)
 
 
 def test_expand_branch_lora_on_the_path_is_merged_into_the_branch(base):

@@ -15,7 +15,7 @@ from expandlm.model import PRESETS, build_model
 from expandlm.shards import PackedBatches, build_shard
 from expandlm.tokenizer import train_bpe
 from expandlm.run_folder import RunFolder
-from expandlm.train import (CosinePlan, TrainConfig, causal_lm_loss, plan_steps, replan_steps,
+from expandlm.train import (CosinePlan, TrainConfig, causal_lm_loss, plan_steps, planned_tokens, replan_steps,
                             train)
 
 
@@ -54,6 +54,13 @@ def test_plan_steps_budgets():
     assert plan_steps(minutes, 1000, 10**9, micro_step_s=0.5) == int(60 * 0.97 / 0.5)
     with_eval = TrainConfig(minutes=1, eval_interval=10)
     assert plan_steps(with_eval, 1000, 10**9, micro_step_s=0.5, micro_tokens=1000, eval_tokens=30_000) < 116
+
+
+def test_planned_tokens_are_the_fixed_budgets_or_an_epoch_and_unknown_under_minutes():
+    assert planned_tokens(TrainConfig(max_steps=100, max_tokens=10_000), 1000, 10**9) == 10_000
+    assert planned_tokens(TrainConfig(max_tokens=10_500), 1000, 10**9) == 11_000  # whole steps
+    assert planned_tokens(TrainConfig(), 1000, 25_500) == 26_000
+    assert planned_tokens(TrainConfig(minutes=1, max_steps=5), 1000, 10**9) is None
 
 
 def test_replan_steps_follows_the_pace_within_the_caps():

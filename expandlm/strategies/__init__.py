@@ -49,6 +49,7 @@ class AdaptContext:
     base_vocab: int               # the old tokenizer's size (rows below it are the old embedding rows)
     preset: str
     seed: int = 0
+    budget_tokens: int | None = None  # the tokens training will see, when known before it starts (not under --minutes)
 
     @property
     def domains(self) -> list[str]:

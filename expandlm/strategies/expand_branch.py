@@ -17,10 +17,10 @@ chain grew from, trained the longest, so every branch is the trunk plus k blocks
 Because the branch is a copy of the old model, any other capacity given to it stays on the new path:
 the options add LoRA adapters on the copied old blocks (merged into the branch when saved), train
 the copied blocks' norms, or train a copy of every k-th old block (LLaMA Pro's own control). The
-issue-7 study in docs/RESULTS.md measures each of them; the defaults are the measured winner up to
-2M tokens of the tiny preset. Beyond that the frozen trunk limits the new domain (+9.7% against its
-scratch expert at 4M): `train_every=1, new_blocks=0` trains the whole branch from the old weights (the
-expert's size, the old model still untouched) and is −3.2% there.
+issue-7 study in docs/RESULTS.md measures each of them. How much of the branch trains is `trunk`:
+frozen (2 new blocks: 45% of the expert's parameters on tiny) is nearly as good as trained on a small
+budget and falls behind the scratch expert on a large one, where training the branch's copy of every
+old block (the expert's size; the old model is still untouched) stays ahead; `auto` picks by budget.
 """
 import copy
 from pathlib import Path
@@ -33,6 +33,8 @@ from transformers import AutoModelForCausalLM
 
 from ..config import arg, config
 from ..errors import UserError
+from ..expert import log
+from ..model import count_params
 from ..run_folder import MODEL_CARD, RunFolder
 from ..tokenizer import train_bpe
 from . import Adapted, AdaptContext, Strategy, freeze, register
@@ -69,7 +71,12 @@ class ExpandBranch(Strategy):
 
     @config
     class Options:
-        new_blocks: Annotated[int, Field(ge=0)] = arg(2, "new blocks on the new domain's path (0: none)")
+        trunk: Literal["auto", "frozen", "trained"] = arg(
+            "auto", "the branch's copy of the old blocks: frozen (new blocks add the capacity; a fraction of the "
+            "parameters trained), trained from the old weights (the expert's size; better on a large budget), or "
+            "auto: trained when the training budget has at least one token per parameter of the old model")
+        new_blocks: Annotated[int, Field(ge=0)] | None = arg(
+            None, "new blocks on the new domain's path (default: 2 over a frozen trunk, none over a trained one)")
         position: Literal["interleave", "end"] = arg("interleave", "spread the new blocks evenly, or all at the end")
         vocab_size: Annotated[int, Field(gt=0)] | None = arg(None, "the new tokenizer's size (default: the old one's)")
         train_norm: bool = arg(True, "train the branch's own final norm (false: keep the old one, frozen)")
@@ -87,13 +94,41 @@ class ExpandBranch(Strategy):
     def new_tokenizer(self, documents: list[str], old_tokenizer, domain):
         return train_bpe(documents, self.options.vocab_size or len(old_tokenizer), [domain.tag])
 
+    def trunk(self, base, ctx: AdaptContext) -> str:
+        """`trunk` resolved. Issue 7's curve (docs/RESULTS.md, tiny): the trained trunk is better at every
+        budget, but by 0.4 and 4 points at 0.5M and 1M tokens, where the frozen one trains 45% of the
+        parameters and beats the scratch expert by 10-17%; from 2M the difference grows to 7-13 points and
+        the frozen trunk falls behind the scratch expert by 4M. auto switches at one token per old
+        parameter (between the 1M and 2M points: 0.68 and 1.36). Options that only mean something over a
+        frozen trunk keep it frozen."""
+        o = self.options
+        frozen_only = {"train_every": o.train_every, "lora_r": o.lora_r, "train_block_norms": o.train_block_norms}
+        if o.trunk == "trained" and any(frozen_only.values()):
+            named = ", ".join(k for k, v in frozen_only.items() if v)
+            raise UserError(f"strategy '{self.name}': {named} train part of a frozen trunk; with trunk=trained every "
+                            "copied block trains already (drop them, or use trunk=frozen)")
+        if o.trunk != "auto":
+            return o.trunk
+        if any(frozen_only.values()):
+            return "frozen"
+        params = count_params(base)
+        if ctx.budget_tokens is None:
+            log("trunk frozen: a minutes budget does not say its tokens in advance (trunk=trained trains it)")
+            return "frozen"
+        trunk = "trained" if ctx.budget_tokens >= params else "frozen"
+        log(f"trunk {trunk}: {ctx.budget_tokens:,} training tokens {'≥' if trunk == 'trained' else '<'} "
+            f"the old model's {params:,} parameters")
+        return trunk
+
     def build(self, base, ctx: AdaptContext):
+        trunk = self.trunk(base, ctx)
+        new_blocks = self.options.new_blocks if self.options.new_blocks is not None else (2 if trunk == "frozen" else 0)
         model = copy.deepcopy(base)  # the old model stays as it is: it serves the old domains
         freeze(model)
         old, new = list(range(model.config.num_hidden_layers)), []
-        if self.options.new_blocks:
+        if new_blocks:
             try:
-                old, new = expand_blocks(model, self.options.new_blocks, self.options.position)
+                old, new = expand_blocks(model, new_blocks, self.options.position)
             except ValueError as e:
                 raise UserError(f"strategy '{self.name}': {e}") from None
         generator = torch.Generator().manual_seed(ctx.seed)
@@ -123,7 +158,7 @@ class ExpandBranch(Strategy):
         layers = trained.model.layers
         for i in new:
             layers[i].requires_grad_(True)
-        every = self.options.train_every
+        every = 1 if trunk == "trained" else self.options.train_every
         for n, i in enumerate(old, 1):
             if every and n % every == 0:
                 layers[i].requires_grad_(True)
@@ -132,7 +167,7 @@ class ExpandBranch(Strategy):
                 layers[i].post_attention_layernorm.requires_grad_(True)
         trained.get_input_embeddings().weight.requires_grad_(True)
         trained.model.norm.requires_grad_(self.options.train_norm)
-        return Adapted(model, {"old_layers": old, "new_layers": new})
+        return Adapted(model, {"old_layers": old, "new_layers": new, "trunk": trunk})
 
     @staticmethod
     def _fresh_block(model, block, generator):
@@ -150,7 +185,8 @@ class ExpandBranch(Strategy):
         folder.save(model.save_pretrained)
 
     def card(self, adapted: Adapted, ctx: AdaptContext):
-        return {"new_layers": adapted.state["new_layers"], "own_domains": [ctx.new_domain.name]}
+        return {"new_layers": adapted.state["new_layers"], "trunk": adapted.state["trunk"],
+                "own_domains": [ctx.new_domain.name]}
 
     def _base(self, folder, card) -> RunFolder:
         base = RunFolder(folder.path / card["base"])
