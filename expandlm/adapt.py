@@ -22,7 +22,7 @@ from .serving import load_served
 from .shards import PackedBatches, build_shard
 from .strategies import DEFAULT_STRATEGY, STRATEGIES, AdaptContext, make_strategy
 from .tokenizer import load_tokenizer
-from .train import TrainConfig, distributed_state, planned_tokens, train
+from .train import TrainConfig, distributed_state, planned_tokens, step_tokens, train
 from .vocab import expand_tokenizer, grow_embeddings, train_only_new_rows, with_tag
 
 KEEP_TEXTS = 2000  # old-domain documents whose tokenization vocabulary expansion must keep exactly
@@ -117,13 +117,15 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     model.train()
     if spec.expand_vocab or needs_tag:
         grow_embeddings(model, len(tokenizer))
-    context = model.config.max_position_embeddings
-    tokens_per_step = spec.train.batch_size * context * spec.train.grad_accum * dist.num_processes
-    epoch_tokens = max(0, (new_shard.meta["tokens"] - context - 1) // context + 1) * context  # PackedBatches' windows
-    budget = planned_tokens(spec.train, tokens_per_step, epoch_tokens)
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
                        tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=base_vocab, preset=served.card.get("preset", "tiny"),
-                       seed=spec.train.seed, budget_tokens=budget)
+                       seed=spec.train.seed)
+    mixture = strategy.mixture(ctx)
+    context = model.config.max_position_embeddings
+    weights = [w for _, w in mixture] if len(mixture) > 1 else None
+    batches = PackedBatches([s for s, _ in mixture], context, spec.train.batch_size, spec.train.seed, weights)
+    ctx.budget_tokens = planned_tokens(spec.train, step_tokens(spec.train, batches, dist.num_processes),
+                                       batches.tokens_per_epoch)
     adapted = strategy.build(model, ctx)
     frozen_rows = 0
     if spec.expand_vocab and adapted.model is model:
@@ -132,9 +134,6 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     trainable = count_params(adapted.model, trainable_only=True) - frozen_rows
     total = count_params(adapted.model)
     log(f"strategy {strategy.name}: {trainable:,} of {total:,} parameters trainable")
-    mixture = strategy.mixture(ctx)
-    weights = [w for _, w in mixture] if len(mixture) > 1 else None
-    batches = PackedBatches([s for s, _ in mixture], context, spec.train.batch_size, spec.train.seed, weights)
     card = {"domains": ctx.domains, "strategy": strategy.name, "options": dataclasses.asdict(strategy.options),
             "base": folder.portable(base_folder.path), "preset": ctx.preset,
             "vocab": {"base": base_vocab, "size": len(tokenizer)}, **strategy.card(adapted, ctx)}

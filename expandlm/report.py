@@ -106,10 +106,10 @@ def _gap_curve(out: Path, rows: list[dict], new: str) -> list[str]:
                     color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
     ax.axhline(0, color="k", lw=1, label=f"{new} scratch expert")
     ylabel = f"{new} bpb vs its scratch expert (%)"
-    if max(abs(r["new_domain_gap"]) for r in runs) > 0.6:  # a far-off rival would flatten the close ones
+    gaps = [100 * r["new_domain_gap"] for r in runs]
+    if max(map(abs, gaps)) > 60:  # a far-off rival would flatten the close ones
         ax.set_yscale("symlog", linthresh=20)
-        ax.set_yticks([t for t in (-40, -20, -10, 0, 10, 20, 50, 100, 200, 500) if t <= 100 * max(
-            r["new_domain_gap"] for r in runs) * 1.5], minor=False)
+        ax.set_yticks([t for t in (-40, -20, -10, 0, 10, 20, 50, 100, 200, 500) if t <= 1.5 * max(gaps)])
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ylabel += ", linear within ±20%"
     ax.set_xscale("log")

@@ -134,6 +134,11 @@ def _step_cap(cfg: TrainConfig, tokens_per_step: int) -> int | None:
     return min(caps) if caps else None
 
 
+def step_tokens(cfg: TrainConfig, batches, world: int) -> int:
+    """Training tokens of one optimizer step over all processes."""
+    return batches.batch_size * batches.context * cfg.grad_accum * world
+
+
 def planned_tokens(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int) -> int | None:
     """The training tokens a run will see, known before it starts: the fixed budgets, or one epoch when
     there is no budget at all; None under a minutes budget (where it stops depends on the machine's pace)."""
@@ -206,7 +211,7 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
-    tokens_per_step = batches.batch_size * batches.context * cfg.grad_accum * world
+    tokens_per_step = step_tokens(cfg, batches, world)
     state = TrainState()
     eval_tokens = min(cfg.eval_docs, val_shard.meta["documents"]) * (
         val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
