@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -97,6 +98,15 @@ def distributed_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _accelerator(precision: str) -> Accelerator:
+    # accelerate keeps one process-wide state and refuses a second Accelerator of another precision; a
+    # process that trains twice (a study, a notebook, the tests) drops it, keeping the distributed part
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
 def _precision(cfg: TrainConfig) -> str:
     if cfg.precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -122,7 +132,9 @@ def _timed_micro_steps(model, batches, accelerator, loss_fn, n: int = 4, warmup:
     for i in range(warmup + n):
         t0 = clock()
         batch = batches.batch(i).to(accelerator.device)
-        accelerator.backward(loss_fn(model, batch))
+        with accelerator.autocast():
+            loss = loss_fn(model, batch)
+        accelerator.backward(loss)
         times.append(clock() - t0)
     model.zero_grad(set_to_none=True)
     return sum(times[warmup:]) / n  # the first passes include one-off allocation costs
@@ -204,7 +216,7 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
     metrics = folder / METRICS
     if distributed_state().is_main_process:
         folder.path.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
+    accelerator = _accelerator(_precision(cfg))
     set_seed(cfg.seed)
     if cfg.compile:
         model = torch.compile(model)
@@ -274,14 +286,14 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
     val_steps = eval_tokens / 3 / (batches.batch_size * batches.context * cfg.grad_accum)
     postfix = {"loss": "-", "tok_s": "-", "val_bpb": "-"}
     window_loss, window_steps, window_tokens, window_t0 = torch.zeros((), device=accelerator.device), 0, 0, time.time()
-    autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
     while state.step < state.total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             batch = batches.batch(state.step * cfg.grad_accum + micro, rank, world).to(accelerator.device)
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-            with sync, autocast:
-                loss = loss_fn(model, batch)
+            with sync:
+                with accelerator.autocast():  # a fresh context each micro-step: one can be entered once
+                    loss = loss_fn(model, batch)
                 accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.detach() / cfg.grad_accum
         if cfg.grad_clip:
