@@ -3,20 +3,29 @@
 #   make test   the test suite (a few minutes; no GPU, no network)
 PYTHON ?= python3
 VENV   := .venv
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PIP    := $(VENV)/bin/pip install -q
+HASH   := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# what the demo needs (the package), and on top of it what the tests need (the test extra)
+BASE   := $(VENV)/.installed-base-$(HASH)
+TESTS  := $(VENV)/.installed-test-$(HASH)
 
 .PHONY: install demo test bench clean chromium
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# the CPU build of torch 2.13.0 first: an unpinned torch would pull several GB of CUDA packages
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[test]"
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	# the CPU build of torch 2.13.0 first (the package declares a range): an unpinned torch would pull
+	# several GB of CUDA packages
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	rm -f $(VENV)/.installed-* && touch $(BASE)
 
-install: $(STAMP)
+$(TESTS): $(BASE)
+	$(PIP) -e ".[test]"
+	touch $(TESTS)
 
-demo: $(STAMP)
+install: $(TESTS)
+
+demo: $(BASE)
 	$(VENV)/bin/expandlm demo --out runs/demo
 
 # the web page's test drives Debian's chromium; installed here when missing and we are root
@@ -26,10 +35,10 @@ chromium:
 	    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)); } || \
 	  echo "chromium is missing and cannot be installed here: tests/test_web.py will be skipped"
 
-test: $(STAMP) chromium
+test: $(TESTS) chromium
 	$(VENV)/bin/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(TESTS)
 	$(VENV)/bin/python benchmarks/train_throughput.py
 
 clean:

@@ -9,7 +9,8 @@ format, builds `run.c` from `../shared/anchors/llama2.c/` with the system compil
 - torch: expandlm's engine with its PyTorch decode loop (`--engine torch`), one stream;
 - fast: expandlm's engine with its C decode step (the default engine), one stream;
 - fast xB: the same engine decoding B streams in one batched step (aggregate tokens/s);
-- llama.cpp: `llama-cpp-python` on the GGUF file `expandlm export --format gguf` writes (if installed);
+- llama.cpp: llama.cpp's server (`xllamacpp`, if installed) on the GGUF file `expandlm export --format gguf`
+  writes, by its own timer of the decoded tokens;
 - run.c: llama2.c's loop (`-Ofast -march=native`, no OpenMP: one thread), by its own timer; where that
   millisecond timer cannot time a run (nano: 127 tokens in about a millisecond), by the wall time of
   whole runs of 255 tokens less that of runs of one token (best of 30 each).
@@ -175,19 +176,14 @@ def engine_greedy(engine: DecodeEngine, n: int, streams: int = 1) -> tuple[float
 
 
 def llama_cpp_greedy(path: Path, context: int, n: int) -> tuple[float, list[int]]:
-    from llama_cpp import GGML_TYPE_F32, Llama
-    llm = Llama(model_path=str(path), n_ctx=context, n_threads=1, n_threads_batch=1, n_batch=context,
-                verbose=False, logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-    tokens = []
-    t0 = time.perf_counter()
-    llm.reset()
-    llm.eval([START])
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        tokens.append(token)
-        if len(tokens) < n:
-            llm.eval([token])
-    return n / (time.perf_counter() - t0), tokens
+    """llama.cpp's server (one thread, float32 KV cache, as the GGUF test runs it), by its own decode timer."""
+    from tests.test_gguf import LlamaServer
+    server = LlamaServer(path, context)
+    try:
+        answer = server.completion([START], n)
+    finally:
+        server.close()
+    return answer["timings"]["predicted_per_second"], answer["tokens"]
 
 
 def main() -> None:
@@ -200,7 +196,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     try:
-        import llama_cpp  # noqa: F401
+        import xllamacpp  # noqa: F401
         have_llama_cpp = True
     except ImportError:
         have_llama_cpp = False

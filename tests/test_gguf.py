@@ -1,5 +1,6 @@
 """GGUF export: the file holds the model and tokenizer as llama.cpp reads them (checked with `gguf`'s
-reader), and llama.cpp (`llama-cpp-python`) tokenizes and greedily decodes exactly as expandlm does."""
+reader), and llama.cpp's own server (`xllamacpp`, prebuilt) tokenizes and greedily decodes exactly as expandlm does."""
+import httpx
 import numpy as np
 import pytest
 
@@ -55,55 +56,96 @@ def test_the_file_holds_the_model_and_tokenizer_as_llama_cpp_reads_them(exported
     assert np.array_equal(embd, model.model.embed_tokens.weight.detach().numpy())
 
 
-try:
-    import llama_cpp
+try:  # llama.cpp's server, prebuilt (llama-cpp-python compiles all of llama.cpp on install: ~35 min on 2 cores)
+    import xllamacpp
 except ImportError:
-    llama_cpp = None
-needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed "
+    xllamacpp = None
+needs_llama_cpp = pytest.mark.skipif(xllamacpp is None, reason="xllamacpp is not installed "
                                      "(pip install -e '.[test]'); the file is checked with gguf's reader only")
 
 
-def _llama(path, context):
-    # a float32 KV cache (llama.cpp's default is float16), so that llama.cpp computes in float32 as expandlm does
-    f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=1, n_batch=context, verbose=False,
-                           type_k=f32, type_v=f32, logits_all=True)
+class LlamaServer:
+    """The GGUF file served by llama.cpp's own server (llama-server, in process through xllamacpp), asked over its
+    HTTP API on loopback as a user would: /tokenize, /detokenize, and greedy /completion."""
+
+    def __init__(self, path, context: int):
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx = params.n_batch = params.n_ubatch = context
+        params.n_parallel = 1
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+        # a float32 KV cache and no flash attention (llama.cpp's defaults store keys and values in float16), so
+        # that llama.cpp computes in float32 as expandlm does
+        params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.server = xllamacpp.Server(params)
+        self.http = httpx.Client(base_url=self.server.listening_address, timeout=120)
+
+    def close(self):
+        self.http.close()
+        del self.server  # stops its loop and frees the model
+
+    def ask(self, route: str, **body) -> dict:
+        response = self.http.post(route, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.ask("/tokenize", content=text, add_special=False, parse_special=False)["tokens"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.ask("/detokenize", tokens=ids)["content"]
+
+    def completion(self, ids: list[int], n: int) -> dict:
+        """Up to n tokens, llama.cpp's top-1 each step; like any llama.cpp generation it ends at an end-of-text.
+        The answer holds the `tokens` and llama.cpp's own `timings`."""
+        return self.ask("/completion", prompt=ids, n_predict=n, samplers=["top_k"], top_k=1, return_tokens=True,
+                        cache_prompt=False)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        return self.completion(ids, n)["tokens"]
 
 
-def _llama_greedy(llm, ids, n):
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval(out[-1:])
-    return out
+@pytest.fixture
+def llama_cpp():
+    opened = []
+
+    def start(path, context):
+        opened.append(LlamaServer(path, context))
+        return opened[-1]
+    yield start
+    for server in opened:
+        server.close()
+
+
+def _until_end(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
 @needs_llama_cpp
-def test_llama_cpp_tokenizes_as_expandlm(exported):
+def test_llama_cpp_tokenizes_as_expandlm(exported, llama_cpp):
     path, model, tok = exported
-    llm = _llama(path, model.config.max_position_embeddings)
-    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == encode_texts(tok, [TEXT])[0]
-    assert llm.detokenize(encode_texts(tok, [TEXT])[0]).decode() == TEXT
+    llm = llama_cpp(path, model.config.max_position_embeddings)
+    assert llm.tokenize(TEXT) == encode_texts(tok, [TEXT])[0]
+    assert llm.detokenize(encode_texts(tok, [TEXT])[0]) == TEXT
 
 
 @needs_llama_cpp
-def test_llama_cpp_greedy_tokens_equal_expandlm(exported):
+def test_llama_cpp_greedy_tokens_equal_expandlm(exported, llama_cpp):
     path, model, tok = exported
     ids = request_ids(tok, get_domain("recipes"), "Banana Bread")
-    llm = _llama(path, model.config.max_position_embeddings)
-    assert _llama_greedy(llm, ids, 60) == engine_tokens(DecodeEngine(model), ids, 60)
+    llm = llama_cpp(path, model.config.max_position_embeddings)
+    assert llm.greedy(ids, 60) == _until_end(engine_tokens(DecodeEngine(model), ids, 60), tok.eos_token_id)
 
 
 @needs_llama_cpp
-def test_llama_cpp_runs_a_tiny_preset_model_as_expandlm(tmp_path):
+def test_llama_cpp_runs_a_tiny_preset_model_as_expandlm(tmp_path, llama_cpp):
     tok = train_bpe(STORIES, 400)
     model = decisive("tiny", tokenizer=tok)
     write_gguf(model, tok, tmp_path / "tiny.gguf")
     ids = request_ids(tok, get_domain("stories"), "Once upon a time")
-    llm = _llama(tmp_path / "tiny.gguf", model.config.max_position_embeddings)
-    assert _llama_greedy(llm, ids, 200) == engine_tokens(DecodeEngine(model), ids, 200)
+    llm = llama_cpp(tmp_path / "tiny.gguf", model.config.max_position_embeddings)
+    assert llm.greedy(ids, 200) == _until_end(engine_tokens(DecodeEngine(model), ids, 200), tok.eos_token_id)
 
 
 def test_a_tokenizer_without_merges_is_refused(tmp_path):
