@@ -1,9 +1,10 @@
-"""Training throughput and MFU of the tiny and small presets (design.md §6).
+"""Training throughput and MFU of the tiny and small presets, on the GPU where there is one, else the CPU.
 
 For each preset it measures, in one process and on the same real batches:
 - expandlm: tokens/s of `expandlm.train.train` (accelerate, AdamW, clipping, LR schedule, logging);
 - plain: tokens/s of a bare PyTorch loop over the same model (forward, loss, backward, clip, AdamW);
-- the fp32 FLOP/s a large `torch.mm` reaches here, and MFU = model FLOP/s / that.
+- the FLOP/s a large `torch.mm` reaches here in the training precision (bf16 on a GPU, fp32 on the CPU),
+  and MFU = model FLOP/s / that.
 Model FLOPs per token = 6 × parameters + 12 × layers × dim × context (the attention scores).
 
     python benchmarks/train_throughput.py                  # tiny and small, ~8 minutes on 2 cores
@@ -31,30 +32,47 @@ from expandlm.tokenizer import train_bpe  # noqa: E402
 from expandlm.train import TrainConfig, causal_lm_loss, make_optimizer, train  # noqa: E402
 
 
-def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 FLOP/s of an n×n×n matmul (what the hardware gives a large, easy GEMM)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Best FLOP/s of an n×n×n matmul in the precision training computes in (bf16 on a GPU, fp32 on the
+    CPU): what the hardware gives a large, easy GEMM."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+        for _ in range(10 if device.type == "cuda" else 1):  # a GPU matmul of 2048³ takes microseconds
+            torch.mm(a, b)
+        _sync(device)
+        best = max(best, (10 if device.type == "cuda" else 1) * 2 * n**3 / (time.perf_counter() - t0))
     return best
 
 
-def plain_loop(model, batches, cfg: TrainConfig, steps: int, warmup: int) -> float:
-    """The reference: a bare PyTorch training loop, no framework around it."""
+def plain_loop(model, batches, cfg: TrainConfig, steps: int, warmup: int, device: torch.device) -> float:
+    """The reference: a bare PyTorch training loop, no framework around it (bf16 autocast on a GPU, as
+    expandlm's loop uses there)."""
+    model = model.to(device)
+    if cfg.compile:
+        model = torch.compile(model)
     opt = make_optimizer(model, cfg)
     model.train()
     for step in range(warmup + steps):
         if step == warmup:
+            _sync(device)
             t0 = time.perf_counter()
-        loss = causal_lm_loss(model, batches.batch(step))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = causal_lm_loss(model, batches.batch(step).to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    _sync(device)
     return steps * batches.batch_size * batches.context / (time.perf_counter() - t0)
 
 
@@ -78,12 +96,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per loop (a multiple of --warmup)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="runs of each loop, alternating; the best counts")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in both loops")
     p.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     data_dir = default_data_dir()
     corpus = load_corpus(data_dir / "tinystories.jsonl.gz", get_domain("stories"), limit=3000)
-    peak = matmul_flops()
+    peak = matmul_flops(device)
     rows = []
     for name in args.presets:
         preset = get_preset(name)
@@ -91,14 +111,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache:
             shard = build_shard(corpus, tok, cache)
             batches = PackedBatches([shard], preset.context, args.batch_size, seed=0)
-            cfg = TrainConfig(batch_size=args.batch_size)
+            cfg = TrainConfig(batch_size=args.batch_size, compile=args.compile)
             n_params = count_params(build_model(preset, tok))
             flops_per_token = 6 * n_params + 12 * preset.layers * preset.dim * preset.context
             plain = ours = 0.0
             for _ in range(args.repeats):  # alternate the two loops and keep each one's best: fair to both
-                plain = max(plain, plain_loop(build_model(preset, tok), batches, cfg, args.steps, args.warmup))
+                plain = max(plain, plain_loop(build_model(preset, tok), batches, cfg, args.steps, args.warmup,
+                                              device))
                 ours = max(ours, expandlm_loop(build_model(preset, tok), batches, cfg, args.steps, args.warmup))
-        row = {"preset": name, "params": n_params, "batch_tokens": args.batch_size * preset.context,
+        row = {"preset": name, "device": device.type, "params": n_params, "batch_tokens": args.batch_size * preset.context,
                "plain_tok_s": round(plain), "expandlm_tok_s": round(ours), "ratio": round(ours / plain, 3),
                "model_gflop_s": round(ours * flops_per_token / 1e9, 1), "matmul_gflop_s": round(peak / 1e9, 1),
                "mfu": round(ours * flops_per_token / peak, 3)}

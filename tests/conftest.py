@@ -45,6 +45,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def device():
+    """Where the tests run models: the GPU on a host that has one (so that the suite checks the GPU paths
+    there), else the CPU. Tests compare tensors of different origins on the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Token shards of a test go to its own temp folder, never to ~/.cache."""

@@ -33,7 +33,8 @@ def hf_tokens(model, ids, n):
     config = GenerationConfig(do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id)
     saved, model.generation_config = model.generation_config, config  # generate() would add the model's eos
     try:
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        out = model.generate(input_ids=torch.tensor([ids], device=model.device),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device))
     finally:
         model.generation_config = saved
     assert out.shape[1] == len(ids) + n
@@ -50,8 +51,10 @@ def engine_tokens(engine, ids, n, slot=0):
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["C step", "torch loop"])
 @pytest.mark.parametrize("preset", ["nano", "tiny"])
-def test_greedy_tokens_equal_transformers_generate(preset, kernel):
-    model = decisive(preset)
+def test_greedy_tokens_equal_transformers_generate(preset, kernel, device):
+    if kernel and device.type != "cpu":
+        pytest.skip("the C step is the CPU's")
+    model = decisive(preset).to(device)
     ids = request_ids(tok, get_domain("stories"), "Once upon")
     n = model.config.max_position_embeddings - len(ids)  # to the end of the context
     engine = DecodeEngine(model, kernel=kernel)

@@ -12,8 +12,8 @@ stories = get_domain("stories")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_model(PRESETS["nano"], tok, seed=0).eval()
+def model(device):
+    return build_model(PRESETS["nano"], tok, seed=0).eval().to(device)
 
 
 def test_request_starts_with_bos_and_tag():
