@@ -4,7 +4,8 @@ how-to questions and invitations to imagine, without a genre noun) by default, `
 others; with a confusion matrix that has a no-domain row and column, and the time each took to train.
 
 The classifier routers are trained from the corpora in `corpus.default_data_dir()` (the first
-`ROUTER_DOCS` documents per domain, as `load_router` does for a model folder). The likelihood and
+`VOCABULARY_DOCS` documents per domain, as `load_router` does for a model folder: the classifiers
+read the first `ROUTER_DOCS` of them, the vocabulary router's word counts all of them). The likelihood and
 combined routers need a model that serves every domain of the requests: `--model FOLDER`, or
 `--train-nano` trains a nano stories expert and adapts it to recipes and code with `replay`
 (`--nano-steps` each; over 10 minutes on 2 busy cores, and far from converged). Without
@@ -28,19 +29,15 @@ sys.path.insert(0, str(ROOT))
 from expandlm.atomic import write_json, write_text  # noqa: E402
 from expandlm.corpus import default_data_dir, load_corpus  # noqa: E402
 from expandlm.domains import get_domain  # noqa: E402
-from expandlm.routing import (DEFAULT_ROUTER, ROUTER_DOCS, CombinedRouter, LikelihoodRouter, calibrate,  # noqa: E402
-                              route, synthesise, train_router)
-
-TRAINED_ROUTERS = ("documents", "requests")
+from expandlm.routing import (DEFAULT_ROUTER, ROUTER_DOCS, TRAINED_ROUTERS, VOCABULARY_DOCS, CombinedRouter,  # noqa: E402
+                              LikelihoodRouter, calibrate, route, synthesise, train_router)
 
 REQUESTS = ROOT / "tests" / "data" / "requests.jsonl"
 REQUEST_SETS = (REQUESTS, ROOT / "tests" / "data" / "requests_plain.jsonl")
 NONE = "none"
 
-
 def read_requests(path: Path = REQUESTS) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
 
 def evaluate(router, requests: list[dict]) -> dict:
     """Accuracy (a no-domain request is right when flagged, an in-domain one when routed to its domain
@@ -67,7 +64,6 @@ def evaluate(router, requests: list[dict]) -> dict:
             "best_guess_accuracy_in_domain": best_guess_right / in_domain, "threshold": router.threshold,
             "confusion": matrix, "misses": misses, "ms_per_request": 1000 * seconds / len(requests)}
 
-
 def nano_model(out: Path, data: Path, steps: int) -> Path:
     """A nano model serving stories, recipes and code: an expert, adapted twice with `replay` (the
     default strategy, expand_branch, cannot be adapted again yet)."""
@@ -86,12 +82,12 @@ def nano_model(out: Path, data: Path, steps: int) -> Path:
                         train=TrainConfig(**train)))
     return out / str(len(names) - 1)
 
-
 def markdown(results: dict) -> str:
     sets = results["sets"]
     lines = [f"# Routing accuracy on hand-written requests", "",
              f"Command: `{results['command']}`. Classifier routers trained on the first {results['router_docs']} "
-             f"documents per domain of `{results['data']}`. Default router: `{DEFAULT_ROUTER}`. {results['model_note']}",
+             f"documents per domain of `{results['data']}` (the vocabulary router's word counts on the first "
+             f"{results['vocabulary_docs']}). Default router: `{DEFAULT_ROUTER}`. {results['model_note']}",
              "", "A request is right when routed to its domain with a confidence at or above the router's "
              "threshold, or, for a no-domain request, flagged as fitting no domain (threshold: the top "
              "probability that 98% of held-out synthesised in-domain requests reach). Every set was written "
@@ -105,7 +101,6 @@ def markdown(results: dict) -> str:
     for name, s in sets.items():
         lines += ["", *set_markdown(name, s, results["domains"] + [NONE])]
     return "\n".join(lines) + "\n"
-
 
 def set_markdown(name: str, results: dict, domains: list[str]) -> list[str]:
     rows = results["routers"]
@@ -132,7 +127,6 @@ def set_markdown(name: str, results: dict, domains: list[str]) -> list[str]:
                                                f"{'' if m['fits'] else ', flagged'})" for m in r["misses"]) or "none")]
     return lines
 
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=default_data_dir())
@@ -144,11 +138,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     sets = {path.stem: read_requests(path) for path in args.requests}
     names = sorted({r["domain"] for rows in sets.values() for r in rows if r["domain"]})
-    docs = {d: load_corpus(get_domain(d).local_files(args.data)[0], get_domain(d), limit=ROUTER_DOCS).documents
+    docs = {d: load_corpus(get_domain(d).local_files(args.data)[0], get_domain(d), limit=VOCABULARY_DOCS).documents
             for d in names}
     results = {"command": "python benchmarks/routing_accuracy.py" + (" --train-nano" if args.train_nano else "")
                + (f" --model {args.model}" if args.model else ""), "domains": names, "data": str(args.data),
-               "router_docs": ROUTER_DOCS,
+               "router_docs": ROUTER_DOCS, "vocabulary_docs": VOCABULARY_DOCS,
                "sets": {name: {"requests": len(rows), "routers": {},
                                "per_label": {d or NONE: sum((r["domain"] or NONE) == (d or NONE) for r in rows)
                                              for d in names + [None]}} for name, rows in sets.items()}}
@@ -176,7 +170,7 @@ def main(argv=None) -> None:
             served = load_served(model, device="cpu")
             if sorted(served.domains) != names:
                 raise SystemExit(f"{model} serves {served.domains}; the requests need {names}")
-            held = synthesise({d: v[-100:] for d, v in docs.items()}, {d: get_domain(d).nouns for d in names}, 30, 1)
+            held = synthesise({d: v[ROUTER_DOCS - 100:ROUTER_DOCS] for d, v in docs.items()}, {d: get_domain(d).nouns for d in names}, 30, 1)
             for kind, router in (("likelihood", LikelihoodRouter(served)),
                                  ("combined", CombinedRouter(trained[DEFAULT_ROUTER], LikelihoodRouter(served)))):
                 start = time.perf_counter()
@@ -189,7 +183,6 @@ def main(argv=None) -> None:
     write_json(args.out.with_suffix(".json"), results)
     write_text(args.out.with_suffix(".md"), markdown(results))
     print(markdown(results))
-
 
 if __name__ == "__main__":
     main()

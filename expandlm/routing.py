@@ -161,9 +161,9 @@ def content_words(text: str) -> list[str]:
 class Vocabulary:
     """Each domain's own vocabulary: a naive Bayes over which content words its documents hold (each
     word once per document; uniform prior), the posterior of a request's content words over the
-    domains. A request with no known content word gets no score (None). Chosen over the mean
-    log-probability per word and over TF-IDF weights on synthesised requests (design note in
-    benchmarks/results/routing_accuracy.md)."""
+    domains. A request with no known content word gets no score (None). Chosen on requests synthesised
+    from held-out documents (no genre noun: 97.9% routed right; the mean log-probability per word or
+    TF-IDF weights did no better, and the `requests` classifier alone 95.4%)."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
