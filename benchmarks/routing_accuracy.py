@@ -1,9 +1,11 @@
-"""Routing accuracy (design.md §6): every router of `expandlm.routing` on the hand-written requests of
-`tests/data/requests.jsonl` (never on training text), with a confusion matrix that has a no-domain
-row and column, and the time each took to train.
+"""Routing accuracy (design.md §6): every router of `expandlm.routing` on sets of hand-written requests
+(never on training text): `tests/data/requests.jsonl` and `tests/data/requests_plain.jsonl` (plain
+how-to questions and invitations to imagine, without a genre noun) by default, `--requests` to name
+others; with a confusion matrix that has a no-domain row and column, and the time each took to train.
 
 The classifier routers are trained from the corpora in `corpus.default_data_dir()` (the first
-`ROUTER_DOCS` documents per domain, as `load_router` does for a model folder). The likelihood and
+`VOCABULARY_DOCS` documents per domain, as `load_router` does for a model folder: the classifiers
+read the first `ROUTER_DOCS` of them, the vocabulary router's word counts all of them). The likelihood and
 combined routers need a model that serves every domain of the requests: `--model FOLDER`, or
 `--train-nano` trains a nano stories expert and adapts it to recipes and code with `replay`
 (`--nano-steps` each; over 10 minutes on 2 busy cores, and far from converged). Without
@@ -27,16 +29,15 @@ sys.path.insert(0, str(ROOT))
 from expandlm.atomic import write_json, write_text  # noqa: E402
 from expandlm.corpus import default_data_dir, load_corpus  # noqa: E402
 from expandlm.domains import get_domain  # noqa: E402
-from expandlm.routing import (DEFAULT_ROUTER, ROUTER_DOCS, CombinedRouter, LikelihoodRouter, calibrate,  # noqa: E402
-                              route, synthesise, train_router)
+from expandlm.routing import (DEFAULT_ROUTER, ROUTER_DOCS, TRAINED_ROUTERS, VOCABULARY_DOCS, CombinedRouter,  # noqa: E402
+                              LikelihoodRouter, calibrate, route, synthesise, train_router)
 
 REQUESTS = ROOT / "tests" / "data" / "requests.jsonl"
+REQUEST_SETS = (REQUESTS, ROOT / "tests" / "data" / "requests_plain.jsonl")
 NONE = "none"
-
 
 def read_requests(path: Path = REQUESTS) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
 
 def evaluate(router, requests: list[dict]) -> dict:
     """Accuracy (a no-domain request is right when flagged, an in-domain one when routed to its domain
@@ -63,7 +64,6 @@ def evaluate(router, requests: list[dict]) -> dict:
             "best_guess_accuracy_in_domain": best_guess_right / in_domain, "threshold": router.threshold,
             "confusion": matrix, "misses": misses, "ms_per_request": 1000 * seconds / len(requests)}
 
-
 def nano_model(out: Path, data: Path, steps: int) -> Path:
     """A nano model serving stories, recipes and code: an expert, adapted twice with `replay` (the
     default strategy, expand_branch, cannot be adapted again yet)."""
@@ -82,60 +82,80 @@ def nano_model(out: Path, data: Path, steps: int) -> Path:
                         train=TrainConfig(**train)))
     return out / str(len(names) - 1)
 
-
 def markdown(results: dict) -> str:
-    rows = results["routers"]
-    domains = results["domains"] + [NONE]
-    lines = [f"# Routing accuracy on {results['requests']} hand-written requests",
-             "", f"Command: `{results['command']}`. Requests: `tests/data/requests.jsonl` "
-             f"({', '.join(f'{d} {n}' for d, n in results['per_label'].items())}), written before any tuning. "
-             f"Classifier routers trained on the first {results['router_docs']} documents per domain of "
-             f"`{results['data']}`. Default router: `{DEFAULT_ROUTER}`. {results['model_note']}",
+    sets = results["sets"]
+    lines = [f"# Routing accuracy on hand-written requests", "",
+             f"Command: `{results['command']}`. Classifier routers trained on the first {results['router_docs']} "
+             f"documents per domain of `{results['data']}` (the vocabulary router's word counts on the first "
+             f"{results['vocabulary_docs']}). Default router: `{DEFAULT_ROUTER}`. {results['model_note']}",
              "", "A request is right when routed to its domain with a confidence at or above the router's "
              "threshold, or, for a no-domain request, flagged as fitting no domain (threshold: the top "
-             "probability that 98% of held-out synthesised in-domain requests reach).",
-             "", "| router | accuracy | " + " | ".join(domains) + " | best guess, in-domain | threshold | train s | ms/request |",
-             "|---|---|" + "---|" * len(domains) + "---|---|---|---|"]
-    for name, r in rows.items():
-        if "accuracy" not in r:
-            lines.append(f"| {name} | not measured ({r['note']}) |" + " |" * (len(domains) + 4))
-            continue
-        lines.append(f"| {name} | {r['accuracy']:.1%} | " + " | ".join(f"{r['per_domain'].get(d, 0):.0%}" for d in domains)
-                     + f" | {r['best_guess_accuracy_in_domain']:.1%} | {r['threshold']:.2f} | {r['train_seconds']:.1f}"
-                     f" | {r['ms_per_request']:.1f} |")
-    for name, r in rows.items():
-        if "confusion" not in r:
-            continue
-        lines += ["", f"## {name}: confusion (rows: intended, columns: routed; `none`: flagged as no domain)", "",
-                  "| | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
-        lines += [f"| {t} | " + " | ".join(str(r["confusion"][t][p]) for p in domains) + " |" for t in domains]
-        lines += ["", "Misses: " + ("; ".join(f"\"{m['request']}\" ({m['domain']} → {m['routed']} {m['confidence']:.2f}"
-                                               f"{'' if m['fits'] else ', flagged'})" for m in r["misses"]) or "none")]
+             "probability that 98% of held-out synthesised in-domain requests reach). Every set was written "
+             "by hand before the routers it measures were tuned, and none is used to tune them.",
+             "", "| router | " + " | ".join(f"`{name}` ({s['requests']})" for name, s in sets.items()) + " |",
+             "|---|" + "---|" * len(sets)]
+    for kind in next(iter(sets.values()))["routers"]:
+        cells = [s["routers"][kind] for s in sets.values()]
+        lines.append(f"| {kind} | " + " | ".join(f"{c['accuracy']:.1%}" if "accuracy" in c else "not measured"
+                                                 for c in cells) + " |")
+    for name, s in sets.items():
+        lines += ["", *set_markdown(name, s, results["domains"] + [NONE])]
     return "\n".join(lines) + "\n"
 
+def set_markdown(name: str, results: dict, domains: list[str]) -> list[str]:
+    rows = results["routers"]
+    lines = [f"## `{name}`: {results['requests']} requests "
+             f"({', '.join(f'{d} {n}' for d, n in results['per_label'].items() if n)})",
+             "", "| router | accuracy | " + " | ".join(domains) + " | best guess, in-domain | threshold | train s | ms/request |",
+             "|---|---|" + "---|" * len(domains) + "---|---|---|---|"]
+    for kind, r in rows.items():
+        if "accuracy" not in r:
+            lines.append(f"| {kind} | not measured ({r['note']}) |" + " |" * (len(domains) + 4))
+            continue
+        lines.append(f"| {kind} | {r['accuracy']:.1%} | "
+                     + " | ".join(f"{r['per_domain'][d]:.0%}" if d in r["per_domain"] else "–" for d in domains)
+                     + f" | {r['best_guess_accuracy_in_domain']:.1%} | {r['threshold']:.2f} | {r['train_seconds']:.1f}"
+                     f" | {r['ms_per_request']:.1f} |")
+    for kind, r in rows.items():
+        if "confusion" not in r:
+            continue
+        lines += ["", f"### `{name}`, {kind}: confusion (rows: intended, columns: routed; `none`: flagged as no domain)",
+                  "", "| | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        lines += [f"| {t} | " + " | ".join(str(r["confusion"][t][p]) for p in domains) + " |" for t in domains
+                  if sum(r["confusion"][t].values())]
+        lines += ["", "Misses: " + ("; ".join(f"\"{m['request']}\" ({m['domain']} → {m['routed']} {m['confidence']:.2f}"
+                                               f"{'' if m['fits'] else ', flagged'})" for m in r["misses"]) or "none")]
+    return lines
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=default_data_dir())
+    ap.add_argument("--requests", type=Path, nargs="+", default=list(REQUEST_SETS), help="JSONL request sets")
     ap.add_argument("--model", type=Path, help="a model folder serving every domain: measures likelihood and combined")
     ap.add_argument("--train-nano", action="store_true", help="train a nano model for likelihood and combined")
     ap.add_argument("--nano-steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "routing_accuracy")
     args = ap.parse_args(argv)
-    requests = read_requests()
-    names = sorted({r["domain"] for r in requests if r["domain"]})
-    docs = {d: load_corpus(get_domain(d).local_files(args.data)[0], get_domain(d), limit=ROUTER_DOCS).documents
+    sets = {path.stem: read_requests(path) for path in args.requests}
+    names = sorted({r["domain"] for rows in sets.values() for r in rows if r["domain"]})
+    docs = {d: load_corpus(get_domain(d).local_files(args.data)[0], get_domain(d), limit=VOCABULARY_DOCS).documents
             for d in names}
     results = {"command": "python benchmarks/routing_accuracy.py" + (" --train-nano" if args.train_nano else "")
-               + (f" --model {args.model}" if args.model else ""), "requests": len(requests), "domains": names,
-               "per_label": {d or NONE: sum((r["domain"] or NONE) == (d or NONE) for r in requests)
-                             for d in names + [None]},
-               "data": str(args.data), "router_docs": ROUTER_DOCS, "routers": {}}
+               + (f" --model {args.model}" if args.model else ""), "domains": names, "data": str(args.data),
+               "router_docs": ROUTER_DOCS, "vocabulary_docs": VOCABULARY_DOCS,
+               "sets": {name: {"requests": len(rows), "routers": {},
+                               "per_label": {d or NONE: sum((r["domain"] or NONE) == (d or NONE) for r in rows)
+                                             for d in names + [None]}} for name, rows in sets.items()}}
+
+    def measure(kind, router, train_seconds):
+        for name, rows in sets.items():
+            results["sets"][name]["routers"][kind] = {"train_seconds": train_seconds, **evaluate(router, rows)}
+            print(f"{name}, {kind}: {results['sets'][name]['routers'][kind]['accuracy']:.1%}", flush=True)
+
     trained = {}
-    for kind in ("documents", "requests"):
+    for kind in TRAINED_ROUTERS:
         trained[kind] = router = train_router(docs, kind)
-        results["routers"][kind] = {"train_seconds": router.train_seconds, **evaluate(router, requests)}
-        print(f"{kind}: {results['routers'][kind]['accuracy']:.1%} ({router.train_seconds:.1f} s to train)", flush=True)
+        measure(kind, router, router.train_seconds)
     model, note = args.model, "Likelihood and combined: not measured (no `--model` or `--train-nano` given)."
     with tempfile.TemporaryDirectory() as tmp:
         if args.train_nano:
@@ -150,21 +170,19 @@ def main(argv=None) -> None:
             served = load_served(model, device="cpu")
             if sorted(served.domains) != names:
                 raise SystemExit(f"{model} serves {served.domains}; the requests need {names}")
-            held = synthesise({d: v[-100:] for d, v in docs.items()}, {d: get_domain(d).nouns for d in names}, 30, 1)
+            held = synthesise({d: v[ROUTER_DOCS - 100:ROUTER_DOCS] for d, v in docs.items()}, {d: get_domain(d).nouns for d in names}, 30, 1)
             for kind, router in (("likelihood", LikelihoodRouter(served)),
-                                 ("combined", CombinedRouter(trained["requests"], LikelihoodRouter(served)))):
+                                 ("combined", CombinedRouter(trained[DEFAULT_ROUTER], LikelihoodRouter(served)))):
                 start = time.perf_counter()
                 router.threshold = calibrate(router, held)
-                results["routers"][kind] = {"train_seconds": time.perf_counter() - start, **evaluate(router, requests)}
-                print(f"{kind}: {results['routers'][kind]['accuracy']:.1%}", flush=True)
+                measure(kind, router, time.perf_counter() - start)
         else:
-            for kind in ("likelihood", "combined"):
-                results["routers"][kind] = {"note": "no model given"}
+            for name in sets:
+                results["sets"][name]["routers"].update({k: {"note": "no model given"} for k in ("likelihood", "combined")})
     results["model_note"] = note
     write_json(args.out.with_suffix(".json"), results)
     write_text(args.out.with_suffix(".md"), markdown(results))
     print(markdown(results))
-
 
 if __name__ == "__main__":
     main()

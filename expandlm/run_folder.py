@@ -5,7 +5,6 @@
     metrics.jsonl     the training curve (loss, lr, tokens/s, validation bpb)
     checkpoint/       the resumable training state (accelerate's, plus train_state.json)
     suite.json        the evaluation suite's results (compare)
-    router.joblib     the request router of a multi-domain model
     config.json, model.safetensors, tokenizer.json, ...   the standard Hugging Face checkpoint
 
 Only the main process writes (under torchrun every process runs the same code). Paths in run records
@@ -29,7 +28,6 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
 TRAIN_STATE = "train_state.json"
 SUITE = "suite.json"
-ROUTER = "router.joblib"
 
 PACKAGES = ("expandlm", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft",
             "safetensors", "numpy", "pydantic")

@@ -54,6 +54,14 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Session- and module-wide fixtures (a served model's router) cache under a temp folder too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EXPANDLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Token shards of a test go to its own temp folder, never to ~/.cache."""

@@ -11,6 +11,9 @@ from expandlm.errors import UserError
 from expandlm.routing import Router, route, split_request, synthesise, train_router
 
 REQUESTS = Path(__file__).parent / "data" / "requests.jsonl"
+# Plain how-to questions and invitations to imagine, without a genre noun, written before the router
+# read content words against each domain's vocabulary (issue 20); never used to tune it.
+PLAIN_REQUESTS = Path(__file__).parent / "data" / "requests_plain.jsonl"
 
 # Three vocabularies that share no word: the router can only know them from the documents.
 WORDS = {
@@ -91,13 +94,10 @@ def test_training_is_deterministic(made_up):
 
 def test_a_models_router_covers_exactly_its_domains(two_domain_models):
     from expandlm.routing import load_router
-    from expandlm.run_folder import ROUTER
     from expandlm.serving import load_served
     served = load_served(two_domain_models["expand_branch"], device="cpu")
     router = load_router(served)
     assert sorted(router.domains) == sorted(served.domains) == ["recipes", "stories"]
-    assert (served.path / ROUTER).exists()
-    assert Router.load(served.path / ROUTER).scores(["a soup"]) == router.scores(["a soup"])
     assert load_router(served, "likelihood").domains == served.domains
     r = route("give me a recipe for banana bread", load_router(served, "combined"))
     assert set(r.scores) == {"recipes", "stories"} and r.domain == "recipes"
@@ -137,6 +137,13 @@ def test_the_hand_written_requests_are_data():
     assert all(set(r) == {"request", "domain"} for r in rows)
 
 
+def test_the_plain_requests_are_data_and_name_no_genre():
+    rows = [json.loads(line) for line in PLAIN_REQUESTS.read_text().splitlines()]
+    assert len(rows) >= 60 and all(set(r) == {"request", "domain"} for r in rows)
+    assert min(sum(r["domain"] == d for r in rows) for d in ("stories", "recipes", "code")) >= 20
+    assert not [r for r in rows if split_request(r["request"]).genre]
+
+
 def test_accuracy_on_the_hand_written_requests(shared_data):
     """A floor clearly below the measured 95% of in-domain requests routed to their domain (see
     benchmarks/results/routing_accuracy.md); it fails when routing breaks, not when it wobbles."""
@@ -149,3 +156,35 @@ def test_accuracy_on_the_hand_written_requests(shared_data):
     rows = [r for r in rows if r["domain"]]
     right = sum(route(r["request"], router).domain == r["domain"] for r in rows)
     assert right / len(rows) >= 0.85
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_routing_for_a_model_never_writes_into_its_folder(two_domain_models, tmp_path, monkeypatch):
+    """Serving and generating only read a model folder: the router they train is cached elsewhere
+    (under $EXPANDLM_CACHE) and a second load reuses it instead of training again."""
+    import expandlm.routing as routing
+    from expandlm.serving import load_served
+    folder = two_domain_models["lora"]
+    before = _files(folder)
+    served = load_served(folder, device="cpu")
+    routed = routing.route_request("give me a recipe for banana bread", served)
+    assert routed.domain == "recipes"
+    assert _files(folder) == before
+    assert len(list((tmp_path / "cache" / "routers").glob("*.joblib"))) == 1
+    monkeypatch.setattr(routing, "train_router", lambda *a, **k: pytest.fail("the cached router was trained again"))
+    assert routing.route_request("give me a recipe for banana bread", served).scores == routed.scores
+
+
+def test_accuracy_on_the_plain_requests(shared_data):
+    """Plain how-to questions and invitations to imagine, with no genre noun, go by their content
+    words: a floor clearly below the measured 100% of them routed to their domain and fitting it
+    (69.7% before the vocabulary router; see benchmarks/results/routing_accuracy.md)."""
+    from expandlm.routing import router_from_data
+    rows = [json.loads(line) for line in PLAIN_REQUESTS.read_text().splitlines()]
+    router = router_from_data({d: {"train": get_domain(d).data_file("train", shared_data)}
+                               for d in ("stories", "recipes", "code")})
+    routes = [route(r["request"], router) for r in rows]
+    assert sum(x.domain == r["domain"] and x.fits for x, r in zip(routes, rows)) / len(rows) >= 0.9
