@@ -16,6 +16,7 @@ from .errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+INCOMING = ".incoming"  # files_into's staging folder
 
 
 @contextmanager
@@ -37,7 +38,7 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
         if folder:
             # a folder cannot replace a non-empty folder in one rename: move the old one aside first,
             # so a valid version exists at every moment (the old one is back if the second rename fails)
-            old = path.with_name(f".{path.name}.old")
+            old = _aside(path)
             shutil.rmtree(old, ignore_errors=True)
             if path.exists():
                 os.replace(path, old)
@@ -56,11 +57,30 @@ def files_into(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder inside `folder`; on success each file written there is moved into `folder`
     with its own rename (for `save_pretrained` into a run folder that holds other files too)."""
     folder = Path(folder)
-    with atomic_path(folder / ".incoming", folder=True) as tmp:
+    with atomic_path(folder / INCOMING, folder=True) as tmp:
         yield tmp
         for item in tmp.iterdir():
             os.replace(item, folder / item.name)
-    shutil.rmtree(folder / ".incoming", ignore_errors=True)
+    shutil.rmtree(folder / INCOMING, ignore_errors=True)
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def clean_leftovers(folder: str | os.PathLike) -> None:
+    """Undo what writes killed midway left in `folder`: a folder moved aside whose replacement never
+    arrived is put back, and temp siblings (and files_into's staging folder) are removed."""
+    folder = Path(folder)
+    for old in folder.glob(".*.old"):
+        target = folder / old.name[1:-len(".old")]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+    for tmp in folder.glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    shutil.rmtree(folder / INCOMING, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -244,7 +244,8 @@ class Study:
                 result["bpb"][name] = known[name]
                 continue
             model = served.for_domain(name) if name in served.domains else served.model
-            shard = build_shard(self.val_corpus(name), served.tokenizer_for(name), self.cache)
+            shard = build_shard(self.val_corpus(name), served.tokenizer_for(name), self.cache,
+                                foreign=name not in served.domains)
             result["bpb"][name] = evaluate_bpb(model, shard)["bpb"]
         ev = self.cfg.evaluation
         sampling = SamplingConfig(temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=0)
@@ -375,7 +376,8 @@ class Study:
             for name, (data, val) in self.sources.items():
                 train_c, _ = load_train_val(data, get_domain(name), val, self.cfg.limit)
                 docs += train_c.documents
-            RunFolder(shared).save(train_bpe(docs, get_preset(self.cfg.preset).vocab).save_pretrained)
+            tags = [get_domain(name).tag for name in self.sources]  # the user's domains' too
+            RunFolder(shared).save(train_bpe(docs, get_preset(self.cfg.preset).vocab, tags).save_pretrained)
         for name in self.sources:
             for kind in study.tokenizers:
                 spec = {"custom": None, "shared": str(shared), "gpt2": "gpt2", "bytes": "bytes"}.get(kind, kind)

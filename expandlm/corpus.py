@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import sys
 import os
 import re
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where(path, lineno)}: invalid JSON ({e.msg} at column {e.colno}); "
                                     "expected one JSON object per line") from None
+                except RecursionError:
+                    raise UserError(f"{where(path, lineno)}: invalid JSON (nested too deeply for Python's parser); "
+                                    "expected one JSON object per line") from None
+                except ValueError:  # Python refuses to convert integers of more digits than this
+                    raise UserError(f"{where(path, lineno)}: invalid JSON (a number with too many digits: at most "
+                                    f"{sys.get_int_max_str_digits()})") from None
                 if not isinstance(record, dict):
                     raise UserError(f"{where(path, lineno)}: expected a JSON object, got {type(record).__name__}")
                 yield record, where(path, lineno)

@@ -93,7 +93,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> dict:
         if resume or not dist.is_main_process:
             tokenizer = load_tokenizer(folder.path)
         elif spec.tokenizer:
-            tokenizer = load_tokenizer(spec.tokenizer, default_data_dir())
+            tokenizer = load_tokenizer(spec.tokenizer, default_data_dir(), [domain.tag])
         else:
             log(f"training a {spec.vocab_size or preset.vocab}-token byte-level BPE on {len(corpus.documents)} documents")
             tokenizer = train_bpe(corpus.documents, spec.vocab_size or preset.vocab, [domain.tag])

@@ -19,7 +19,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from .atomic import files_into, read_json, write_json
+from .atomic import clean_leftovers, files_into, read_json, write_json
 from .errors import UserError
 
 RUN_RECORD = "run.json"
@@ -77,26 +77,29 @@ class RunFolder:
 
     @property
     def state(self) -> str:
-        """"done" (a finished run), "resume" (a checkpoint to continue from) or "new"."""
-        if (self.path / RUN_RECORD).exists() and self.record().get("status") == "done":
-            return "done"
+        """"done" (a finished run), "resume" (an unfinished run: from its checkpoint, or from the start
+        when it was stopped before its first one) or "new"."""
+        if (self.path / RUN_RECORD).exists():
+            return "done" if self.record().get("status") == "done" else "resume"
         return "resume" if (self.checkpoint / TRAIN_STATE).exists() else "new"
 
     def begin(self, resume: bool) -> None:
-        """Check that the folder fits the request (a new run never overwrites one, a resume needs a
-        checkpoint) and clear what a fresh run must not inherit (main process only)."""
+        """Check that the folder fits the request (a new run never overwrites one, a resume needs an
+        unfinished run) and clear what a fresh run must not inherit, or what a killed one left half-written
+        (main process only)."""
         state = self.state
         if resume and state != "resume":
-            raise UserError(f"{self.path}: nothing to resume (no {CHECKPOINT}/ from an unfinished run); drop --resume")
-        if not resume and (state != "new" or (self.path / RUN_RECORD).exists()):
+            raise UserError(f"{self.path}: nothing to resume (no unfinished run here); drop --resume")
+        if not resume and state != "new":
             raise UserError(f"{self.path}: already holds a run; pass --resume to continue it, or choose another --out")
         _state().wait_for_everyone()  # every process has looked before the main process changes anything
-        if not resume and is_main_process():
-            self.clear()
+        if is_main_process():
+            self.clear() if not resume else clean_leftovers(self.path)
+        _state().wait_for_everyone()
 
     def auto(self) -> str:
         """For stages that are reused (compare, demo): the state, after removing what an interrupted
-        run left that cannot be resumed (it was killed before its first checkpoint)."""
+        run left that cannot be resumed (it was killed before it wrote its run record)."""
         state = self.state
         if state == "new" and self.path.exists() and is_main_process():
             shutil.rmtree(self.path)
@@ -104,10 +107,9 @@ class RunFolder:
 
     def clear(self) -> None:
         """Remove a previous run's resumable state and curve (a fresh run starts from nothing)."""
+        clean_leftovers(self.path)
         shutil.rmtree(self.checkpoint, ignore_errors=True)
         (self.path / METRICS).unlink(missing_ok=True)
-        for leftover in self.path.glob(".*.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
 
     # -- records ----------------------------------------------------------------------------------

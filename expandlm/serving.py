@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .atomic import read_json
 from .domains import get_domain
 from .errors import UserError
-from .run_folder import RUN_RECORD, RunFolder
+from .run_folder import CHECKPOINT, RUN_RECORD, RunFolder
 from .strategies import Strategy, strategy_of
 from .tokenizer import load_tokenizer
 
@@ -107,6 +108,19 @@ def context_length(path: str | os.PathLike) -> int:
     return read_json(folder / "config.json", "model config")["max_position_embeddings"]
 
 
+def damaged_weights(folder: RunFolder, card: dict) -> str | None:
+    """Which weights file of a model folder (or of a LoRA folder's base) safetensors cannot open, and why;
+    the error safetensors raises while a model loads does not say which file it was."""
+    folders = [folder.path] + ([folder.path / card["base"]] if isinstance(card.get("base"), str) else [])
+    for path in (p for f in folders for p in sorted(f.rglob("*.safetensors")) if CHECKPOINT not in p.parts):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{path}: not a complete safetensors file ({e}; truncated or damaged)"
+    return None
+
+
 def load_served(path: str | os.PathLike, device: str | torch.device | None = None) -> ServedModel:
     """A model folder ready to serve, on `device` (default: the GPU when there is one)."""
     folder = RunFolder(path)
@@ -114,6 +128,10 @@ def load_served(path: str | os.PathLike, device: str | torch.device | None = Non
         raise UserError(f"{folder.path}: no such model folder")
     card = folder.card()
     strategy = strategy_of(card)
-    model = strategy.load(folder, card).to(device or default_device())
+    try:
+        model = strategy.load(folder, card)
+    except (SafetensorError, OSError) as e:
+        raise UserError(damaged_weights(folder, card) or f"{folder.path}: cannot load the model ({e})") from None
+    model = model.to(device or default_device())
     model.eval()
     return ServedModel(folder, model, load_tokenizer(folder.path), card, strategy)

@@ -58,16 +58,22 @@ def shard_key(corpus: Corpus, tok_hash: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
-def build_shard(corpus: Corpus, tokenizer, cache_dir: Path | None = None) -> TokenShard:
-    """Tokenize `corpus` (or reuse the cached result for the same content and tokenizer)."""
+def build_shard(corpus: Corpus, tokenizer, cache_dir: Path | None = None, foreign: bool = False) -> TokenShard:
+    """Tokenize `corpus` (or reuse the cached result for the same content and tokenizer).
+
+    `foreign`: the text of a domain the model was not trained for (evaluated for forgetting or transfer),
+    whose tag the tokenizer may lack (a user's domain); the padding token then stands in for it, a
+    special token the model never saw as input, as it never saw an untrained built-in domain's tag."""
     cache_dir = Path(cache_dir or default_cache_dir())
     tok_hash = tokenizer_hash(tokenizer)
-    folder = cache_dir / "shards" / f"{corpus.domain.name}-{shard_key(corpus, tok_hash)}"
+    stand_in = foreign and corpus.domain.tag not in tokenizer.get_vocab()
+    key = shard_key(corpus, tok_hash) + ("-pad-tag" if stand_in else "")
+    folder = cache_dir / "shards" / f"{corpus.domain.name}-{key}"
     if (folder / "meta.json").exists():
         return TokenShard(folder, json.loads((folder / "meta.json").read_text()))
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    tag = require_tag(tokenizer, corpus.domain)
+    tag = tokenizer.pad_token_id if stand_in else require_tag(tokenizer, corpus.domain)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     encoder = text_encoder(tokenizer)
     with atomic_path(folder, folder=True) as tmp:  # readers see a complete shard or none

@@ -91,13 +91,15 @@ def gpt2_tokenizer(files_dir: Path | None, extra_tags: Iterable[str] = ()) -> Pr
     return wrap(Tokenizer.from_str(hub.backend_tokenizer.to_str()), special_tokens(extra_tags))
 
 
-def load_tokenizer(spec: str | os.PathLike, data_dir: Path | None = None) -> PreTrainedTokenizerFast:
-    """A saved tokenizer folder, or a generic baseline by name (`gpt2`, `bytes`)."""
+def load_tokenizer(spec: str | os.PathLike, data_dir: Path | None = None,
+                   extra_tags: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """A saved tokenizer folder, or a generic baseline by name (`gpt2`, `bytes`; with `extra_tags`, the
+    tags of a user's domains, as `train_bpe`)."""
     spec = str(spec)
     if spec == "bytes":
-        return bytes_tokenizer()
+        return bytes_tokenizer(extra_tags)
     if spec == "gpt2":
-        return gpt2_tokenizer(data_dir / "tokenizers" / "gpt2" if data_dir else None)
+        return gpt2_tokenizer(data_dir / "tokenizers" / "gpt2" if data_dir else None, extra_tags)
     path = Path(spec)
     if not (path / "tokenizer.json").exists():
         raise UserError(f"{path}: no tokenizer.json here; expected a folder written by "

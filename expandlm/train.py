@@ -28,7 +28,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pydantic import Field
 
-from .atomic import atomic_path, write_json, write_text
+from .atomic import atomic_path, read_json, write_json, write_text
 from .config import arg, config
 from .errors import UserError
 from .evaluate import evaluate_bpb
@@ -124,6 +124,41 @@ class TrainState:
     elapsed_s: float = 0.0
     val_bpb: float | None = None
     resumed_from: list[int] = field(default_factory=list)  # the steps this run was resumed at
+    # the metrics record in progress: its steps so far and each process's sum of their losses, so that
+    # a run resumed between two records logs the loss an uninterrupted one does
+    window_steps: int = 0
+    window_loss: list[float] = field(default_factory=list)
+
+
+CHECKPOINT_FILES = "files"  # train_state.json's key for the size of each file of the checkpoint
+
+
+def load_train_state(ckpt: Path) -> TrainState:
+    """The state a checkpoint resumes from, once every file it was saved with is there whole (accelerate
+    would fail on a truncated file with a traceback, or, for the RNG state, skip it silently)."""
+    path = ckpt / TRAIN_STATE
+    data = read_json(path, "training state")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object of training state, got {type(data).__name__}")
+    for name, size in data.pop(CHECKPOINT_FILES, {}).items():
+        file = ckpt / name
+        found = file.stat().st_size if file.is_file() else None
+        if found != size:
+            raise UserError(f"{file}: {'missing' if found is None else f'{found:,} bytes'}, saved with {size:,} "
+                            f"(truncated or damaged); remove {ckpt} to restart the run from its start with --resume")
+    try:
+        return TrainState(**data)
+    except TypeError as e:
+        raise UserError(f"{path}: not a training state ({e})") from None
+
+
+def _load_checkpoint(accelerator, ckpt: Path) -> None:
+    try:
+        accelerator.load_state(str(ckpt))
+    except Exception as e:  # a damaged file of the same size, or a checkpoint saved without file sizes
+        first = (str(e).splitlines() or [""])[0]
+        raise UserError(f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {first}); remove it to "
+                        "restart the run from its start with --resume") from None
 
 
 def _timed_micro_steps(model, batches, accelerator, loss_fn, n: int = 4, warmup: int = 2,
@@ -233,9 +268,10 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
         val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
     ckpt = folder.checkpoint
     if resume and (ckpt / TRAIN_STATE).exists():
-        state = TrainState(**json.loads((ckpt / TRAIN_STATE).read_text()))
+        state = load_train_state(ckpt)
         state.resumed_from.append(state.step)
-    else:
+    else:  # a fresh run, or one stopped before its first checkpoint: resumed from the start
+        state.resumed_from = [0] if resume else []
         resume = False
         micro_s = _timed_micro_steps(model, batches, accelerator, loss_fn, clock=clock) if cfg.minutes else None
         state.total_steps = plan_steps(cfg, tokens_per_step, batches.tokens_per_epoch, micro_s,
@@ -251,7 +287,7 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
                                                                 min_lr_rate=cfg.min_lr_ratio)
     accelerator.register_for_checkpointing(scheduler)
     if resume:
-        accelerator.load_state(str(ckpt))
+        _load_checkpoint(accelerator, ckpt)
     if accelerator.is_main_process:
         _truncate_metrics(metrics, state.step)
 
@@ -266,13 +302,15 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
 
     def save_checkpoint():
         accelerator.wait_for_everyone()
+        state.window_steps, state.window_loss = window_steps, accelerator.gather(window_loss.reshape(1)).tolist()
         # the main process owns the atomic folder; every process writes its own RNG state into it
         with atomic_path(ckpt, folder=True) if accelerator.is_main_process else nullcontext("") as tmp:
             tmp_name = broadcast_object_list([str(tmp)])[0] if world > 1 else str(tmp)
             accelerator.save_state(tmp_name)
             accelerator.wait_for_everyone()  # every process's RNG file is in the folder before it moves
             if accelerator.is_main_process:
-                write_json(Path(tmp_name) / TRAIN_STATE, asdict(state))
+                files = {str(p.relative_to(tmp_name)): p.stat().st_size for p in Path(tmp_name).rglob("*") if p.is_file()}
+                write_json(Path(tmp_name) / TRAIN_STATE, {**asdict(state), CHECKPOINT_FILES: files})
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
@@ -290,6 +328,9 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
     val_steps = eval_tokens / 3 / (batches.batch_size * batches.context * cfg.grad_accum)
     postfix = {"loss": "-", "tok_s": "-", "val_bpb": "-"}
     window_loss, window_steps, window_tokens, window_t0 = torch.zeros((), device=accelerator.device), 0, 0, time.time()
+    if state.window_steps:  # resumed between two records: the one in progress goes on (tokens/s restarts)
+        own = state.window_loss[rank] if len(state.window_loss) == world else sum(state.window_loss) / len(state.window_loss)
+        window_loss, window_steps = torch.tensor(own, device=accelerator.device), state.window_steps
     while state.step < state.total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):

@@ -186,3 +186,30 @@ def test_growth_config_errors_name_the_key(tmp_path):
     assert grow.domains == ["stories", "recipes", "code"] and grow.preset == "tiny" and grow.budgets == [500_000]
     assert [s.key for s in grow.strategies] == ["expand_branch", "replay", "joint", "full_ft"]
     assert load_config(REPO / "configs" / "grow-smoke.yaml").preset == "nano"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("user_domains")
+def test_a_study_of_user_written_domains_runs_end_to_end(tmp_path):
+    """Neither domain is built in: each model's tokenizer lacks the other domain's tag."""
+    from tests.conftest import RECIPES, STORIES, write_jsonl
+
+    write_jsonl(tmp_path / "tales.jsonl", [{"text": t} for t in STORIES])
+    write_jsonl(tmp_path / "dishes.jsonl", [{"text": f"{r['title']}: {', '.join(r['ingredients'])}."} for r in RECIPES])
+    (tmp_path / "tales.yaml").write_text("name: tales\ndata: {train: tales.jsonl}\nrequest: {nouns: [tale]}\n")
+    (tmp_path / "dishes.yaml").write_text("name: dishes\ndata: {train: dishes.jsonl}\ncheck: {pattern: '[^:]+: .+'}\n"
+                                          "request: {nouns: [dish]}\n")
+    config = tmp_path / "user.yaml"
+    config.write_text(
+        "preset: nano\nold_domain: tales.yaml\nnew_domain: dishes.yaml\nbase_tokens: 4000\nadapt_tokens: 2000\n"
+        "train: {batch_size: 4, eval_interval: 0, eval_docs: 5}\nstrategies:\n  - {name: expand_branch}\n"
+        "tokenizer_study: {tokenizers: [custom, shared, bytes], tokens: 1000}\n"
+        "evaluation: {samples: 2, max_new_tokens: 8, classifier_docs: 20}\n")
+    out = tmp_path / "study"
+    assert main(["compare", str(config), "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["models"]
+    assert [r["strategy"] for r in rows] == ["base", "scratch", "expand_branch"]
+    for r in rows:
+        assert set(r["bpb"]) == {"tales", "dishes"} and all(v > 0 for v in r["bpb"].values()), r["label"]
+        assert set(r["validity_ceiling"]) == {"dishes"}
+    assert len(json.loads((out / "results.json").read_text())["tokenizer_study"]) == 6

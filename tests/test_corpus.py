@@ -90,3 +90,14 @@ def test_fingerprint_follows_content(tmp_path, stories_file):
 def test_shared_corpora_load(shared_data):
     r = load_corpus(shared_data / "recipes.valid.jsonl.gz", recipes)
     assert len(r.documents) == 188 and all("\n\nIngredients:\n- " in d for d in r.documents)
+
+
+@pytest.mark.parametrize("line, error", [
+    ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", r"nested too deeply"),
+    ('{"text": "a", "n": ' + "7" * 5000 + "}", r"a number with too many digits"),
+])
+def test_a_hostile_jsonl_line_is_one_error_naming_the_file_and_line(tmp_path, line, error):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(UserError, match=rf"^{path}:2: invalid JSON \({error}\b"):
+        load_corpus(path, stories)

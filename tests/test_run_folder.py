@@ -6,7 +6,7 @@ import pytest
 
 from expandlm.atomic import atomic_path, write_json
 from expandlm.errors import UserError
-from expandlm.run_folder import METRICS, RUN_RECORD, TRAIN_STATE, RunFolder
+from expandlm.run_folder import CHECKPOINT, METRICS, RUN_RECORD, TRAIN_STATE, RunFolder
 
 
 def test_state_follows_what_the_folder_holds(tmp_path):
@@ -83,3 +83,30 @@ def test_only_the_main_process_writes(tmp_path, monkeypatch):
     folder.write_card({"domains": []})
     folder.save(lambda d: (d / "x").write_text("1"))
     assert not (folder / RUN_RECORD).exists() and not folder.path.exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_and_leftovers_are_removed(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.begin(resume=False)
+    folder.write_record(folder.new_record("expert", {"x": 1}, seed=0))  # a run record, but no checkpoint yet
+    (folder / METRICS).write_text('{"step": 1}\n')
+    (folder / ".checkpoint.tmp-k1ll").mkdir()  # a checkpoint write that never finished
+    (folder / ".run.json.tmp-k1ll.json").write_text("{")
+    assert folder.state == "resume"
+    folder.begin(resume=True)
+    assert sorted(os.listdir(folder.path)) == [METRICS, RUN_RECORD]
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        folder.begin(resume=False)
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_write_is_put_back(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.begin(resume=False)
+    folder.write_record(folder.new_record("expert", {"x": 1}, seed=0))
+    old = folder / ".checkpoint.old"  # killed between atomic_path's two renames
+    old.mkdir()
+    write_json(old / TRAIN_STATE, {"step": 3})
+    (folder / ".checkpoint.tmp-k1ll").mkdir()
+    folder.begin(resume=True)
+    assert json.loads((folder.checkpoint / TRAIN_STATE).read_text()) == {"step": 3}
+    assert sorted(os.listdir(folder.path)) == [CHECKPOINT, RUN_RECORD]

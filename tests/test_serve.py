@@ -245,3 +245,17 @@ def test_every_engine_serves_the_same_greedy_tokens(app, http, engine):
                     http.post("/v1/completions", json=body).json()["choices"]
     finally:
         other.stop()
+
+
+def test_a_truncated_model_file_is_one_error_naming_it(two_domain_models, tmp_path):
+    import shutil
+
+    from expandlm.errors import UserError
+    from expandlm.serving import load_served
+
+    for name in ("base", "lora"):
+        folder = shutil.copytree(two_domain_models[name], tmp_path / name)
+        weights = next(folder.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+        with pytest.raises(UserError, match=rf"^{weights}: .*truncated or damaged"):
+            load_served(folder)

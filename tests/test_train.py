@@ -11,6 +11,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from expandlm.corpus import load_corpus
 from expandlm.domains import get_domain
+from expandlm.errors import UserError
 from expandlm.model import PRESETS, build_model
 from expandlm.shards import PackedBatches, build_shard
 from expandlm.tokenizer import train_bpe
@@ -227,3 +228,58 @@ def test_two_process_data_parallel_run(stories_file, tmp_path):
         "random_states_0.pkl", "random_states_1.pkl"}
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").config.model_type == "llama"
+
+
+def _killed_after(micro_steps: int):
+    """A loss function that stops the run (like a lost machine) at its `micro_steps`-th call."""
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if len(calls) > micro_steps:
+            raise KeyboardInterrupt
+        return causal_lm_loss(model, batch)
+    return loss
+
+
+def _short_run(shard, tok, out, resume=False, loss_fn=causal_lm_loss, **cfg):
+    cfg = TrainConfig(**{"max_steps": 17, "batch_size": 4, "lr": 3e-3, "eval_interval": 0, "progress": False,
+                         "log_interval": 5, "checkpoint_interval": 7, **cfg})
+    return train(build_model(PRESETS["nano"], tok, seed=0), PackedBatches([shard], 32, 4, 0), out, cfg,
+                 loss_fn=loss_fn, resume=resume)
+
+
+def test_logged_loss_after_resume_between_log_steps_matches_the_uninterrupted_run(setup, tmp_path):
+    tok, shard = setup
+    _short_run(shard, tok, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):  # killed at step 9, after the checkpoint at step 7
+        _short_run(shard, tok, tmp_path / "b", loss_fn=_killed_after(8))
+    assert json.loads((tmp_path / "b" / "checkpoint" / "train_state.json").read_text())["step"] == 7
+    _, state = _short_run(shard, tok, tmp_path / "b", resume=True)
+    assert state.resumed_from == [7]  # 7 is not a multiple of the log interval (5)
+    curve = lambda out: [(r["step"], r["loss"]) for r in RunFolder(out).metrics()]  # noqa: E731
+    assert curve(tmp_path / "b") == curve(tmp_path / "a") and [s for s, _ in curve(tmp_path / "a")] == [5, 10, 15, 17]
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_from_the_beginning(setup, tmp_path):
+    tok, shard = setup
+    _short_run(shard, tok, tmp_path / "a", log_interval=1)
+    with pytest.raises(KeyboardInterrupt):
+        _short_run(shard, tok, tmp_path / "b", log_interval=1, loss_fn=_killed_after(5))
+    assert not (tmp_path / "b" / "checkpoint").exists() and len(RunFolder(tmp_path / "b").metrics()) == 5
+    _, state = _short_run(shard, tok, tmp_path / "b", resume=True, log_interval=1)
+    assert state.resumed_from == [0] and state.step == 17
+    assert RunFolder(tmp_path / "b").metrics() == [
+        {**r, "tokens_per_s": r2["tokens_per_s"], "elapsed_s": r2["elapsed_s"]}
+        for r, r2 in zip(RunFolder(tmp_path / "a").metrics(), RunFolder(tmp_path / "b").metrics())]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                  "custom_checkpoint_0.pkl", "train_state.json"])
+def test_a_truncated_checkpoint_file_is_named_and_never_resumed_from(setup, tmp_path, name):
+    tok, shard = setup
+    _short_run(shard, tok, tmp_path / "run", max_steps=7)
+    path = tmp_path / "run" / "checkpoint" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match=rf"checkpoint/{name}\b.*(truncated|invalid JSON)"):
+        _short_run(shard, tok, tmp_path / "run", max_steps=7, resume=True)
