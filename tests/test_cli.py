@@ -66,7 +66,7 @@ def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_
         assert code == 0 and result["domain"] == domain and result["routing"]["domain"] == domain
         assert result["samples"][0]["text"].startswith(prompt)
         assert f"routed to {domain}" in err
-    assert (both / "router.joblib").exists()
+    assert not (both / "router.joblib").exists()  # routing reads a model folder, never writes into it
     code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "expand", "--option", "blocks=2",
                        "--domain", "recipes", "--data", str(recipes_file), "--out", str(tmp_path / "x"))
     assert code == 2 and "strategy 'expand' options: unknown key 'blocks'" in err
