@@ -41,12 +41,12 @@ from transformers import LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from expandlm.atomic import write_json, write_text  # noqa: E402
-from expandlm.engine import DecodeEngine, Sampler, run_batch  # noqa: E402
-from expandlm.gguf_export import meta_rotary, write_gguf  # noqa: E402
-from expandlm.model import get_preset, llama_config  # noqa: E402
-from expandlm.report import markdown_table  # noqa: E402
+from expandlm.inference.engine import DecodeEngine, Sampler, run_batch  # noqa: E402
+from expandlm.formats.gguf import meta_rotary, write_gguf  # noqa: E402
+from expandlm.model.llama import get_preset, llama_config  # noqa: E402
+from expandlm.studies.report import markdown_table  # noqa: E402
 from expandlm.run_folder import versions  # noqa: E402
-from expandlm.tokenizer import train_bpe  # noqa: E402
+from expandlm.data.tokenizer import train_bpe  # noqa: E402
 
 RUN_C = ROOT.parent / "shared" / "anchors" / "llama2.c" / "run.c"
 CFLAGS = ["-Ofast", "-march=native"]

@@ -31,13 +31,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from expandlm.atomic import write_json, write_text  # noqa: E402
-from expandlm.report import markdown_table  # noqa: E402
+from expandlm.studies.report import markdown_table  # noqa: E402
 
 
 def random_model(preset: str, out: Path) -> Path:
-    from expandlm.model import build_model, get_preset
+    from expandlm.model.llama import build_model, get_preset
     from expandlm.run_folder import RunFolder
-    from expandlm.tokenizer import bytes_tokenizer
+    from expandlm.data.tokenizer import bytes_tokenizer
 
     tok = bytes_tokenizer()
     folder = RunFolder(out)

@@ -1,4 +1,4 @@
-"""Routing accuracy (design.md §6): every router of `expandlm.routing` on sets of hand-written requests
+"""Routing accuracy (design.md §6): every router of `expandlm.routing.router` on sets of hand-written requests
 (never on training text): `tests/data/requests.jsonl` and `tests/data/requests_plain.jsonl` (plain
 how-to questions and invitations to imagine, without a genre noun) by default, `--requests` to name
 others; with a confusion matrix that has a no-domain row and column, and the time each took to train.
@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from expandlm.atomic import write_json, write_text  # noqa: E402
-from expandlm.corpus import default_data_dir, load_corpus  # noqa: E402
+from expandlm.data.corpus import default_data_dir, load_corpus  # noqa: E402
 from expandlm.domains import get_domain  # noqa: E402
-from expandlm.routing import (DEFAULT_ROUTER, ROUTER_DOCS, TRAINED_ROUTERS, VOCABULARY_DOCS, CombinedRouter,  # noqa: E402
+from expandlm.routing.router import (DEFAULT_ROUTER, ROUTER_DOCS, TRAINED_ROUTERS, VOCABULARY_DOCS, CombinedRouter,  # noqa: E402
                               LikelihoodRouter, calibrate, route, synthesise, train_router)
 
 REQUESTS = ROOT / "tests" / "data" / "requests.jsonl"
@@ -67,9 +67,9 @@ def evaluate(router, requests: list[dict]) -> dict:
 def nano_model(out: Path, data: Path, steps: int) -> Path:
     """A nano model serving stories, recipes and code: an expert, adapted twice with `replay` (the
     default strategy, expand_branch, cannot be adapted again yet)."""
-    from expandlm.adapt import AdaptSpec, adapt
-    from expandlm.expert import ExpertSpec, train_expert
-    from expandlm.train import TrainConfig
+    from expandlm.adapt.run import AdaptSpec, adapt
+    from expandlm.training.expert import ExpertSpec, train_expert
+    from expandlm.training.loop import TrainConfig
 
     train = dict(max_steps=steps, batch_size=8, eval_interval=0, eval_docs=5, progress=False, log_interval=steps)
     names = ["stories", "recipes", "code"]
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         elif model:
             note = f"Likelihood and combined: the model `{model}`."
         if model:
-            from expandlm.serving import load_served
+            from expandlm.formats.served import load_served
             served = load_served(model, device="cpu")
             if sorted(served.domains) != names:
                 raise SystemExit(f"{model} serves {served.domains}; the requests need {names}")

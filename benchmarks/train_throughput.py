@@ -1,7 +1,7 @@
 """Training throughput and MFU of the tiny and small presets, on the GPU where there is one, else the CPU.
 
 For each preset it measures, in one process and on the same real batches:
-- expandlm: tokens/s of `expandlm.train.train` (accelerate, AdamW, clipping, LR schedule, logging);
+- expandlm: tokens/s of `expandlm.training.loop.train` (accelerate, AdamW, clipping, LR schedule, logging);
 - plain: tokens/s of a bare PyTorch loop over the same model (forward, loss, backward, clip, AdamW);
 - the FLOP/s a large `torch.mm` reaches here in the training precision (bf16 on a GPU, fp32 on the CPU),
   and MFU = model FLOP/s / that.
@@ -23,13 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from expandlm.atomic import write_json  # noqa: E402
 from expandlm.run_folder import RunFolder, versions  # noqa: E402
-from expandlm.corpus import default_data_dir, load_corpus  # noqa: E402
+from expandlm.data.corpus import default_data_dir, load_corpus  # noqa: E402
 from expandlm.domains import get_domain  # noqa: E402
-from expandlm.model import build_model, count_params, get_preset  # noqa: E402
-from expandlm.report import markdown_table  # noqa: E402
-from expandlm.shards import PackedBatches, build_shard  # noqa: E402
-from expandlm.tokenizer import train_bpe  # noqa: E402
-from expandlm.train import TrainConfig, causal_lm_loss, make_optimizer, train  # noqa: E402
+from expandlm.model.llama import build_model, count_params, get_preset  # noqa: E402
+from expandlm.studies.report import markdown_table  # noqa: E402
+from expandlm.data.shards import PackedBatches, build_shard  # noqa: E402
+from expandlm.data.tokenizer import train_bpe  # noqa: E402
+from expandlm.training.loop import TrainConfig, causal_lm_loss, make_optimizer, train  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

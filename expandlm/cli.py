@@ -40,7 +40,7 @@ def _positive_int(text: str) -> int:
 def _spec(args, spec_cls, command: str):
     """A spec from `--config` (if given) overlaid with the flags given on the command line."""
     from .config import build, given, load_yaml
-    from .train import TrainConfig
+    from .training.loop import TrainConfig
 
     data = load_yaml(args.config) if args.config else {}
     data.update(given(args, spec_cls))
@@ -60,7 +60,7 @@ def _spec(args, spec_cls, command: str):
 
 
 def _resumed(args, spec_cls):
-    from .expert import saved_spec
+    from .training.expert import saved_spec
     from .run_folder import RunFolder
 
     if getattr(args, "out", None) is None:
@@ -71,10 +71,10 @@ def _resumed(args, spec_cls):
 
 
 def cmd_tokenizer(args) -> None:
-    from .corpus import default_data_dir, load_corpus
+    from .data.corpus import default_data_dir, load_corpus
     from .domains import get_domain
     from .run_folder import RunFolder
-    from .tokenizer import encode_texts, train_bpe
+    from .data.tokenizer import encode_texts, train_bpe
 
     domain = get_domain(args.domain)
     corpus = load_corpus(args.data or domain.local_files(default_data_dir())[0], domain, limit=args.limit)
@@ -88,16 +88,16 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .expert import ExpertSpec, train_expert
+    from .training.expert import ExpertSpec, train_expert
 
     spec = _resumed(args, ExpertSpec) if args.resume else _spec(args, ExpertSpec, "train")
     train_expert(spec, resume=args.resume)
 
 
 def cmd_adapt(args) -> None:
-    from .adapt import AdaptSpec, adapt
+    from .adapt.run import AdaptSpec, adapt
     from .config import parse_text
-    from .strategies import strategy_class
+    from .adapt import method_class
 
     if args.resume:
         adapt(_resumed(args, AdaptSpec), resume=True)
@@ -105,7 +105,7 @@ def cmd_adapt(args) -> None:
     spec = _spec(args, AdaptSpec, "adapt")  # the strategy: --strategy, --config's, or the default
     options = {}
     if args.option:
-        options_cls = strategy_class(spec.strategy).Options
+        options_cls = method_class(spec.strategy).Options
         for item in args.option:
             if "=" not in item:
                 raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option new_blocks=2")
@@ -118,14 +118,14 @@ def cmd_adapt(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .merge import load_merge_config, merge
+    from .merge.run import load_merge_config, merge
 
     folder = merge(load_merge_config(args.config), args.out)
     print(f"merged → {folder.path} (AutoModelForCausalLM, or PeftModel for an adapter, loads it)")
 
 
 def cmd_distill(args) -> None:
-    from .distill import distill, load_distill_spec
+    from .training.distill import distill, load_distill_spec
 
     spec = load_distill_spec(args.config, args.out)
     spec.train.progress = args.progress
@@ -136,11 +136,11 @@ def cmd_distill(args) -> None:
 
 def cmd_eval(args) -> None:
     from .atomic import write_json
-    from .corpus import default_data_dir, load_corpus
+    from .data.corpus import default_data_dir, load_corpus
     from .domains import get_domain
-    from .evaluate import evaluate_bpb
-    from .serving import load_served
-    from .shards import build_shard
+    from .evaluation.bpb import evaluate_bpb
+    from .formats.served import load_served
+    from .data.shards import build_shard
 
     domain = get_domain(args.domain)
     served = load_served(args.model)
@@ -160,9 +160,9 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     from .config import build, given
     from .domains import get_domain
-    from .generate import SamplingConfig, generate
-    from .routing import route_request
-    from .serving import load_served
+    from .inference.generate import SamplingConfig, generate
+    from .routing.router import route_request
+    from .formats.served import load_served
 
     if (args.domain is None) == (args.request is None):
         raise UserError("generate needs exactly one of --domain (with an optional --prompt) or --request")
@@ -177,7 +177,7 @@ def cmd_generate(args) -> None:
                   file=sys.stderr)
         print(f"[routed to {routed.domain} ({routed.confidence:.0%} confident; {routed.reason}); "
               f"prompt {prompt!r}]", file=sys.stderr)
-    model = served.for_domain(domain_name)
+    model = served.decode_model(domain_name)
     stream = args.num_samples == 1 and not args.json
     samples = generate(model, served.tokenizer_for(domain_name), get_domain(domain_name), prompt, args.num_samples, sampling,
                        stream=stream, engine=args.engine)
@@ -196,7 +196,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .serving import load_served
+    from .formats.served import load_served
 
     from .domains import get_domain
 
@@ -204,38 +204,37 @@ def cmd_export(args) -> None:
     args.domain = get_domain(args.domain).name
     if args.format == "gguf":
         path = served.export_gguf(args.domain, args.out)
-        print(f"{args.domain} of {args.model} ({served.strategy.name}) → {path} (a GGUF file llama.cpp runs; "
+        print(f"{args.domain} of {args.model} ({served.card.format}) → {path} (a GGUF file llama.cpp runs; "
               "start from the token ids of <|bos|><|domain|>)")
         return
     folder = served.export(args.domain, args.out)
-    print(f"{args.domain} of {args.model} ({served.strategy.name}) → {folder.path} "
+    print(f"{args.domain} of {args.model} ({served.card.format}) → {folder.path} "
           "(AutoModelForCausalLM / AutoTokenizer load it)")
 
 
 def cmd_serve(args) -> None:
-    from .serve import serve
+    from .serve.app import serve
 
     serve(args.models, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
           max_waiting=args.max_waiting, threads=args.threads)
 
 
 def cmd_compare(args) -> None:
-    from .combine import CombineStudy, CombineStudyConfig
-    from .compare import Study, load_config
+    from .studies import load_study
 
-    cfg = load_config(args.config)
-    (CombineStudy if isinstance(cfg, CombineStudyConfig) else Study)(cfg, args.out, progress=args.progress).run()
+    cfg, study = load_study(args.config)
+    study(cfg, args.out, progress=args.progress).run()
     print(f"report: {args.out}/report.md  results: {args.out}/results.json")
 
 
 def cmd_demo(args) -> None:
-    from .demo import DemoConfig, run_demo
+    from .studies.demo import DemoConfig, run_demo
 
     run_demo(_spec(args, DemoConfig, "demo"))
 
 
 def _engine_flag(p: argparse.ArgumentParser) -> None:
-    from .engine import ENGINES
+    from .inference.engine import ENGINES
     p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
                    help="fast: expandlm's decode loop with its C step (default); torch: the same loop in PyTorch only; "
                         "hf: transformers' generate (the same greedy tokens)")
@@ -248,7 +247,7 @@ def _with_config(p: argparse.ArgumentParser) -> None:
 def _training_command(p: argparse.ArgumentParser, spec_cls) -> None:
     """Flags of `train` / `adapt`: the spec's fields, then the training loop's."""
     from .config import flags
-    from .train import TrainConfig
+    from .training.loop import TrainConfig
 
     _with_config(p)
     flags(p, spec_cls)
@@ -257,12 +256,12 @@ def _training_command(p: argparse.ArgumentParser, spec_cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .adapt import AdaptSpec
+    from .adapt.run import AdaptSpec
     from .config import flags
-    from .demo import DemoConfig
-    from .expert import ExpertSpec
-    from .generate import SamplingConfig
-    from .train import TrainConfig
+    from .studies.demo import DemoConfig
+    from .training.expert import ExpertSpec
+    from .inference.generate import SamplingConfig
+    from .training.loop import TrainConfig
 
     p = argparse.ArgumentParser(prog="expandlm", description="Small domain-specific language models that "
                                 "learn new domains without forgetting old ones.")

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from .atomic import clean_leftovers, files_into, read_json, write_json
 from .errors import UserError
+from .process import distributed_state, is_main_process
+from .records import MODEL_CARD, ModelCard
 
 RUN_RECORD = "run.json"
-MODEL_CARD = "expandlm.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
 TRAIN_STATE = "train_state.json"
@@ -31,16 +32,6 @@ SUITE = "suite.json"
 
 PACKAGES = ("expandlm", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft",
             "safetensors", "numpy", "pydantic")
-
-
-def _state():
-    import torch
-    from accelerate import PartialState
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def is_main_process() -> bool:
-    return _state().is_main_process
 
 
 def versions() -> dict:
@@ -92,10 +83,10 @@ class RunFolder:
             raise UserError(f"{self.path}: nothing to resume (no unfinished run here); drop --resume")
         if not resume and state != "new":
             raise UserError(f"{self.path}: already holds a run; pass --resume to continue it, or choose another --out")
-        _state().wait_for_everyone()  # every process has looked before the main process changes anything
+        distributed_state().wait_for_everyone()  # every process has looked before the main process changes anything
         if is_main_process():
             self.clear() if not resume else clean_leftovers(self.path)
-        _state().wait_for_everyone()
+        distributed_state().wait_for_everyone()
 
     def auto(self) -> str:
         """For stages that are reused (compare, demo): the state, after removing what an interrupted
@@ -124,17 +115,14 @@ class RunFolder:
         """The one shape of every run record: kind, config, seed, versions, status, then the rest."""
         return {"kind": kind, "spec": spec, "seed": seed, "versions": versions(), "status": "running", **fields}
 
-    def card(self) -> dict:
+    def card(self) -> ModelCard:
         """The model card; a folder without one is a plain checkpoint that serves its whole model."""
-        from .domains import load_folder_specs
-
-        load_folder_specs(self.path)  # the user's own domains it serves become known by name
         path = self.path / MODEL_CARD
-        return read_json(path, "model card") if path.exists() else {}
+        return ModelCard.from_json(read_json(path, "model card"), str(path)) if path.exists() else ModelCard()
 
-    def write_card(self, card: dict) -> None:
+    def write_card(self, card: ModelCard) -> None:
         if is_main_process():
-            write_json(self.path / MODEL_CARD, card)
+            write_json(self.path / MODEL_CARD, card.to_json())
 
     def save(self, save_fn) -> None:
         """Run a `save_pretrained(folder)` so that each file lands atomically beside the others."""

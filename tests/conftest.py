@@ -89,9 +89,9 @@ def two_domain_models(tmp_path_factory) -> dict[str, Path]:
     `expand_paths` (one model, a gated path per domain), `expand_branch` (recipes' own tokenizer and
     model over the stories blocks) and `lora` (an adapter on for recipes, off for stories).
     Session-wide: the serving, engine and export tests share them."""
-    from expandlm.adapt import AdaptSpec, adapt
-    from expandlm.expert import ExpertSpec, train_expert
-    from expandlm.train import TrainConfig
+    from expandlm.adapt.run import AdaptSpec, adapt
+    from expandlm.training.expert import ExpertSpec, train_expert
+    from expandlm.training.loop import TrainConfig
 
     root = tmp_path_factory.mktemp("two_domains")
     stories = write_jsonl(root / "stories.jsonl", [{"text": t} for t in STORIES])
@@ -113,9 +113,9 @@ CODE = ["def add(a, b):\n    return a + b\n", "def square(x):\n    \"\"\"x times
 @pytest.fixture(scope="session")
 def experts(tmp_path_factory) -> dict[str, Path]:
     """Experts of one common start (the merging, distillation and combination tests share them): a nano stories base; full fine-tunes of it on recipes and on code; LoRA adapters of it on each."""
-    from expandlm.adapt import AdaptSpec, adapt
-    from expandlm.expert import ExpertSpec, train_expert
-    from expandlm.train import TrainConfig
+    from expandlm.adapt.run import AdaptSpec, adapt
+    from expandlm.training.expert import ExpertSpec, train_expert
+    from expandlm.training.loop import TrainConfig
 
     root = tmp_path_factory.mktemp("merge")
     data = {"stories": write_jsonl(root / "stories.jsonl", [{"text": t} for t in STORIES]),

@@ -11,7 +11,7 @@ import torch
 
 from expandlm.errors import UserError
 from expandlm.run_folder import RunFolder
-from expandlm.serving import load_served
+from expandlm.formats.served import load_served
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -90,9 +90,9 @@ FAST = dict(max_steps=4, batch_size=4, eval_interval=0, eval_docs=5, progress=Fa
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """stories expert → +recipes → +code, with expand_branch and with replay (nano, a few steps each)."""
-    from expandlm.adapt import AdaptSpec, adapt
-    from expandlm.expert import ExpertSpec, train_expert
-    from expandlm.train import TrainConfig
+    from expandlm.adapt.run import AdaptSpec, adapt
+    from expandlm.training.expert import ExpertSpec, train_expert
+    from expandlm.training.loop import TrainConfig
     from tests.conftest import RECIPES, STORIES, write_jsonl
     root = tmp_path_factory.mktemp("chain")
     data = {"stories": write_jsonl(root / "stories.jsonl", [{"text": t} for t in STORIES]),
@@ -122,7 +122,7 @@ def test_a_branch_chain_keeps_every_old_domain_bit_identical_served_and_exported
 
     from expandlm.cli import main
     from expandlm.domains import get_domain
-    from expandlm.generate import SamplingConfig, generate
+    from expandlm.inference.generate import SamplingConfig, generate
     root, _ = chain
     first, second = load_served(root / "branch1"), load_served(root / "branch2")
     assert second.domains == ["stories", "recipes", "code"]
@@ -141,10 +141,11 @@ def test_a_branch_chain_keeps_every_old_domain_bit_identical_served_and_exported
     code_tok = second.tokenizer_for("code")
     assert code_tok.get_vocab() != first.tokenizer_for("recipes").get_vocab()  # code has a tokenizer of its own
     assert second.for_domain("code").config.num_hidden_layers == stories.model.config.num_hidden_layers + 1  # trunk + 1
-    for domain in second.domains:
-        text = generate(second.for_domain(domain), second.tokenizer_for(domain), get_domain(domain), "", 1,
-                        SamplingConfig(temperature=0, max_new_tokens=8))[0].text
-        assert isinstance(text, str)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=8)
+    for domain in second.domains:  # the served view (transformers) and the export (the decode engine) agree
+        args = second.tokenizer_for(domain), get_domain(domain), "", 1, greedy
+        assert (generate(second.for_domain(domain), *args, engine="hf")[0].text
+                == generate(second.decode_model(domain), *args)[0].text)
         assert main(["generate", "--model", str(root / "branch2"), "--domain", domain, "--max-new-tokens", "8"]) == 0
     record = RunFolder(root / "branch2").record()
     assert record["forgetting"] == {"stories": 0.0, "recipes": 0.0}
@@ -177,12 +178,12 @@ def test_a_whole_model_strategy_over_two_additions_records_forgetting_per_old_do
 
 def test_replay_and_joint_mix_every_old_domain():
     from expandlm.domains import get_domain
-    from expandlm.strategies import AdaptContext, make_strategy
+    from expandlm.adapt import AdaptContext, make_method
     ctx = AdaptContext(["stories", "recipes"], get_domain("code"), "code", {"stories": "s", "recipes": "r"},
                        None, None, 0, "nano")
     for strategy, options, weights in (("replay", {"fraction": 0.2}, [0.8, 0.1, 0.1]),
                                        ("joint", {"new_share": 0.5}, [0.5, 0.25, 0.25])):
-        mixture = make_strategy(strategy, options).mixture(ctx)
+        mixture = make_method(strategy, options).mixture(ctx)
         assert [s for s, _ in mixture] == ["code", "s", "r"]
         assert [w for _, w in mixture] == pytest.approx(weights)
 
@@ -213,9 +214,9 @@ def test_adapting_a_chain_to_a_domain_it_serves_or_with_one_set_of_weights_is_re
 def test_a_domain_whose_tag_the_old_tokenizer_lacks_gets_it_appended(base, tmp_path, user_domains):
     """A user's domain on a model whose tokenizer was trained before it: whole-model strategies append
     its tag (one more row); strategies that promise the old domains bit for bit refuse, saying why."""
-    from expandlm.adapt import AdaptSpec, adapt
+    from expandlm.adapt.run import AdaptSpec, adapt
     from expandlm.domains import get_domain
-    from expandlm.train import TrainConfig
+    from expandlm.training.loop import TrainConfig
     from tests.conftest import NANO_STEPS, write_jsonl
 
     root, _ = base

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expandlm.cli import main
-from expandlm.serving import load_served
+from expandlm.formats.served import load_served
 
 
 def run(capsys, *argv):
@@ -197,7 +197,7 @@ def test_a_users_own_domain_from_a_spec_file(capsys, tmp_path, monkeypatch, stor
                          "--out", str(tmp_path / "both"), *NANO[2:])  # no --data: the spec names the file
     assert code == 0, err
     card = json.loads((tmp_path / "both" / "expandlm.json").read_text())
-    assert card["domains"] == ["stories", "poems"] and card["strategy"] == "expand_branch"
+    assert card["domains"] == ["stories", "poems"] and card["method"] == "expand_branch" and card["format"] == "branch"
     record = json.loads((tmp_path / "both" / "run.json").read_text())
     assert record["domain_data"]["poems"]["limit"] is None and record["bpb"]["poems"] > 0
     del DOMAINS["poems"]  # as in a new process: only the folder knows the domain now

@@ -1,11 +1,11 @@
-"""The combination study (expandlm.combine): every row, its columns, reuse of finished stages, config errors."""
+"""The combination study (expandlm.studies.combine): every row, its columns, reuse of finished stages, config errors."""
 import json
 
 import pytest
 import yaml
 
 from expandlm.cli import main
-from expandlm.compare import load_config
+from expandlm.studies import load_study
 from expandlm.errors import UserError
 from tests.conftest import REPO
 
@@ -57,4 +57,4 @@ def test_combination_config_errors_name_the_field(tmp_path):
     for data, message in cases:
         path.write_text(yaml.safe_dump(data))
         with pytest.raises(UserError, match=message):
-            load_config(path)
+            load_study(path)

@@ -4,9 +4,9 @@ import shutil
 import pytest
 
 from expandlm.cli import main
-from expandlm.compare import load_config
+from expandlm.studies.compare import load_config
 from expandlm.errors import UserError
-from expandlm.strategies import DEFAULT_STRATEGY
+from expandlm.adapt import DEFAULT_METHOD
 from tests.conftest import REPO
 
 REQUIRED = {"strategy", "bpb", "forgetting", "new_domain_gap", "domain_accuracy", "validity", "validity_ceiling", "health",
@@ -96,7 +96,7 @@ def test_shipped_configs_load():
     assert curve.budgets == [500_000, 1_000_000, 2_000_000, 4_000_000]
     points = [(seed, t) for seed in curve.seeds for t in curve.budgets if curve.runs_at(seed, t)]
     assert all(t in [p[1] for p in points if p[0] == 0] for t in curve.budgets)  # every budget at seed 0
-    assert all(curve.runs_at(seed, t)[0].name == DEFAULT_STRATEGY for seed, t in points)  # the default at each
+    assert all(curve.runs_at(seed, t)[0].name == DEFAULT_METHOD for seed, t in points)  # the default at each
     reverse = load_config(REPO / "configs" / "expansion-reverse.yaml")
     assert (reverse.old_domain, reverse.new_domain) == ("recipes", "stories")
     assert [s.key for s in load_config(REPO / "configs" / "expansion-1M.yaml").strategies] == ["expand_branch"]

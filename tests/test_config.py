@@ -3,12 +3,12 @@ import argparse
 
 import pytest
 
-from expandlm.compare import load_config
+from expandlm.studies.compare import load_config
 from expandlm.config import build, flags, given, load_yaml, parse_text
 from expandlm.errors import UserError
-from expandlm.expert import ExpertSpec
-from expandlm.strategies.lora import LoRA
-from expandlm.train import TrainConfig
+from expandlm.training.expert import ExpertSpec
+from expandlm.adapt.lora import LoRA
+from expandlm.training.loop import TrainConfig
 
 
 def test_values_are_converted_where_unambiguous_and_refused_otherwise():

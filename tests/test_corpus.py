@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from expandlm.corpus import is_hub_id, load_corpus, split_holdout
+from expandlm.data.corpus import is_hub_id, load_corpus, split_holdout
 from expandlm.domains import get_domain
 from expandlm.errors import UserError
 from tests.conftest import RECIPES, STORIES

@@ -2,8 +2,8 @@
 for 1.5 minutes at batch 64 on a GPU; what the user sets wins on either."""
 import torch
 
-from expandlm.demo import DemoConfig
-from expandlm.train import TrainConfig
+from expandlm.studies.demo import DemoConfig
+from expandlm.training.loop import TrainConfig
 
 
 def test_the_cpu_demo_is_the_tiny_preset_for_six_minutes_a_stage(monkeypatch):

@@ -1,4 +1,4 @@
-"""Distillation (expandlm.distill): one student from several experts' outputs; alpha 0 is joint training."""
+"""Distillation (expandlm.training.distill): one student from several experts' outputs; alpha 0 is joint training."""
 import json
 
 import pytest
@@ -8,10 +8,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import NANO_STEPS
-from expandlm.distill import DistillSpec, LabelledBatches, Teacher, distill, distillation_loss, load_distill_spec
+from expandlm.training.distill import DistillSpec, LabelledBatches, Teacher, distill, distillation_loss, load_distill_spec
 from expandlm.errors import UserError
-from expandlm.shards import PackedBatches, build_shard
-from expandlm.train import TrainConfig, causal_lm_loss
+from expandlm.data.shards import PackedBatches, build_shard
+from expandlm.training.loop import TrainConfig, causal_lm_loss
 
 
 def teachers(experts):
@@ -21,9 +21,9 @@ def teachers(experts):
 
 
 def test_labelled_batches_name_the_shard_of_every_window(experts):
-    from expandlm.corpus import load_train_val
+    from expandlm.data.corpus import load_train_val
     from expandlm.domains import get_domain
-    from expandlm.tokenizer import load_tokenizer
+    from expandlm.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(experts["base"])
     root = experts["root"]
@@ -65,15 +65,15 @@ def test_a_student_learns_every_teacher_and_is_a_standard_checkpoint(experts, tm
     card = json.loads((tmp_path / "student" / "expandlm.json").read_text())
     assert card["domains"] == ["stories", "recipes", "code"] and card["distilled"]["alpha"] == 1.0
     AutoModelForCausalLM.from_pretrained(tmp_path / "student")
-    from expandlm.serving import load_served
+    from expandlm.formats.served import load_served
     assert set(load_served(tmp_path / "student").domain_data()) == {"stories", "recipes", "code"}
 
 
 def test_distillation_moves_the_student_toward_its_teacher(experts, tmp_path):
     """A fresh student taught by one expert ends closer to it (KL on held windows) than it started."""
     from expandlm.domains import get_domain
-    from expandlm.corpus import load_train_val
-    from expandlm.tokenizer import load_tokenizer
+    from expandlm.data.corpus import load_train_val
+    from expandlm.data.tokenizer import load_tokenizer
 
     teacher = AutoModelForCausalLM.from_pretrained(experts["recipes-full_ft"]).eval()
     tok = load_tokenizer(experts["base"])
@@ -86,7 +86,7 @@ def test_distillation_moves_the_student_toward_its_teacher(experts, tmp_path):
         return F.kl_div(F.log_softmax(s, -1).flatten(0, 1), F.log_softmax(t, -1).flatten(0, 1), log_target=True,
                         reduction="batchmean").item()
 
-    from expandlm.model import build_model, get_preset
+    from expandlm.model.llama import build_model, get_preset
     before = kl(build_model(get_preset("nano"), tok, seed=0).eval())
     spec = DistillSpec(teachers=[Teacher(model=str(experts["recipes-full_ft"]), domain="recipes")],
                        out=str(tmp_path / "s"), cache_dir=str(experts["root"] / "cache"),

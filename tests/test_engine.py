@@ -5,12 +5,12 @@ import torch
 from transformers import GenerationConfig
 
 from expandlm.domains import get_domain
-from expandlm.engine import DecodeEngine, Sampler, run_batch
+from expandlm.inference.engine import DecodeEngine, Sampler, run_batch
 from expandlm.errors import UserError
-from expandlm.generate import SamplingConfig, generate, request_ids
-from expandlm.model import PRESETS, build_model
-from expandlm.serving import load_served
-from expandlm.tokenizer import bytes_tokenizer
+from expandlm.inference.generate import SamplingConfig, generate, request_ids
+from expandlm.model.llama import PRESETS, build_model
+from expandlm.formats.served import load_served
+from expandlm.data.tokenizer import bytes_tokenizer
 
 tok = bytes_tokenizer()
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=60)

@@ -3,12 +3,12 @@ import math
 import numpy as np
 import torch
 
-from expandlm.corpus import Corpus
+from expandlm.data.corpus import Corpus
 from expandlm.domains import get_domain
-from expandlm.evaluate import PREFIX, _windows, evaluate_bpb
-from expandlm.model import PRESETS, build_model
-from expandlm.shards import build_shard
-from expandlm.tokenizer import bytes_tokenizer
+from expandlm.evaluation.bpb import PREFIX, _windows, evaluate_bpb
+from expandlm.model.llama import PRESETS, build_model
+from expandlm.data.shards import build_shard
+from expandlm.data.tokenizer import bytes_tokenizer
 
 DOCS = ["short one.", "a somewhat longer document that will need several windows " * 6, "mid length text here"]
 

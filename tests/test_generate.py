@@ -3,9 +3,9 @@ import torch
 
 from expandlm.domains import get_domain
 from expandlm.errors import UserError
-from expandlm.generate import SamplingConfig, generate, request_ids
-from expandlm.model import PRESETS, build_model
-from expandlm.tokenizer import bytes_tokenizer
+from expandlm.inference.generate import SamplingConfig, generate, request_ids
+from expandlm.model.llama import PRESETS, build_model
+from expandlm.data.tokenizer import bytes_tokenizer
 
 tok = bytes_tokenizer()
 stories = get_domain("stories")

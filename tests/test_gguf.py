@@ -6,12 +6,12 @@ import pytest
 
 from expandlm.cli import main
 from expandlm.domains import get_domain
-from expandlm.engine import DecodeEngine
-from expandlm.generate import request_ids
-from expandlm.gguf_export import write_gguf
-from expandlm.serving import load_served
+from expandlm.inference.engine import DecodeEngine
+from expandlm.inference.generate import request_ids
+from expandlm.formats.gguf import write_gguf
+from expandlm.formats.served import load_served
 from expandlm.errors import UserError
-from expandlm.tokenizer import bytes_tokenizer, encode_texts, train_bpe
+from expandlm.data.tokenizer import bytes_tokenizer, encode_texts, train_bpe
 from tests.conftest import STORIES
 from tests.test_engine import decisive, engine_tokens
 

@@ -1,4 +1,4 @@
-"""Merging experts of one common start (expandlm.merge): every method, full models and adapters."""
+"""Merging experts of one common start (expandlm.merge.run): every method, full models and adapters."""
 import json
 
 import pytest
@@ -8,8 +8,8 @@ from peft.utils import merge_utils
 from transformers import AutoModelForCausalLM
 
 from expandlm.errors import UserError
-from expandlm.merge import MergeConfig, MergeModel, MergeParameters, check_config, load_merge_config, merge
-from expandlm.serving import load_served
+from expandlm.merge.run import MergeConfig, MergeModel, MergeParameters, check_config, load_merge_config, merge
+from expandlm.formats.served import load_served
 
 def state(path):
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
@@ -70,7 +70,7 @@ def test_dare_is_seeded_and_rescales_what_it_keeps(experts, tmp_path):
 
 
 def test_fisher_merge_weighs_each_parameter_by_each_experts_fisher(experts, tmp_path, monkeypatch):
-    from expandlm import merge as merge_module
+    from expandlm.merge import run as merge_module
 
     a, b = experts["recipes-full_ft"], experts["code-full_ft"]
     out = merge(cfg("fisher", [a, b], windows=4), tmp_path / "fisher")
@@ -156,8 +156,8 @@ def test_config_errors_name_the_problem(experts, tmp_path):
 def test_models_of_another_tokenizer_or_shape_are_refused(experts, tmp_path, two_domain_models):
     import shutil
 
-    from expandlm.tokenizer import load_tokenizer
-    from expandlm.vocab import with_tag
+    from expandlm.data.tokenizer import load_tokenizer
+    from expandlm.data.vocab import with_tag
 
     a = experts["recipes-full_ft"]
     other = shutil.copytree(experts["code-full_ft"], tmp_path / "other-tokenizer")
@@ -190,14 +190,14 @@ def test_merge_command_reads_a_mergekit_style_yaml(experts, tmp_path):
 def test_arrow_keeps_the_adapters_and_routes_each_token_among_them(experts, tmp_path):
     from peft import PeftModel
 
-    from expandlm.generate import SamplingConfig, generate
+    from expandlm.inference.generate import SamplingConfig, generate
     from expandlm.domains import get_domain
 
     a, b = experts["recipes-lora"], experts["code-lora"]
     out = merge(cfg("arrow", [a, b], top_k=1), tmp_path / "arrow")
     assert sorted(p.name for p in (out.path / "experts").iterdir()) == ["0-recipes", "1-code"]
     served = load_served(out.path)
-    assert served.strategy.name == "arrow" and served.domains == ["stories", "recipes", "code"]
+    assert served.card.format == "arrow" and served.domains == ["stories", "recipes", "code"]
     ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
     base = AutoModelForCausalLM.from_pretrained(experts["base"]).eval()
     with torch.no_grad():

@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from expandlm.errors import UserError
-from expandlm.model import PRESETS, build_model, count_params, get_preset
-from expandlm.tokenizer import bytes_tokenizer
+from expandlm.model.llama import PRESETS, build_model, count_params, get_preset
+from expandlm.data.tokenizer import bytes_tokenizer
 
 
 class _Vocab:

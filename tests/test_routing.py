@@ -8,7 +8,7 @@ import pytest
 
 from expandlm.domains import DOMAINS, Domain, DomainSpec, RequestSpec, get_domain
 from expandlm.errors import UserError
-from expandlm.routing import Router, route, split_request, synthesise, train_router
+from expandlm.routing.router import Router, route, split_request, synthesise, train_router
 
 REQUESTS = Path(__file__).parent / "data" / "requests.jsonl"
 # Plain how-to questions and invitations to imagine, without a genre noun, written before the router
@@ -93,8 +93,8 @@ def test_training_is_deterministic(made_up):
 
 
 def test_a_models_router_covers_exactly_its_domains(two_domain_models):
-    from expandlm.routing import load_router
-    from expandlm.serving import load_served
+    from expandlm.routing.router import load_router
+    from expandlm.formats.served import load_served
     served = load_served(two_domain_models["expand_branch"], device="cpu")
     router = load_router(served)
     assert sorted(router.domains) == sorted(served.domains) == ["recipes", "stories"]
@@ -147,7 +147,7 @@ def test_the_plain_requests_are_data_and_name_no_genre():
 def test_accuracy_on_the_hand_written_requests(shared_data):
     """A floor clearly below the measured 95% of in-domain requests routed to their domain (see
     benchmarks/results/routing_accuracy.md); it fails when routing breaks, not when it wobbles."""
-    from expandlm.corpus import load_corpus
+    from expandlm.data.corpus import load_corpus
     from expandlm.domains import get_domain
     rows = [json.loads(line) for line in REQUESTS.read_text().splitlines()]
     names = ("stories", "recipes", "code")
@@ -165,8 +165,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_routing_for_a_model_never_writes_into_its_folder(two_domain_models, tmp_path, monkeypatch):
     """Serving and generating only read a model folder: the router they train is cached elsewhere
     (under $EXPANDLM_CACHE) and a second load reuses it instead of training again."""
-    import expandlm.routing as routing
-    from expandlm.serving import load_served
+    import expandlm.routing.router as routing
+    from expandlm.formats.served import load_served
     folder = two_domain_models["lora"]
     before = _files(folder)
     served = load_served(folder, device="cpu")
@@ -182,7 +182,7 @@ def test_accuracy_on_the_plain_requests(shared_data):
     """Plain how-to questions and invitations to imagine, with no genre noun, go by their content
     words: a floor clearly below the measured 100% of them routed to their domain and fitting it
     (69.7% before the vocabulary router; see benchmarks/results/routing_accuracy.md)."""
-    from expandlm.routing import router_from_data
+    from expandlm.routing.router import router_from_data
     rows = [json.loads(line) for line in PLAIN_REQUESTS.read_text().splitlines()]
     router = router_from_data({d: {"train": get_domain(d).data_file("train", shared_data)}
                                for d in ("stories", "recipes", "code")})

@@ -11,9 +11,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from expandlm.serve import Catalog, Job, Scheduler, create_app
-from expandlm.engine import Sampler
-from expandlm.serving import load_served
+from expandlm.serve.app import Catalog, Job, Scheduler, create_app
+from expandlm.inference.engine import Sampler
+from expandlm.formats.served import load_served
 
 
 @contextmanager
@@ -115,8 +115,8 @@ def test_auto_answers_a_request_no_domain_fits_with_its_best_guess_and_says_so(c
 def test_auto_routes_over_the_domains_of_every_folder(two_domain_models, tmp_path):
     """Two folders, one domain each: `auto` routes over both, and the folder that serves the chosen
     domain answers (not only the first folder's domains)."""
-    from expandlm.expert import ExpertSpec, train_expert
-    from expandlm.train import TrainConfig
+    from expandlm.training.expert import ExpertSpec, train_expert
+    from expandlm.training.loop import TrainConfig
     from conftest import NANO_STEPS, RECIPES, write_jsonl
 
     recipes = write_jsonl(tmp_path / "recipes.jsonl", RECIPES)
@@ -251,7 +251,7 @@ def test_a_truncated_model_file_is_one_error_naming_it(two_domain_models, tmp_pa
     import shutil
 
     from expandlm.errors import UserError
-    from expandlm.serving import load_served
+    from expandlm.formats.served import load_served
 
     for name in ("base", "lora"):
         folder = shutil.copytree(two_domain_models[name], tmp_path / name)

@@ -2,9 +2,9 @@
 import pytest
 
 from expandlm.errors import UserError
-from expandlm.expert import ExpertSpec, train_expert
-from expandlm.serving import default_device, load_served
-from expandlm.train import TrainConfig
+from expandlm.training.expert import ExpertSpec, train_expert
+from expandlm.formats.served import default_device, load_served
+from expandlm.training.loop import TrainConfig
 
 
 @pytest.fixture(scope="module")

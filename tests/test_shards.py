@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from expandlm.corpus import load_corpus
+from expandlm.data.corpus import load_corpus
 from expandlm.domains import get_domain
 from expandlm.errors import UserError
-from expandlm.shards import PackedBatches, build_shard
-from expandlm.tokenizer import encode_texts, train_bpe
+from expandlm.data.shards import PackedBatches, build_shard
+from expandlm.data.tokenizer import encode_texts, train_bpe
 from tests.conftest import STORIES
 
 
@@ -43,13 +43,13 @@ def test_cache_reuses_same_content(corpus, tok, tmp_path):
 
 
 def test_gpt2_ids_fit_uint16(corpus, shared_data, tmp_path):
-    from expandlm.tokenizer import gpt2_tokenizer
+    from expandlm.data.tokenizer import gpt2_tokenizer
     shard = build_shard(corpus, gpt2_tokenizer(shared_data / "tokenizers" / "gpt2"), tmp_path)
     assert shard.meta["dtype"] == "uint16" and shard.tokens.dtype == np.uint16  # 50,262 ids fit
 
 
 def test_uint32_for_a_vocabulary_past_65536(corpus, tmp_path):
-    from expandlm.tokenizer import bytes_tokenizer
+    from expandlm.data.tokenizer import bytes_tokenizer
     tok = bytes_tokenizer()
     tok.add_tokens([f"<filler{i}>" for i in range(65536)] + ["cat"])  # "cat" gets an id past uint16
     cat = tok.convert_tokens_to_ids("cat")

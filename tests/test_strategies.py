@@ -8,20 +8,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from expandlm.adapt import AdaptSpec, adapt
-from expandlm.corpus import load_corpus
+from expandlm.adapt.run import AdaptSpec, adapt
+from expandlm.data.corpus import load_corpus
 from expandlm.domains import get_domain
 from expandlm.errors import UserError
-from expandlm.expert import ExpertSpec, train_expert
-from expandlm.generate import SamplingConfig, generate
-from expandlm.model import PRESETS, build_model, count_params
-from expandlm.serving import load_served
-from expandlm.shards import PackedBatches, build_shard
-from expandlm.strategies import STRATEGIES, AdaptContext, make_strategy
-from expandlm.strategies.expand import expand_blocks, new_block_positions
-from expandlm.strategies.expand_branch import shared_tokens
-from expandlm.tokenizer import bytes_tokenizer, load_tokenizer, train_bpe
-from expandlm.train import TrainConfig, causal_lm_loss
+from expandlm.training.expert import ExpertSpec, train_expert
+from expandlm.inference.generate import SamplingConfig, generate
+from expandlm.model.llama import PRESETS, build_model, count_params
+from expandlm.formats.served import load_served
+from expandlm.data.shards import PackedBatches, build_shard
+from expandlm.adapt import METHODS, AdaptContext, make_method
+from expandlm.formats import FORMATS
+from expandlm.adapt.expand import expand_blocks, new_block_positions
+from expandlm.adapt.expand_branch import shared_tokens
+from expandlm.data.tokenizer import bytes_tokenizer, load_tokenizer, train_bpe
+from expandlm.training.loop import TrainConfig, causal_lm_loss
 
 FAST = dict(max_steps=4, batch_size=4, eval_interval=0, eval_docs=5, progress=False, log_interval=2)
 
@@ -70,27 +71,32 @@ def _greedy(model, tok, domain, n=12):
 
 # -- options ---------------------------------------------------------------------------------------
 
-def test_every_design_strategy_is_registered():
-    assert {"full_ft", "lora", "joint", "replay", "ewc", "expand", "expand_paths"} <= set(STRATEGIES)
+def test_every_method_builds_with_its_defaults_and_names_a_format_that_exists():
+    assert set(METHODS) == {"full_ft", "lora", "joint", "replay", "ewc", "expand", "expand_paths", "expand_branch"}
+    for name, cls in METHODS.items():
+        assert make_method(name).options == cls.Options()
+        assert cls.format in FORMATS, name
+    with pytest.raises(UserError, match="make it with `expandlm merge`"):  # arrow is a format, not a method
+        make_method("arrow")
 
 
 def test_strategy_options_are_typed_and_checked():
     with pytest.raises(UserError, match="unknown strategy 'magic'"):
-        make_strategy("magic")
+        make_method("magic")
     with pytest.raises(UserError, match=r"unknown key 'rank' \(known keys: r, alpha"):
-        make_strategy("lora", {"rank": 4})
+        make_method("lora", {"rank": 4})
     with pytest.raises(UserError, match=r"'fraction': input should be less than 1, got 1.5"):
-        make_strategy("replay", {"fraction": 1.5})
+        make_method("replay", {"fraction": 1.5})
     with pytest.raises(UserError, match=r"'position': input should be 'interleave' or 'end'"):
-        make_strategy("expand", {"position": "middle"})
-    assert make_strategy("expand", {"new_blocks": "3"}).options.new_blocks == 3
-    assert make_strategy("joint", {"from_scratch": "false"}).options.from_scratch is False
+        make_method("expand", {"position": "middle"})
+    assert make_method("expand", {"new_blocks": "3"}).options.new_blocks == 3
+    assert make_method("joint", {"from_scratch": "false"}).options.from_scratch is False
 
 
 def test_capabilities_are_declared_not_name_checked():
-    assert not STRATEGIES["lora"].supports_vocab_expansion and STRATEGIES["expand"].supports_vocab_expansion
-    assert STRATEGIES["expand_paths"].keeps_old_domains and STRATEGIES["lora"].keeps_old_domains
-    assert not STRATEGIES["full_ft"].keeps_old_domains
+    assert not METHODS["lora"].supports_vocab_expansion and METHODS["expand"].supports_vocab_expansion
+    assert METHODS["expand_paths"].keeps_old_domains and METHODS["lora"].keeps_old_domains
+    assert not METHODS["full_ft"].keeps_old_domains
 
 
 # -- expansion -------------------------------------------------------------------------------------
@@ -119,7 +125,7 @@ def test_block_positions():
 def test_expand_options_change_what_trains(base, options, new_layers):
     model = AutoModelForCausalLM.from_pretrained(base[0] / "base")
     block = count_params(model.model.layers[0])
-    adapted = make_strategy("expand", options).build(model, _context(base, load_served(base[0] / "base").tokenizer))
+    adapted = make_method("expand", options).build(model, _context(base, load_served(base[0] / "base").tokenizer))
     assert adapted.state["new_layers"] == new_layers
     trainable = {n.split(".")[2] for n, p in adapted.model.named_parameters() if p.requires_grad}
     assert trainable == {str(i) for i in new_layers}
@@ -240,7 +246,7 @@ def test_lora_saves_a_peft_adapter_and_keeps_the_base(base, tmp_path):
 
 def test_lora_target_modules_decide_which_layers_get_adapters(base):
     served = load_served(base[0] / "base")
-    adapted = make_strategy("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}).build(
+    adapted = make_method("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}).build(
         served.model, _context(base, served.tokenizer))
     trainable = {n.split(".")[-4] for n, p in adapted.model.named_parameters() if p.requires_grad}
     assert trainable == {"q_proj", "v_proj"}
@@ -266,7 +272,7 @@ def _row_domains(batch, tok):
 def test_mixture_proportions_measured_on_drawn_batches(base, strategy, options, new_share):
     tok = load_served(base[0] / "base").tokenizer
     ctx = _context(base, tok)
-    mixture = make_strategy(strategy, options).mixture(ctx)
+    mixture = make_method(strategy, options).mixture(ctx)
     batches = PackedBatches([s for s, _ in mixture], 128, 16, seed=0,  # every window holds a domain tag
                             weights=[w for _, w in mixture] if len(mixture) > 1 else None)
     rows = [d for m in range(40) for d in _row_domains(batches.batch(m), tok)]
@@ -279,8 +285,8 @@ def test_joint_from_scratch_starts_from_fresh_weights_and_continued_from_the_bas
     ctx = _context(base, served.tokenizer)
     ids = _ids(served.tokenizer)
     before = _logits(served.model, ids)
-    fresh = make_strategy("joint", {"from_scratch": True}).build(served.model, ctx).model
-    continued = make_strategy("joint", {"from_scratch": False}).build(served.model, ctx).model
+    fresh = make_method("joint", {"from_scratch": True}).build(served.model, ctx).model
+    continued = make_method("joint", {"from_scratch": False}).build(served.model, ctx).model
     assert fresh is not served.model and not torch.equal(_logits(fresh, ids), before)
     assert continued is served.model
 
@@ -288,7 +294,7 @@ def test_joint_from_scratch_starts_from_fresh_weights_and_continued_from_the_bas
 def test_ewc_penalty_is_zero_at_the_anchor_and_scales_with_lambda(base):
     served = load_served(base[0] / "base")
     ctx = _context(base, served.tokenizer)
-    strategy = make_strategy("ewc", {"lam": 1.0, "fisher_batches": 2, "fisher_batch_size": 2})
+    strategy = make_method("ewc", {"lam": 1.0, "fisher_batches": 2, "fisher_batch_size": 2})
     adapted = strategy.build(served.model, ctx)
     model = adapted.model
     batch = torch.randint(0, 300, (2, 17))
@@ -299,7 +305,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_scales_with_lambda(base):
         for p in model.parameters():
             p.add_(0.01)
     one = strategy.penalty(adapted, model)
-    three = make_strategy("ewc", {"lam": 3.0}).penalty(adapted, model)
+    three = make_method("ewc", {"lam": 3.0}).penalty(adapted, model)
     assert one > 0 and torch.isclose(three, 3 * one)
 
 
@@ -310,7 +316,7 @@ def test_whole_model_strategies_produce_a_standard_checkpoint(base, strategy, op
     model = AutoModelForCausalLM.from_pretrained(out)
     assert record["trainable_params"] == record["total_params"] == sum(p.numel() for p in model.parameters())
     assert set(record["bpb"]) == {"stories", "recipes"} and record["tokens"] == 4 * 4 * 128
-    assert record["card"]["options"] == {**make_strategy(strategy).options.__dict__, **options}
+    assert record["card"]["options"] == {**make_method(strategy).options.__dict__, **options}
 
 
 def test_adapting_to_a_domain_already_served_is_refused(base):
@@ -347,7 +353,7 @@ def test_expand_branch_gives_the_new_domain_its_own_tokenizer_embedding_norm_and
         assert torch.equal(_logits(exported, _ids(tok, domain)), _logits(served.for_domain(domain), _ids(tok, domain)))
         assert _greedy(exported, tok, domain) == _greedy(served.for_domain(domain), served.tokenizer_for(domain), domain)
     assert set(record["bpb"]) == {"stories", "recipes"} and record["forgetting"] == {"stories": 0.0}
-    assert served.card["trunk"] == "frozen"  # 4 steps: far fewer tokens than the old model has parameters
+    assert served.card.details["trunk"] == "frozen"  # 4 steps: far fewer tokens than the old model has parameters
 
 
 def _branch(base, tokenizer=None, budget=None, **options):
@@ -355,7 +361,7 @@ def _branch(base, tokenizer=None, budget=None, **options):
     old_tok = load_tokenizer(root / "base")
     ctx = _context(base, old_tok)
     ctx.tokenizer, ctx.budget_tokens = tokenizer or old_tok, budget
-    strategy = make_strategy("expand_branch", {"new_blocks": 1, **options})
+    strategy = make_method("expand_branch", {"new_blocks": 1, **options})
     return strategy.build(AutoModelForCausalLM.from_pretrained(root / "base"), ctx), ctx
 
 

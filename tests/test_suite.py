@@ -3,11 +3,12 @@ import os
 import joblib
 import pytest
 
-from expandlm.corpus import load_corpus
+from expandlm.data.corpus import load_corpus
 from expandlm.domains import get_domain
 from expandlm.domains.checks import recipe_layout
 from expandlm.errors import UserError
-from expandlm.suite import DomainClassifier, domain_control_accuracy, text_health, words
+from expandlm.evaluation.suite import domain_control_accuracy, text_health, words
+from expandlm.routing.classifier import DomainClassifier
 
 recipe_validity = get_domain("recipes").valid  # the recipes domain's structural check
 

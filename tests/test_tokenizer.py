@@ -2,7 +2,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from expandlm.tokenizer import (BOS, EOS, PAD, bytes_tokenizer, encode_texts, gpt2_tokenizer, load_tokenizer,
+from expandlm.data.tokenizer import (BOS, EOS, PAD, bytes_tokenizer, encode_texts, gpt2_tokenizer, load_tokenizer,
                                 require_tag, tokenizer_hash, train_bpe)
 from expandlm.domains import get_domain
 from tests.conftest import STORIES

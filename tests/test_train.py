@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from expandlm.corpus import load_corpus
+from expandlm.data.corpus import load_corpus
 from expandlm.domains import get_domain
 from expandlm.errors import UserError
-from expandlm.model import PRESETS, build_model
-from expandlm.shards import PackedBatches, build_shard
-from expandlm.tokenizer import train_bpe
+from expandlm.model.llama import PRESETS, build_model
+from expandlm.data.shards import PackedBatches, build_shard
+from expandlm.data.tokenizer import train_bpe
 from expandlm.run_folder import RunFolder
-from expandlm.train import (CosinePlan, TrainConfig, causal_lm_loss, plan_steps, planned_tokens, replan_steps,
+from expandlm.training.loop import (CosinePlan, TrainConfig, causal_lm_loss, plan_steps, planned_tokens, replan_steps,
                             train)
 
 

@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from expandlm import vocab
-from expandlm.corpus import load_corpus
+from expandlm.data import vocab
+from expandlm.data.corpus import load_corpus
 from expandlm.domains import get_domain
 from expandlm.errors import UserError
-from expandlm.model import PRESETS, build_model
-from expandlm.tokenizer import BOS, EOS, PAD, bytes_tokenizer, encode_texts, tokenizer_hash, train_bpe
-from expandlm.train import TrainConfig, causal_lm_loss, make_optimizer
-from expandlm.vocab import NO_DECAY_ATTR, expand_tokenizer, grow_embeddings, train_only_new_rows
+from expandlm.model.llama import PRESETS, build_model
+from expandlm.data.tokenizer import BOS, EOS, PAD, bytes_tokenizer, encode_texts, tokenizer_hash, train_bpe
+from expandlm.training.loop import TrainConfig, causal_lm_loss, make_optimizer
+from expandlm.data.vocab import NO_DECAY_ATTR, expand_tokenizer, grow_embeddings, train_only_new_rows
 from tests.conftest import RECIPES, STORIES
 
 RECIPE_TEXTS = [get_domain("recipes").render(r, "test") for r in RECIPES]

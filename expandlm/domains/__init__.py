@@ -323,7 +323,7 @@ def save_specs(folder: Path, names: list[str]) -> None:
     """Write the specs of `names` that are not built in to `folder/domains.yaml` (their data paths are
     absolute, so the folder does not depend on where the spec file was)."""
     from ..atomic import write_text
-    from ..run_folder import is_main_process
+    from ..process import is_main_process
 
     specs = [dataclasses.asdict(get_domain(n).spec) for n in names if not get_domain(n).builtin]
     if specs and is_main_process():

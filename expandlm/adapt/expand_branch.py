@@ -1,0 +1,167 @@
+"""expand_branch: the new domain gets a branch of its own over the old model's frozen blocks.
+
+The branch is the new domain's own byte-level BPE tokenizer, its own embedding (tied to its output
+head), its own final norm and k new zero-initialised blocks (LLaMA Pro's), around every old block,
+shared and frozen. Nothing of the old model changes, so old domains are served by the old model
+itself: bit for bit the old expert. It follows the paper's first finding (a domain's own tokenizer
+matters) per path: the old blocks are a good engine for the new domain once its text comes in through
+its own tokenizer and embedding, and the new blocks add capacity on the new path only.
+
+Stored in the `branch` format: the folder holds the new domain's model as a standard checkpoint with
+its tokenizer (what `AutoModelForCausalLM` / `AutoTokenizer` load from it); the old domains are served
+from `base`, loaded as the model folder it is (in its own format), so a base may be any model.
+The branch is built from the model of the base's first domain (`adapt` exports it): the trunk the
+chain grew from, trained the longest, so every branch is the trunk plus k blocks, whatever its order.
+
+Because the branch is a copy of the old model, any other capacity given to it stays on the new path:
+the options add LoRA adapters on the copied old blocks (merged into the branch when saved), train
+the copied blocks' norms, or train a copy of every k-th old block (LLaMA Pro's own control). The
+issue-7 study in docs/RESULTS.md measures each of them. How much of the branch trains is `trunk`:
+frozen (2 new blocks: 45% of the expert's parameters on tiny) is nearly as good as trained on a small
+budget and falls behind the scratch expert on a large one, where training the branch's copy of every
+old block (the expert's size; the old model is still untouched) stays ahead; `auto` picks by budget.
+"""
+import copy
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from ..config import arg, config
+from ..errors import UserError
+from ..training.expert import log
+from ..model.llama import count_params
+from ..data.tokenizer import train_bpe
+from .method import AdaptContext, Adapted, Method, freeze
+from .expand import expand_blocks
+from .lora import ALL_LINEAR
+
+
+def shared_tokens(old_tokenizer, new_tokenizer) -> list[tuple[int, int]]:
+    """(new id, old id) of every token whose string is in both vocabularies (bytes, specials, shared merges)."""
+    old = old_tokenizer.get_vocab()
+    return [(i, old[t]) for t, i in new_tokenizer.get_vocab().items() if t in old]
+
+
+class ExpandBranch(Method):
+    name = "expand_branch"
+    summary = "B's own tokenizer, embedding/head, final norm and k new blocks over A's frozen blocks"
+    format = "branch"
+    supports_vocab_expansion = False  # B has a whole vocabulary of its own
+    keeps_old_domains = True
+    own_tokenizer = True
+
+    @config
+    class Options:
+        trunk: Literal["auto", "frozen", "trained"] = arg(
+            "auto", "the branch's copy of the old blocks: frozen (new blocks add the capacity; a fraction of the "
+            "parameters trained), trained from the old weights (the expert's size; better on a large budget), or "
+            "auto: trained when the training budget has at least one token per parameter of the old model")
+        new_blocks: Annotated[int, Field(ge=0)] | None = arg(
+            None, "new blocks on the new domain's path (default: 2 over a frozen trunk, none over a trained one)")
+        position: Literal["interleave", "end"] = arg("interleave", "spread the new blocks evenly, or all at the end")
+        vocab_size: Annotated[int, Field(gt=0)] | None = arg(None, "the new tokenizer's size (default: the old one's)")
+        train_norm: bool = arg(True, "train the branch's own final norm (false: keep the old one, frozen)")
+        init: Literal["zero", "copy", "random"] = arg(
+            "zero", "new blocks: a copy of the block before with o_proj/down_proj zeroed (LLaMA Pro: the branch "
+            "starts as the old blocks exactly), a plain copy, or a fresh random block")
+        embedding_init: Literal["shared_tokens", "random"] = arg(
+            "shared_tokens", "the new embedding: the old rows copied where a token's string is in both vocabularies "
+            "(the rest fresh), or all fresh")
+        train_block_norms: bool = arg(False, "train the RMSNorms of the branch's copy of the old blocks")
+        lora_r: Annotated[int, Field(ge=0)] = arg(0, "LoRA rank on the branch's copy of the old blocks (0: none)")
+        train_every: Annotated[int, Field(ge=0)] = arg(
+            0, "train the branch's copy of every k-th old block (LLaMA Pro's control; 0: none)")
+
+    def new_tokenizer(self, documents: list[str], old_tokenizer, domain):
+        return train_bpe(documents, self.options.vocab_size or len(old_tokenizer), [domain.tag])
+
+    def trunk(self, base, ctx: AdaptContext) -> str:
+        """`trunk` resolved. Issue 7's curve (docs/RESULTS.md, tiny): the trained trunk is better at every
+        budget, but by 0.4 and 4 points at 0.5M and 1M tokens, where the frozen one trains 45% of the
+        parameters and beats the scratch expert by 10-17%; from 2M the difference grows to 7-13 points and
+        the frozen trunk falls behind the scratch expert by 4M. auto switches at one token per old
+        parameter (between the 1M and 2M points: 0.68 and 1.36). Options that only mean something over a
+        frozen trunk keep it frozen."""
+        o = self.options
+        frozen_only = {"train_every": o.train_every, "lora_r": o.lora_r, "train_block_norms": o.train_block_norms}
+        if o.trunk == "trained" and any(frozen_only.values()):
+            named = ", ".join(k for k, v in frozen_only.items() if v)
+            raise UserError(f"strategy '{self.name}': {named} train part of a frozen trunk; with trunk=trained every "
+                            "copied block trains already (drop them, or use trunk=frozen)")
+        if o.trunk != "auto":
+            return o.trunk
+        if any(frozen_only.values()):
+            return "frozen"
+        params = count_params(base)
+        if ctx.budget_tokens is None:
+            log("trunk frozen: a minutes budget does not say its tokens in advance (trunk=trained trains it)")
+            return "frozen"
+        trunk = "trained" if ctx.budget_tokens >= params else "frozen"
+        log(f"trunk {trunk}: {ctx.budget_tokens:,} training tokens {'≥' if trunk == 'trained' else '<'} "
+            f"the old model's {params:,} parameters")
+        return trunk
+
+    def build(self, base, ctx: AdaptContext):
+        trunk = self.trunk(base, ctx)
+        new_blocks = self.options.new_blocks if self.options.new_blocks is not None else (2 if trunk == "frozen" else 0)
+        model = copy.deepcopy(base)  # the old model stays as it is: it serves the old domains
+        freeze(model)
+        old, new = list(range(model.config.num_hidden_layers)), []
+        if new_blocks:
+            try:
+                old, new = expand_blocks(model, new_blocks, self.options.position)
+            except ValueError as e:
+                raise UserError(f"strategy '{self.name}': {e}") from None
+        generator = torch.Generator().manual_seed(ctx.seed)
+        layers = model.model.layers
+        for i in new:
+            if self.options.init == "copy":  # the old block it was copied from, weights as they were
+                layers[i].load_state_dict(layers[max(o for o in old if o < i)].state_dict())
+            elif self.options.init == "random":
+                self._fresh_block(model, layers[i], generator)
+        shared = self.options.embedding_init == "shared_tokens"
+        old_embedding = model.get_input_embeddings().weight.detach().clone() if shared else None
+        tok = ctx.tokenizer
+        model.resize_token_embeddings(len(tok), mean_resizing=False)  # re-ties the head, sets vocab_size
+        embedding = model.get_input_embeddings().weight
+        with torch.no_grad():  # a fresh embedding for a new vocabulary: the init of a new model
+            embedding.normal_(0.0, model.config.initializer_range, generator=generator)
+            if shared:
+                for new_id, old_id in shared_tokens(ctx.old_tokenizer, tok):
+                    embedding[new_id] = old_embedding[old_id]
+        for cfg in (model.config, model.generation_config):
+            cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        if self.options.lora_r:  # PEFT freezes everything but the adapters: unfreeze the rest below
+            config = LoraConfig(r=self.options.lora_r, lora_alpha=2 * self.options.lora_r, target_modules=ALL_LINEAR,
+                                layers_to_transform=old)
+            model = get_peft_model(model, config)
+        trained = model.get_base_model() if isinstance(model, PeftModel) else model
+        layers = trained.model.layers
+        for i in new:
+            layers[i].requires_grad_(True)
+        every = 1 if trunk == "trained" else self.options.train_every
+        for n, i in enumerate(old, 1):
+            if every and n % every == 0:
+                layers[i].requires_grad_(True)
+            if self.options.train_block_norms:
+                layers[i].input_layernorm.requires_grad_(True)
+                layers[i].post_attention_layernorm.requires_grad_(True)
+        trained.get_input_embeddings().weight.requires_grad_(True)
+        trained.model.norm.requires_grad_(self.options.train_norm)
+        return Adapted(model, {"old_layers": old, "new_layers": new, "trunk": trunk})
+
+    @staticmethod
+    def _fresh_block(model, block, generator):
+        """The init of a fresh model: normal(0, initializer_range) weights, unit norms."""
+        with torch.no_grad():
+            for name, p in block.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, model.config.initializer_range, generator=generator)
+
+    def card(self, adapted: Adapted, ctx: AdaptContext):
+        return {"new_layers": adapted.state["new_layers"], "trunk": adapted.state["trunk"],
+                "own_domains": [ctx.new_domain.name]}

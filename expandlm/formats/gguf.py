@@ -1,0 +1,116 @@
+"""GGUF export: one domain's model as a file llama.cpp runs (`expandlm export ... --format gguf`), written
+with the `gguf` package (llama.cpp's own writer).
+
+The model is llama.cpp's `llama` architecture in float32: the tied head is left out, and llama.cpp
+then uses `token_embd` for the output as well. wq and wk go in Meta's rotary layout (llama.cpp's
+converter does the same permutation). The byte-level BPE tokenizer becomes a `gpt2` vocabulary with
+its merges, pre-tokenizer `gpt-2` (the GPT-2 split regex, which is the one `tokenizers`' ByteLevel
+pre-tokenizer applies), the special tokens as control tokens, and no BOS added by llama.cpp: a request
+starts with `<|bos|><|domain|>`, given as token ids like every other expandlm request.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..atomic import atomic_path
+from ..errors import UserError
+
+PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 regex split (llama-vocab.cpp)
+
+
+def meta_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face's Llama wq/wk (each head's rotary pairs split in two halves) in Meta's layout
+    (pairs interleaved), which llama.cpp and llama2.c rotate."""
+    out, inp = w.shape
+    return w.view(heads, 2, out // heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """Token strings by id, their GGUF types, and the BPE merges."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
+        raise UserError("GGUF export needs a byte-level BPE tokenizer (the ones expandlm trains)")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+        else:  # embedding rows beyond the tokenizer (a padded vocabulary)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    if not merges:  # GGUF cannot hold an empty array, and llama.cpp's gpt2 vocabulary requires the merges
+        raise UserError("GGUF export needs a BPE tokenizer with merges; this one has no merges (the 'bytes' "
+                        "baseline?)")
+    return tokens, types, merges
+
+
+def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm", vocab_size: int | None = None) -> None:
+    """`model` (a standard LlamaForCausalLM: what `ServedModel.export` gives) and its tokenizer as one
+    float32 GGUF file, written atomically."""
+    import gguf
+
+    cfg = model.config
+    if cfg.model_type != "llama":
+        raise UserError(f"GGUF export supports Llama models, not {cfg.model_type!r}")
+    rope = (getattr(cfg, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"GGUF export supports plain RoPE, not {rope.get('rope_type')!r}")
+    vocab_size = vocab_size or cfg.vocab_size
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(name)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv_heads)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+        w.add_vocab_size(vocab_size)
+        tokens, types, merges = _vocabulary(tokenizer, vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(PRE_TOKENIZER)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tokenizer.bos_token_id)
+        w.add_eos_token_id(tokenizer.eos_token_id)
+        w.add_pad_token_id(tokenizer.pad_token_id)
+        w.add_add_bos_token(False)
+        w.add_add_eos_token(False)
+
+        def add(name_, tensor):
+            w.add_tensor(name_, tensor.detach().float().cpu().contiguous().numpy())
+
+        add("token_embd.weight", model.model.embed_tokens.weight)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.model.embed_tokens.weight:
+            add("output.weight", head.weight)  # an untied head; tied: llama.cpp reuses token_embd
+        for i, b in enumerate(model.model.layers):
+            add(f"blk.{i}.attn_norm.weight", b.input_layernorm.weight)
+            add(f"blk.{i}.attn_q.weight", meta_rotary(b.self_attn.q_proj.weight, heads))
+            add(f"blk.{i}.attn_k.weight", meta_rotary(b.self_attn.k_proj.weight, kv_heads))
+            add(f"blk.{i}.attn_v.weight", b.self_attn.v_proj.weight)
+            add(f"blk.{i}.attn_output.weight", b.self_attn.o_proj.weight)
+            add(f"blk.{i}.ffn_norm.weight", b.post_attention_layernorm.weight)
+            add(f"blk.{i}.ffn_gate.weight", b.mlp.gate_proj.weight)
+            add(f"blk.{i}.ffn_up.weight", b.mlp.up_proj.weight)
+            add(f"blk.{i}.ffn_down.weight", b.mlp.down_proj.weight)
+        add("output_norm.weight", model.model.norm.weight)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()

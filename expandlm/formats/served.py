@@ -1,0 +1,150 @@
+"""A model folder, loaded to serve its domains, whatever made it.
+
+`expandlm.json` beside the weights names the folder's format (`formats/`); the format loads the folder
+and gives, per domain, a view of the shared model (`Format.serve`) or one standard transformers model
+(`Format.export`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..atomic import read_json
+from ..domains import get_domain, load_folder_specs
+from ..errors import UserError
+from ..records import ModelCard
+from ..run_folder import CHECKPOINT, RUN_RECORD, RunFolder
+from . import Format, format_of
+from ..data.tokenizer import load_tokenizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class ServedModel:
+    folder: RunFolder
+    model: torch.nn.Module
+    tokenizer: object
+    card: ModelCard
+    format: Format
+    _tokenizers: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.card.domains)
+
+    def _check(self, name: str) -> None:
+        get_domain(name)
+        if self.domains and name not in self.domains:
+            raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
+
+    def tokenizer_for(self, name: str):
+        """The tokenizer of `name`'s text (see `tokenizer_folder`)."""
+        path = tokenizer_folder(self.folder, self.card, name)
+        if path.resolve() == self.path.resolve():
+            return self.tokenizer
+        if path not in self._tokenizers:
+            self._tokenizers[path] = load_tokenizer(path)
+        return self._tokenizers[path]
+
+    def for_domain(self, name: str):
+        """The model as it answers requests for `name` (a view: the shared model is not changed)."""
+        self._check(name)
+        return self.format.serve(self.model, self.card, name)
+
+    def export_model(self, name: str) -> torch.nn.Module:
+        """`name`'s model as one standard `transformers` model computing exactly what `for_domain` serves."""
+        self._check(name)
+        return self.format.export(self.model, self.card, name)
+
+    def decode_model(self, name: str):
+        """What a decode engine runs for `name`: one plain transformers model (the format's export), or,
+        where no one set of weights computes the domain (arrow), the served view for transformers' generate."""
+        return self.export_model(name) if self.format.exportable else self.for_domain(name)
+
+    def export(self, name: str, out: str | os.PathLike) -> RunFolder:
+        """`name`'s model as a standard checkpoint folder (`AutoModelForCausalLM` loads it)."""
+        model = self.export_model(name)
+        folder = RunFolder(out)
+        folder.save(model.save_pretrained)
+        folder.save(self.tokenizer_for(name).save_pretrained)
+        folder.write_card(ModelCard(domains=[name], method="export", preset=self.card.preset,
+                                    details={"exported_from": folder.portable(self.path)}))
+        return folder
+
+    def export_gguf(self, name: str, out: str | os.PathLike) -> Path:
+        """`name`'s model and tokenizer as one GGUF file that llama.cpp runs (see `gguf_export`)."""
+        from .gguf import write_gguf
+
+        write_gguf(self.export_model(name), self.tokenizer_for(name), out,
+                   name=f"{self.path.name}/{name}")
+        return Path(out)
+
+    def domain_data(self) -> dict:
+        """Where each served domain's training data came from (paths usable from here)."""
+        data = self.folder.record().get("domain_data", {}) if (self.folder / RUN_RECORD).exists() else {}
+        return {d: {k: (self.folder.resolve(v) if k in ("train", "val") else v) for k, v in entry.items()}
+                for d, entry in data.items()}
+
+
+def tokenizer_folder(folder: RunFolder, card: ModelCard, name: str) -> Path:
+    """Where the tokenizer of `name`'s text is saved, without loading any weights: the folder's, unless
+    its format gives the domain its own (a domain the model does not serve, evaluated for forgetting
+    or transfer, is read with the folder's)."""
+    get_domain(name)
+    if name not in card.domains:
+        return folder.path
+    return format_of(card).tokenizer_folder(folder, card, name, _base_tokenizer_folder)
+
+
+def _base_tokenizer_folder(path: Path, name: str) -> Path:
+    base = RunFolder(path)
+    return tokenizer_folder(base, base.card(), name)
+
+
+def context_length(path: str | os.PathLike) -> int:
+    """The context of a model folder without loading its weights (a LoRA folder: its base's)."""
+    folder = RunFolder(path)
+    if not (folder / "config.json").exists() and folder.card().base:
+        folder = RunFolder(folder.path / folder.card().base)
+    return read_json(folder / "config.json", "model config")["max_position_embeddings"]
+
+
+def damaged_weights(folder: RunFolder, card: ModelCard) -> str | None:
+    """Which weights file of a model folder (or of a LoRA folder's base) safetensors cannot open, and why;
+    the error safetensors raises while a model loads does not say which file it was."""
+    folders = [folder.path] + ([folder.path / card.base] if card.base else [])
+    for path in (p for f in folders for p in sorted(f.rglob("*.safetensors")) if CHECKPOINT not in p.parts):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{path}: not a complete safetensors file ({e}; truncated or damaged)"
+    return None
+
+
+def load_served(path: str | os.PathLike, device: str | torch.device | None = None) -> ServedModel:
+    """A model folder ready to serve, on `device` (default: the GPU when there is one)."""
+    folder = RunFolder(path)
+    if not folder.path.is_dir():
+        raise UserError(f"{folder.path}: no such model folder")
+    load_folder_specs(folder.path)  # the user's own domains it serves become known by name
+    card = folder.card()
+    fmt = format_of(card)
+    try:
+        model = fmt.load(folder, card, open_base=lambda base: load_served(base, "cpu"))
+    except (SafetensorError, OSError) as e:
+        raise UserError(damaged_weights(folder, card) or f"{folder.path}: cannot load the model ({e})") from None
+    model = model.to(device or default_device())
+    model.eval()
+    return ServedModel(folder, model, load_tokenizer(folder.path), card, fmt)

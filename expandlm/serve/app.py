@@ -1,0 +1,567 @@
+"""`expandlm serve`: the OpenAI-compatible HTTP API (as vLLM, llama.cpp's server and TGI offer it) and a
+web page, over one or more model folders.
+
+Three parts, one job each:
+- `Catalog`: the served models and their domains; every domain of every model is a model id
+  (`MODEL/DOMAIN`, or the bare domain name where one model serves it), plus `auto`, which routes a
+  request with `expandlm.routing` and says which domain answered.
+- `Scheduler`: one worker thread that owns the decode engines (one per model and domain) and runs
+  every admitted sequence one token per step, the sequences of one engine in one batched step
+  (continuous batching: a request joins a running batch at the next step and leaves it when done).
+  Requests wait in a bounded queue (full: 429); a cancelled request (a client gone mid-stream)
+  leaves its slot at the next step. Engines of different domains never share a batch, so requests for
+  different domains sent at once get exactly the tokens each gets alone.
+- the FastAPI app: request validation (pydantic), OpenAI's response and error shapes, server-sent
+  events ending in `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..domains import get_domain
+from ..inference.engine import Sampler, make_engine
+from ..errors import UserError
+from ..inference.generate import TextStream, request_ids
+from ..routing.router import Route, load_router, route_request, split_request
+from ..routing import router as routing
+from ..formats.served import ServedModel, load_served
+
+STATIC = Path(__file__).parent / "static"
+AUTO = "auto"
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# -- the models -------------------------------------------------------------------------------------
+
+@dataclass
+class Endpoint:
+    """One served domain of one model: what a model id names."""
+    id: str
+    served: ServedModel
+    domain: str
+
+    @functools.cached_property  # looked up once: the decode loop asks for it every token
+    def tokenizer(self):
+        return self.served.tokenizer_for(self.domain)
+
+    @functools.cached_property
+    def context(self) -> int:
+        return self.served.for_domain(self.domain).config.max_position_embeddings
+
+
+class Catalog:
+    """Every domain of every model folder, by model id."""
+
+    def __init__(self, models: list[ServedModel]):
+        if not models:
+            raise UserError("serve needs at least one model folder")
+        self.models = models
+        names = [m.path.name for m in models]
+        self.endpoints: dict[str, Endpoint] = {}
+        for i, served in enumerate(models):
+            name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
+            for domain in served.domains or []:
+                self.endpoints[f"{name}/{domain}"] = Endpoint(f"{name}/{domain}", served, domain)
+        if not self.endpoints:
+            raise UserError(f"{models[0].path}: no expandlm.json saying which domains it serves")
+        self.aliases = {}  # a bare domain name, where exactly one model serves it
+        for endpoint in self.endpoints.values():
+            self.aliases.setdefault(endpoint.domain, []).append(endpoint)
+        self.aliases = {d: eps[0] for d, eps in self.aliases.items() if len(eps) == 1}
+        self.router = self._router()  # loaded (or trained) once, not per request
+
+    def ids(self) -> list[str]:
+        return [*self.endpoints, AUTO]
+
+    def get(self, model_id: str) -> Endpoint:
+        endpoint = self.endpoints.get(model_id) or self.aliases.get(model_id)
+        if endpoint is None:
+            raise APIError(404, f"The model '{model_id}' does not exist; served: {', '.join(self.ids())}",
+                           param="model", code="model_not_found")
+        return endpoint
+
+    def _router(self):
+        """The first model's own router when it serves every domain served here; else one router over
+        the union of the folders' domains, trained at start from each domain's recorded training data
+        (the first folder that serves a domain answers it)."""
+        domains = list(dict.fromkeys(e.domain for e in self.endpoints.values()))
+        if set(domains) <= set(self.models[0].domains):
+            return load_router(self.models[0])
+        data = {}
+        for served in self.models:
+            known = served.domain_data()
+            for d in served.domains:
+                if d not in data and d in known:
+                    data[d] = known[d]
+        missing = [d for d in domains if d not in data]
+        if missing:
+            raise UserError(f"cannot route 'auto' over {', '.join(domains)}: no recorded training data for "
+                            f"{', '.join(missing)} (run.json 'domain_data')")
+        return routing.router_from_data(data)
+
+    def route(self, request: str) -> tuple[Endpoint, Route]:
+        """`auto`: the router picks the domain; the first model that serves it answers."""
+        try:
+            routed = (routing.route(request, self.router) if self.router
+                      else route_request(request, self.models[0]))
+        except UserError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        endpoint = next(e for e in self.endpoints.values() if e.domain == routed.domain)
+        return endpoint, routed
+
+
+# -- the scheduler ----------------------------------------------------------------------------------
+
+class Busy(Exception):
+    """The request queue is full."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence to generate (one choice of one request) and where its events go."""
+    endpoint: Endpoint
+    ids: list[int]
+    sampler: Sampler
+    max_new: int
+    stops: list[str]
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    ignore_eos: bool = False
+    cancelled: bool = False
+    new_tokens: int = 0
+    text: str = ""        # generated so far (before any stop string)
+    sent: int = 0         # characters of `text` already sent
+    last: int = -1        # the last token sampled (-1: none yet)
+    done: bool = False    # finished or failed; its slot is free
+    _stream: TextStream | None = None
+
+    def emit(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Scheduler:
+    """One worker thread runs every admitted job, one token per step; the jobs of one engine share a
+    batched step. At most `max_batch` jobs per engine run at once; at most `max_waiting` wait."""
+
+    def __init__(self, engine: str = "fast", max_batch: int = 8, max_waiting: int = 64, threads: int | None = None):
+        self.engine_name, self.max_batch, self.max_waiting, self.threads = engine, max_batch, max_waiting, threads
+        self.waiting: deque[Job] = deque()
+        self.running: dict[str, dict[int, Job]] = {}  # endpoint id → slot → job
+        self.engines: dict[str, object] = {}
+        self.lock = threading.Condition()
+        self.paused = False  # tests hold the worker to fill the queue
+        self.stopped = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self._work, name="expandlm-scheduler", daemon=True)
+
+    def prepare(self, endpoints) -> None:
+        """Build the engines of `endpoints` now, so that no first request waits for one."""
+        for endpoint in endpoints:
+            self._engine(endpoint)
+
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            self.lock.notify_all()
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self.lock:
+            if self.stopped:
+                raise APIError(503, "The server is shutting down", type="server_error", code="unavailable")
+            if len(self.waiting) + len(jobs) > self.max_waiting:
+                raise Busy()
+            self.waiting.extend(jobs)
+            self.lock.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        with self.lock:
+            self.paused = paused
+            self.lock.notify_all()
+
+    def load(self) -> dict:
+        with self.lock:
+            return {"waiting": len(self.waiting), "running": sum(len(s) for s in self.running.values()),
+                    "steps": self.steps}
+
+    # -- the worker ---------------------------------------------------------------------------------
+    def _engine(self, endpoint: Endpoint):
+        if endpoint.id not in self.engines:
+            self.engines[endpoint.id] = make_engine(self.engine_name, endpoint.served.decode_model(endpoint.domain),
+                                                    self.max_batch)
+        return self.engines[endpoint.id]
+
+    def _admit(self) -> list[tuple[Job, int]]:
+        """Jobs that get a free slot of their engine now, in arrival order (under the lock)."""
+        admitted, left = [], deque()
+        while self.waiting:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                continue
+            slots = self.running.setdefault(job.endpoint.id, {})
+            free = [s for s in range(self.max_batch) if s not in slots]
+            if free:
+                slots[free[0]] = job
+                admitted.append((job, free[0]))
+            else:
+                left.append(job)
+        self.waiting = left
+        return admitted
+
+    def _work(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self.lock:
+                while not self.stopped and (self.paused or not (self.waiting or any(self.running.values()))):
+                    self.lock.wait()
+                if self.stopped:
+                    return
+                admitted = self._admit()
+                batches = {key: dict(slots) for key, slots in self.running.items() if slots}
+            for job, slot in admitted:
+                self._run_batch({slot: job}, lambda engine, job=job, slot=slot: engine.prefill(slot, job.ids)[None])
+            fresh = {id(j) for j, _ in admitted}  # they had this step's work: their prompt
+            for slots in batches.values():
+                for s, j in slots.items():
+                    if j.cancelled and not j.done:
+                        self._release(j, s)
+                live = {s: j for s, j in slots.items() if not (j.cancelled or j.done or id(j) in fresh)}
+                if live:
+                    self._run_batch(live)
+            with self.lock:
+                self.steps += 1
+
+    def _run_batch(self, slots: dict[int, Job], forward=None) -> None:
+        """One step for the jobs in `slots` (one engine's): a batched decode, or `forward` (a prefill)."""
+        jobs = list(slots.values())
+        try:
+            engine = self._engine(jobs[0].endpoint)
+            logits = forward(engine) if forward else engine.decode(list(slots), [j.last for j in jobs])
+            for row, (slot, job) in enumerate(slots.items()):
+                self._next_token(job, slot, logits[row])
+        except Exception as e:  # a failure ends these requests, never the server
+            for slot, job in slots.items():
+                job.emit("error", f"{type(e).__name__}: {e}")
+                self._release(job, slot)
+
+    def _next_token(self, job: Job, slot: int, logits: torch.Tensor) -> None:
+        token = job.sampler(logits)
+        job.last, job.new_tokens = token, job.new_tokens + 1
+        tokenizer = job.endpoint.tokenizer
+        if token == tokenizer.eos_token_id and not job.ignore_eos:
+            return self._finish(job, slot, "stop")
+        if job._stream is None:
+            job._stream = TextStream(tokenizer)
+        job.text += job._stream.add(token)
+        cut = min((i for i in (job.text.find(s) for s in job.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            job.text = job.text[:cut]
+            return self._finish(job, slot, "stop")
+        # hold back a tail that may be the start of a stop string
+        hold = max((n for s in job.stops for n in range(len(s) - 1, 0, -1) if job.text.endswith(s[:n])), default=0)
+        if len(job.text) - hold > job.sent:
+            job.emit("text", job.text[job.sent:len(job.text) - hold])
+            job.sent = len(job.text) - hold
+        if job.new_tokens >= job.max_new:
+            self._finish(job, slot, "length")
+
+    def _finish(self, job: Job, slot: int, reason: str | None) -> None:
+        if reason is not None:
+            if len(job.text) > job.sent:
+                job.emit("text", job.text[job.sent:])
+            job.emit("done", reason, job.new_tokens)
+        self._release(job, slot)
+
+    def _release(self, job: Job, slot: int) -> None:
+        job.done = True
+        with self.lock:
+            slots = self.running.get(job.endpoint.id, {})
+            if slots.get(slot) is job:
+                del slots[slot]
+
+
+# -- the API ----------------------------------------------------------------------------------------
+
+class Sampling(BaseModel):
+    """The sampling fields of both endpoints (OpenAI's, plus vLLM's top_k). Strict types: "5" is not 5."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: int | None = None  # vLLM's extension; None, 0 or -1: off
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever (for load tests)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stream: bool = False
+    stream_options: dict | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = ""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: their text parts
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+
+
+def chat_prompt(domain: str, messages: list[Message]) -> str:
+    """The chat template of every domain: the last user message, read as a request for that domain,
+    becomes the domain's prompt ("a story about a cat" → "Once upon a time, there was a cat.")."""
+    user = [m for m in messages if m.role == "user"]
+    if not user:
+        raise APIError(400, "messages must contain a user message", param="messages")
+    d = get_domain(domain)
+    return d.prompt(split_request(user[-1].text(), [d]).topic)
+
+
+@dataclass
+class Plan:
+    """A validated request, ready to run: the endpoint, the request ids and the sampling."""
+    endpoint: Endpoint
+    prompt: str
+    ids: list[int]
+    max_new: int
+    routed: Route | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
+    routed = None
+    if req.model == AUTO:
+        endpoint, routed = catalog.route(text)
+        prompt = routed.prompt
+    else:
+        endpoint = catalog.get(req.model)
+        prompt = chat_prompt(endpoint.domain, req.messages) if chat else text
+    ids = request_ids(endpoint.tokenizer, get_domain(endpoint.domain), prompt)
+    context = endpoint.context
+    if len(ids) >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt is {len(ids)} "
+                       "tokens (with the request's 2 control tokens)", param="prompt" if not chat else "messages",
+                       code="context_length_exceeded")
+    asked = req.max_completion_tokens or req.max_tokens
+    room = context - len(ids)
+    if asked is not None and asked > room:
+        raise APIError(400, f"max_tokens is {asked}, but the prompt leaves room for {room} of the model's "
+                       f"{context}-token context", param="max_tokens", code="context_length_exceeded")
+    return Plan(endpoint, prompt, ids, asked or room, routed)
+
+
+def _routing(plan: Plan) -> dict | None:
+    r = plan.routed
+    # fits false: no domain fits the request; the best guess still answers, and `reason` says so
+    return None if r is None else {"domain": r.domain, "confidence": r.confidence, "scores": r.scores,
+                                   "reason": r.reason, "prompt": r.prompt, "fits": r.fits}
+
+
+def create_app(catalog: Catalog, scheduler: Scheduler) -> FastAPI:
+    app = FastAPI(title="expandlm", version="0.1.0")
+    app.state.catalog, app.state.scheduler = catalog, scheduler
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"The request body is not valid JSON: {first.get('msg')}").response()
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', []) if p != 'body') or 'body'}: {e.get('msg')}"
+                             for e in exc.errors())
+        return APIError(400, f"Invalid request: {problems}", param=".".join(loc) or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "models": catalog.ids(), **scheduler.load()}
+
+    @app.get("/v1/models")
+    def models():
+        created = int(time.time())
+        data = [{"id": e.id, "object": "model", "created": created, "owned_by": "expandlm", "domain": e.domain,
+                 "context_length": e.context} for e in catalog.endpoints.values()]
+        data.append({"id": AUTO, "object": "model", "created": created, "owned_by": "expandlm",
+                     "domain": None, "domains": sorted({e.domain for e in catalog.endpoints.values()})})
+        return {"object": "list", "data": data}
+
+    @app.get("/")
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompt = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
+        return await _answer(req, _plan(catalog, req, prompt, chat=False), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        last = [m for m in req.messages if m.role == "user"]
+        return await _answer(req, _plan(catalog, req, last[-1].text() if last else "", chat=True), chat=True)
+
+    async def _answer(req: Sampling, plan: Plan, chat: bool):
+        loop = asyncio.get_running_loop()
+        seed = req.seed if req.seed is not None else secrets.randbits(31)
+        top_k = req.top_k if req.top_k and req.top_k > 0 else None
+        stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
+        jobs = [Job(plan.endpoint, plan.ids, Sampler(req.temperature, top_k, req.top_p, seed + i), plan.max_new,
+                    stops, asyncio.Queue(), loop, ignore_eos=req.ignore_eos) for i in range(req.n)]
+        try:
+            scheduler.submit(jobs)
+        except Busy:
+            raise APIError(429, f"The server is busy ({scheduler.max_waiting} requests waiting); retry later",
+                           type="rate_limit_error", code="queue_full") from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": plan.endpoint.id}
+        if plan.routed:
+            head["routing"] = _routing(plan)
+        prefix = plan.prompt if chat else ""
+        if req.stream:
+            return StreamingResponse(_stream(jobs, head, prefix, chat, req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _collect(jobs, head, prefix, chat, plan)
+
+    async def _collect(jobs, head, prefix, chat, plan):
+        choices, completion = [], 0
+        try:
+            for i, job in enumerate(jobs):
+                text, reason = prefix, None
+                while reason is None:
+                    kind, *rest = await job.events.get()
+                    if kind == "text":
+                        text += rest[0]
+                    elif kind == "done":
+                        reason, made = rest
+                        completion += made
+                    else:
+                        raise APIError(500, rest[0], type="server_error")
+                body = {"role": "assistant", "content": text} if chat else None
+                choices.append({"index": i, "finish_reason": reason, "logprobs": None,
+                                **({"message": body} if chat else {"text": text})})
+        finally:
+            for job in jobs:
+                job.cancelled = True
+        usage = {"prompt_tokens": len(plan.ids) * len(jobs), "completion_tokens": completion,
+                 "total_tokens": len(plan.ids) * len(jobs) + completion}
+        return {**head, "choices": choices, "usage": usage}
+
+    async def _stream(jobs, head, prefix, chat, req):
+        kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(index, text=None, reason=None, first=False):
+            if chat:
+                delta = {"role": "assistant", "content": text or ""} if first else (
+                    {"content": text} if text is not None else {})
+                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+            return "data: " + json.dumps({**head, "object": kind_name, "choices": [choice]}) + "\n\n"
+
+        completion = 0
+        try:
+            for i in range(len(jobs)):
+                yield chunk(i, prefix, first=True)
+            pending = {i: asyncio.ensure_future(job.events.get()) for i, job in enumerate(jobs)}
+            while pending:
+                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+                for i, fut in list(pending.items()):
+                    if fut not in done:
+                        continue
+                    events = [fut.result()]
+                    while not jobs[i].events.empty():  # the client fell behind: one chunk for all it missed
+                        events.append(jobs[i].events.get_nowait())
+                    text = "".join(e[1] for e in events if e[0] == "text")
+                    if text:
+                        yield chunk(i, text)
+                    kind, *rest = events[-1]  # "done" and "error" are a job's last event
+                    if kind == "text":
+                        pending[i] = asyncio.ensure_future(jobs[i].events.get())
+                    elif kind == "done":
+                        completion += rest[1]
+                        yield chunk(i, None if chat else "", rest[0])
+                        del pending[i]
+                    else:
+                        err = {"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}}
+                        yield "data: " + json.dumps(err) + "\n\n"
+                        del pending[i]
+            if (req.stream_options or {}).get("include_usage"):
+                prompt = len(jobs[0].ids) * len(jobs)
+                usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                         "total_tokens": prompt + completion}
+                yield "data: " + json.dumps({**head, "object": kind_name, "choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # finished, or the client went away: free the slots at the next step
+            for job in jobs:
+                job.cancelled = True
+
+    return app
+
+
+def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, engine: str = "fast", max_batch: int = 8,
+          max_waiting: int = 64, threads: int | None = None) -> None:
+    import uvicorn
+
+    catalog = Catalog([load_served(p) for p in paths])
+    scheduler = Scheduler(engine, max_batch, max_waiting, threads)
+    scheduler.prepare(catalog.endpoints.values())
+    scheduler.start()
+    for model_id in catalog.ids():
+        print(f"serving {model_id}")
+    print(f"OpenAI-compatible API at http://{host}:{port}/v1 · web page at http://{host}:{port}/")
+    try:
+        uvicorn.run(create_app(catalog, scheduler), host=host, port=port, log_level="warning")
+    finally:
+        scheduler.stop()

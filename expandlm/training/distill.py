@@ -1,0 +1,175 @@
+"""Distillation: one student learns several experts from their outputs (`expandlm distill`, issue 10).
+
+Each teacher is an expert of one domain. The student reads that domain's real training text, and its
+next-token distribution is pulled toward the teacher's on the same window (KL at temperature T, the
+soft targets of Hinton et al. 2015); `alpha` < 1 mixes in the plain next-token loss. With `alpha: 0`
+the teachers are not consulted at all: the same windows, the same loop, the real next tokens only,
+which is joint training on the real data at equal tokens (the study's control).
+
+No maintained library trains a causal LM on several teachers chosen per window, so the loss is here;
+the loop, checkpoints and resume are `train.py`'s. Every teacher and the student share one tokenizer.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..config import arg, config
+from ..data.corpus import load_train_val
+from ..domains import get_domain, save_specs
+from ..evaluation.bpb import evaluate_bpb
+from ..process import distributed_state
+from ..errors import UserError
+from .expert import log, saved_spec, stored_spec
+from ..model.llama import build_model, count_params, get_preset
+from ..records import ModelCard
+from ..run_folder import RunFolder
+from ..formats.served import load_served
+from ..data.shards import PackedBatches, build_shard
+from .loop import TrainConfig, train
+
+
+@config
+class Teacher:
+    model: str = arg(help="the expert's model folder")
+    domain: str = arg(help="the domain it teaches (its data is the student's text for that domain)")
+
+
+@config
+class DistillSpec:
+    out: str = arg(help="the student's run folder", path=True)
+    teachers: list[Teacher] = arg(help="one expert per domain", factory=list, flag=False)
+    student: str | None = arg(None, "continue this model folder (default: fresh weights of the teachers' "
+                                    "architecture)", path=True)
+    alpha: Annotated[float, Field(ge=0, le=1)] = arg(1.0, "weight of the teachers' soft targets; the rest is the "
+                                                          "real next token (0: joint training, no teacher)")
+    temperature: Annotated[float, Field(gt=0)] = arg(1.0, "softmax temperature of the soft targets")
+    shares: list[float] | None = arg(None, "share of training windows per teacher's domain (default: equal)")
+    limit: int | None = arg(None, "use only the first N training documents of each domain")
+    val_limit: int | None = arg(None, "use only the first N validation documents of each domain")
+    cache_dir: str | None = arg(None, "token shard cache (default: $EXPANDLM_CACHE or ~/.cache/expandlm)", path=True)
+    train: TrainConfig = arg(help="training loop settings", factory=TrainConfig)
+
+
+class LabelledBatches(PackedBatches):
+    """Training windows with column 0 naming the shard (so the teacher) each came from: `train`
+    hands the batch to the loss as it is."""
+
+    def batch(self, micro_step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        rows = [np.concatenate([[k], np.asarray(self._tokens[k][start:start + self.context + 1], dtype=np.int64)])
+                for k, start in self.picks(micro_step, rank, world)]
+        return torch.from_numpy(np.stack(rows))
+
+
+def distillation_loss(teachers: list, alpha: float, temperature: float, model, batch: torch.Tensor) -> torch.Tensor:
+    which, tokens = batch[:, 0], batch[:, 1:]
+    inputs = tokens[:, :-1]
+    logits = model(input_ids=inputs).logits.float()
+    loss = 0.0
+    if alpha < 1:
+        loss = (1 - alpha) * F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+    if alpha > 0:
+        with torch.no_grad():
+            target = torch.empty_like(logits)
+            for k, teacher in enumerate(teachers):
+                rows = which == k
+                if rows.any():
+                    target[rows] = teacher(input_ids=inputs[rows]).logits.float()
+        t = temperature
+        kl = F.kl_div(F.log_softmax(logits / t, -1).reshape(-1, logits.size(-1)),
+                      F.log_softmax(target / t, -1).reshape(-1, logits.size(-1)), log_target=True, reduction="batchmean")
+        loss = loss + alpha * kl * t * t
+    return loss
+
+
+def distill(spec: DistillSpec, resume: bool = False) -> dict:
+    """Train the student; returns the run record (also `out/run.json`)."""
+    from ..merge.run import check_tokenizers
+
+    folder = RunFolder(spec.out)
+    folder.begin(resume)
+    if resume:
+        spec = saved_spec(folder, DistillSpec, spec.train.progress)
+    if not spec.teachers:
+        raise UserError("distill: 'teachers' lists no expert; give one {model, domain} per domain")
+    domains = [get_domain(t.domain).name for t in spec.teachers]
+    if len(set(domains)) != len(domains):
+        raise UserError(f"distill: 'teachers' names a domain twice: {domains}; one teacher per domain")
+    if spec.shares is not None and (len(spec.shares) != len(domains) or min(spec.shares) < 0 or sum(spec.shares) <= 0):
+        raise UserError(f"distill: 'shares' {spec.shares} must give one non-negative share per teacher ({len(domains)})")
+    served = [load_served(t.model) for t in spec.teachers]  # on the device the student trains on
+    names = [f"teachers[{i}]" for i in range(len(served))]
+    student_start = load_served(spec.student, device="cpu") if spec.student else None
+    check_tokenizers(served + ([student_start] if student_start else []), names + ["student"] * bool(student_start))
+    teachers = [s.for_domain(d) for s, d in zip(served, domains)]
+    tokenizer = served[0].tokenizer_for(domains[0])
+    t0 = time.time()
+    train_shards, val_shards, domain_data = [], {}, {}
+    for s, d, name in zip(served, domains, names):
+        data = s.domain_data().get(d)
+        if data is None:
+            raise UserError(f"{name}: {s.path} has no record of its '{d}' training data")
+        train_c, val_c = load_train_val(data["train"], get_domain(d), data.get("val"), spec.limit or data.get("limit"),
+                                        spec.val_limit or data.get("val_limit"))
+        train_shards.append(build_shard(train_c, tokenizer, spec.cache_dir))
+        val_shards[d] = build_shard(val_c, tokenizer, spec.cache_dir)
+        domain_data[d] = {**data, "train": folder.portable(data["train"]), "val": folder.portable(data.get("val"))}
+    preset = served[0].card.preset or "tiny"
+    if student_start is not None:
+        if not student_start.format.one_set_of_weights:
+            raise UserError(f"student: {spec.student} is a {student_start.card.format} model; start from one set of weights")
+        model = student_start.model
+    else:
+        model = build_model(get_preset(preset), tokenizer, seed=spec.train.seed)
+    model.train()
+    context = model.config.max_position_embeddings
+    shares = spec.shares or [1.0] * len(domains)
+    batches = LabelledBatches(train_shards, context, spec.train.batch_size, spec.train.seed, shares)
+    if not resume:
+        folder.save(tokenizer.save_pretrained)
+        save_specs(folder.path, domains)
+    card = ModelCard(domains=domains, method="distill", preset=preset, details={
+        "distilled": {"teachers": {d: folder.portable(t.model) for d, t in zip(domains, spec.teachers)}, "alpha": spec.alpha}})
+    record = folder.new_record("distill", stored_spec(spec, folder), spec.train.seed, card=card.to_json(),
+                               trainable_params=count_params(model, True), total_params=count_params(model),
+                               domain_data=domain_data)
+    if resume:
+        record = {**folder.record(), "status": "running"}
+    folder.write_record(record)
+    log(f"distill: a {preset} student ({count_params(model):,} parameters) from {len(teachers)} teachers "
+        f"({', '.join(domains)}), alpha {spec.alpha}")
+    loss = lambda m, b: distillation_loss(teachers, spec.alpha, spec.temperature, m, b)  # noqa: E731
+    for t in teachers:
+        t.eval()
+    trained, state = train(model, batches, folder, spec.train, loss_fn=loss, resume=resume)
+    if distributed_state().is_main_process:
+        folder.save(trained.save_pretrained)
+        folder.write_card(card)
+        bpb = {d: evaluate_bpb(trained, shard)["bpb"] for d, shard in val_shards.items()}
+        record.update(status="done", steps=state.step, tokens=state.tokens, train_seconds=round(state.elapsed_s, 1),
+                      prep_seconds=round(time.time() - t0 - state.elapsed_s, 1), resumed_from=state.resumed_from, bpb=bpb)
+        folder.write_record(record)
+        log("distill: bpb " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" → {folder.path}")
+    distributed_state().wait_for_everyone()
+    return record
+
+
+def load_distill_spec(path: str | Path, out: str | None = None) -> DistillSpec:
+    from ..config import build, load_yaml
+
+    data = load_yaml(path)
+    if out is not None:
+        data["out"] = out
+    root = Path(path).parent
+    for t in data.get("teachers") or []:
+        if isinstance(t, dict) and isinstance(t.get("model"), str) and not Path(t["model"]).is_absolute():
+            t["model"] = str((root / t["model"]).resolve())
+    if isinstance(data.get("student"), str) and not Path(data["student"]).is_absolute():
+        data["student"] = str((root / data["student"]).resolve())
+    return build(DistillSpec, data, str(path))

@@ -1,0 +1,414 @@
+"""Training: one loop on `accelerate` for CPU, one GPU, or many (`accelerate launch`).
+
+AdamW, linear warmup + cosine decay to a floor, gradient clipping and accumulation, bf16 autocast on
+GPU, optional `torch.compile`; a budget in steps, tokens or minutes; periodic validation bpb; a progress
+bar; metrics as JSONL; atomic checkpoints that a killed run resumes from exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from pydantic import Field
+
+from ..atomic import atomic_path, read_json, write_json, write_text
+from ..config import arg, config
+from ..errors import UserError
+from ..process import distributed_state
+from ..evaluation.bpb import evaluate_bpb
+from ..run_folder import METRICS, TRAIN_STATE, RunFolder
+from ..data.shards import PackedBatches, TokenShard
+
+Positive = Annotated[int, Field(gt=0)]
+
+
+class _TiedWeightNotice(logging.Filter):
+    """accelerate warns on every checkpoint that the tied lm_head is stored once; that is intended."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+for _name in ("accelerate.utils.other", "accelerate.checkpointing"):  # where accelerate logs it
+    logging.getLogger(_name).addFilter(_TiedWeightNotice())
+
+
+@config
+class TrainConfig:
+    batch_size: Positive = arg(32, "sequences per micro-batch per process")
+    grad_accum: Positive = arg(1, "micro-batches per optimizer step")
+    lr: Annotated[float, Field(gt=0)] = arg(2e-3, "peak learning rate (linear warmup, then cosine)")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = arg(0.1, "the cosine decays to lr × this")
+    warmup_steps: Annotated[int, Field(ge=0)] | None = arg(None, "default: 5% of the steps, at most 200")
+    weight_decay: Annotated[float, Field(ge=0)] = arg(0.1, "AdamW's decoupled weight decay (not on norms)")
+    betas: tuple[float, float] = arg((0.9, 0.95), "AdamW's betas (comma-separated on the command line)")
+    grad_clip: Annotated[float, Field(ge=0)] = arg(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_steps: Positive | None = arg(None, "budget in optimizer steps")
+    max_tokens: Positive | None = arg(None, "budget in training tokens")
+    minutes: Annotated[float, Field(gt=0)] | None = arg(None, "budget in minutes of wall time (re-planned as it goes)")
+    eval_interval: Annotated[int, Field(ge=0)] = arg(100, "steps between validation passes (0: only at the end)")
+    eval_docs: Positive = arg(200, "validation documents per periodic pass")
+    log_interval: Positive = arg(10, "steps between metrics records")
+    checkpoint_interval: Positive = arg(200, "steps between checkpoints (also every 5 minutes and at the end)")
+    seed: int = arg(0, "seed of the weights, the data order and sampling")
+    precision: Literal["auto", "no", "bf16", "fp16"] = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = arg(False, "torch.compile the model")
+    progress: bool = arg(True, "show a progress bar")
+
+
+def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of a batch of `context + 1` token windows."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+
+NO_DECAY_ATTR = "_expandlm_no_decay"
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on norms (1-D tensors) nor on tensors
+    marked with NO_DECAY_ATTR (partly frozen ones: decoupled decay would move their frozen rows)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter is frozen")
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, NO_DECAY_ATTR, False)]
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, NO_DECAY_ATTR, False)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused AdamW (one kernel for all tensors) on a GPU, as nanoGPT does; the CPU keeps the loop whose
+    # results the studies were run with
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=torch.cuda.is_available())
+
+
+def _accelerator(precision: str) -> Accelerator:
+    # accelerate keeps one process-wide state and refuses a second Accelerator of another precision; a
+    # process that trains twice (a study, a notebook, the tests) drops it, keeping the distributed part
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return cfg.precision
+
+
+@dataclass
+class TrainState:
+    """What, besides model/optimizer/scheduler/RNG (saved by accelerate), a resume needs."""
+    step: int = 0
+    tokens: int = 0
+    total_steps: int = 0
+    elapsed_s: float = 0.0
+    val_bpb: float | None = None
+    resumed_from: list[int] = field(default_factory=list)  # the steps this run was resumed at
+    # the metrics record in progress: its steps so far and each process's sum of their losses, so that
+    # a run resumed between two records logs the loss an uninterrupted one does
+    window_steps: int = 0
+    window_loss: list[float] = field(default_factory=list)
+
+
+CHECKPOINT_FILES = "files"  # train_state.json's key for the size of each file of the checkpoint
+
+
+def load_train_state(ckpt: Path) -> TrainState:
+    """The state a checkpoint resumes from, once every file it was saved with is there whole (accelerate
+    would fail on a truncated file with a traceback, or, for the RNG state, skip it silently)."""
+    path = ckpt / TRAIN_STATE
+    data = read_json(path, "training state")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object of training state, got {type(data).__name__}")
+    for name, size in data.pop(CHECKPOINT_FILES, {}).items():
+        file = ckpt / name
+        found = file.stat().st_size if file.is_file() else None
+        if found != size:
+            raise UserError(f"{file}: {'missing' if found is None else f'{found:,} bytes'}, saved with {size:,} "
+                            f"(truncated or damaged); remove {ckpt} to restart the run from its start with --resume")
+    try:
+        return TrainState(**data)
+    except TypeError as e:
+        raise UserError(f"{path}: not a training state ({e})") from None
+
+
+def _load_checkpoint(accelerator, ckpt: Path) -> None:
+    try:
+        accelerator.load_state(str(ckpt))
+    except Exception as e:  # a damaged file of the same size, or a checkpoint saved without file sizes
+        first = (str(e).splitlines() or [""])[0]
+        raise UserError(f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {first}); remove it to "
+                        "restart the run from its start with --resume") from None
+
+
+def _timed_micro_steps(model, batches, accelerator, loss_fn, n: int = 4, warmup: int = 2,
+                       clock=time.perf_counter) -> float:
+    """Seconds per micro-step, measured on forward+backward passes whose gradients are then dropped
+    (the weights and optimizer are untouched, so calibration does not change the run)."""
+    times = []
+    for i in range(warmup + n):
+        t0 = clock()
+        batch = batches.batch(i).to(accelerator.device)
+        with accelerator.autocast():
+            loss = loss_fn(model, batch)
+        accelerator.backward(loss)
+        times.append(clock() - t0)
+    model.zero_grad(set_to_none=True)
+    return sum(times[warmup:]) / n  # the first passes include one-off allocation costs
+
+
+def _step_cap(cfg: TrainConfig, tokens_per_step: int) -> int | None:
+    """The fixed budgets (max_steps, max_tokens) in steps: the smaller one, None when neither is given."""
+    caps = [c for c in (cfg.max_steps, cfg.max_tokens and math.ceil(cfg.max_tokens / tokens_per_step)) if c]
+    return min(caps) if caps else None
+
+
+def step_tokens(cfg: TrainConfig, batches, world: int) -> int:
+    """Training tokens of one optimizer step over all processes."""
+    return batches.batch_size * batches.context * cfg.grad_accum * world
+
+
+def planned_tokens(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int) -> int | None:
+    """The training tokens a run will see, known before it starts: the fixed budgets, or one epoch when
+    there is no budget at all; None under a minutes budget (where it stops depends on the machine's pace)."""
+    if cfg.minutes:
+        return None
+    return plan_steps(cfg, tokens_per_step, epoch_tokens) * tokens_per_step
+
+
+def plan_steps(cfg: TrainConfig, tokens_per_step: int, epoch_tokens: int, micro_step_s: float | None = None,
+               micro_tokens: int = 1, eval_tokens: float = 0.0) -> int:
+    """Total optimizer steps from the budgets, planned before the first step. Fixed budgets (steps, tokens,
+    one epoch) stay this plan. A minutes budget starts from the measured micro-step time (plus the
+    validation passes, whose forward-only tokens cost about a third of a training token) and is only a
+    first estimate: `train` re-plans it from the measured pace as the run goes (`replan_steps`)."""
+    cap = _step_cap(cfg, tokens_per_step)
+    candidates = [cap] if cap else []
+    if cfg.minutes:
+        per_step = micro_step_s * cfg.grad_accum
+        if cfg.eval_interval:
+            per_step += eval_tokens / 3 * (micro_step_s / micro_tokens) / cfg.eval_interval
+        candidates.append(int(cfg.minutes * 60 * 0.97 / per_step))
+    if not candidates:
+        candidates.append(math.ceil(epoch_tokens / tokens_per_step))
+    return max(1, min(candidates))
+
+
+def replan_steps(cfg: TrainConfig, step: int, elapsed_s: float, step_s: float, cap: int | None = None,
+                 reserve_s: float = 0.0) -> int:
+    """A minutes budget re-planned mid-run: the `step`s done plus as many more as the time left (less
+    `reserve_s`, kept for the final validation) holds at `step_s` seconds per step, rounded to the nearest
+    step so that the run ends as close to the budget as its steps allow (stopping whenever a step might not
+    fit ends short by half a step on average, and steps on a busy machine are long). Returns `step`
+    itself, i.e. stop now, once under half a step is left; `cap` (max_steps / max_tokens) wins when smaller."""
+    total = step + max(0, round((cfg.minutes * 60 - elapsed_s - reserve_s) / max(step_s, 1e-9)))
+    return min(total, cap) if cap else total
+
+
+class CosinePlan:
+    """LR factor for LambdaLR: linear warmup over `warmup` steps, then a cosine down to `min_ratio` at step
+    `total` (the curve of transformers' cosine-with-min-lr schedule). `total` may move while the run goes
+    (a re-planned minutes budget) and the decay follows it. An object rather than a closure so that
+    LambdaLR's state_dict keeps its fields: a resumed run goes on with the warmup its run started with."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, cfg: TrainConfig,
+          val_shard: TokenShard | None = None, loss_fn=causal_lm_loss, resume: bool = False,
+          clock=time.monotonic) -> tuple[torch.nn.Module, TrainState]:
+    """Train `model` (whose frozen parameters stay untouched) on `batches`; returns the unwrapped model.
+
+    The run folder's `checkpoint/` holds the resumable state, its `metrics.jsonl` the loss and bpb curve.
+    `clock` times the minutes budget (tests pass a simulated one).
+    """
+    folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+    metrics = folder / METRICS
+    if distributed_state().is_main_process:
+        folder.path.mkdir(parents=True, exist_ok=True)
+    accelerator = _accelerator(_precision(cfg))
+    if accelerator.device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves (and fp32 runs)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.seed)
+    if cfg.compile:
+        model = torch.compile(model)
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tokens_per_step = step_tokens(cfg, batches, world)
+    state = TrainState()
+    eval_tokens = min(cfg.eval_docs, val_shard.meta["documents"]) * (
+        val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
+    ckpt = folder.checkpoint
+    if resume and (ckpt / TRAIN_STATE).exists():
+        state = load_train_state(ckpt)
+        state.resumed_from.append(state.step)
+    else:  # a fresh run, or one stopped before its first checkpoint: resumed from the start
+        state.resumed_from = [0] if resume else []
+        resume = False
+        micro_s = _timed_micro_steps(model, batches, accelerator, loss_fn, clock=clock) if cfg.minutes else None
+        state.total_steps = plan_steps(cfg, tokens_per_step, batches.tokens_per_epoch, micro_s,
+                                       batches.batch_size * batches.context, eval_tokens)
+        if world > 1:  # step times differ between processes: all follow the main process's plan
+            state.total_steps = broadcast_object_list([state.total_steps])[0]
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, state.total_steps // 20))
+    if cfg.minutes:  # the plan moves (see the loop), and the decay must end where the run ends
+        lr_plan = CosinePlan(warmup, state.total_steps, cfg.min_lr_ratio)
+        scheduler = LambdaLR(optimizer, lr_plan)
+    else:  # fixed budgets: the schedule studies were run with, unchanged
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, state.total_steps,
+                                                                min_lr_rate=cfg.min_lr_ratio)
+    accelerator.register_for_checkpointing(scheduler)
+    if resume:
+        _load_checkpoint(accelerator, ckpt)
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics, state.step)
+
+    def validate() -> float | None:
+        if val_shard is None:
+            return None
+        bpb = None
+        if accelerator.is_main_process:
+            bpb = evaluate_bpb(accelerator.unwrap_model(model), val_shard, max_docs=cfg.eval_docs)["bpb"]
+        accelerator.wait_for_everyone()
+        return bpb
+
+    def save_checkpoint():
+        accelerator.wait_for_everyone()
+        state.window_steps, state.window_loss = window_steps, accelerator.gather(window_loss.reshape(1)).tolist()
+        # the main process owns the atomic folder; every process writes its own RNG state into it
+        with atomic_path(ckpt, folder=True) if accelerator.is_main_process else nullcontext("") as tmp:
+            tmp_name = broadcast_object_list([str(tmp)])[0] if world > 1 else str(tmp)
+            accelerator.save_state(tmp_name)
+            accelerator.wait_for_everyone()  # every process's RNG file is in the folder before it moves
+            if accelerator.is_main_process:
+                files = {str(p.relative_to(tmp_name)): p.stat().st_size for p in Path(tmp_name).rglob("*") if p.is_file()}
+                write_json(Path(tmp_name) / TRAIN_STATE, {**asdict(state), CHECKPOINT_FILES: files})
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_main_process))
+    model.train()
+    started, last_save = clock() - state.elapsed_s, time.time()
+    # A minutes budget is re-planned from the pace: wall time per step, validation and checkpoints
+    # included, over the recent steps: the last 5% of the budget and at least 10 steps. Not the whole
+    # run, so that a machine turning busy or idle shows within seconds; long enough to smooth out noise.
+    horizon_s = (cfg.minutes or 0) * 60 / 20
+    step_ends, pace = deque(), None  # clock() after each step of this process; seconds per step
+    cap, first_step = _step_cap(cfg, tokens_per_step), state.step
+    # a validation pass costs about this many steps (forward-only tokens at a third of a training token),
+    # measured once one has run; the final one's time is kept aside so the run ends with it at the budget
+    val_steps = eval_tokens / 3 / (batches.batch_size * batches.context * cfg.grad_accum)
+    postfix = {"loss": "-", "tok_s": "-", "val_bpb": "-"}
+    window_loss, window_steps, window_tokens, window_t0 = torch.zeros((), device=accelerator.device), 0, 0, time.time()
+    if state.window_steps:  # resumed between two records: the one in progress goes on (tokens/s restarts)
+        own = state.window_loss[rank] if len(state.window_loss) == world else sum(state.window_loss) / len(state.window_loss)
+        window_loss, window_steps = torch.tensor(own, device=accelerator.device), state.window_steps
+    while state.step < state.total_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(cfg.grad_accum):
+            batch = batches.batch(state.step * cfg.grad_accum + micro, rank, world).to(accelerator.device)
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                with accelerator.autocast():  # a fresh context each micro-step: one can be entered once
+                    loss = loss_fn(model, batch)
+                accelerator.backward(loss / cfg.grad_accum)
+            step_loss += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        state.step += 1
+        state.tokens += tokens_per_step
+        if cfg.minutes:
+            now = clock()
+            step_ends.append(now)
+            while len(step_ends) > 11 and now - step_ends[1] >= horizon_s:
+                step_ends.popleft()
+            # One process re-plans after every step (it costs nothing); several must all take the same
+            # steps, so they follow the main process's plan, broadcast at fixed steps: early ones (the
+            # calibration may be off) and every log_interval.
+            here = state.step - first_step
+            if here >= 2 and (world == 1 or here in (2, 4, 8) or state.step % cfg.log_interval == 0):
+                pace = (now - step_ends[0]) / (len(step_ends) - 1)
+                total = replan_steps(cfg, state.step, now - started, pace, cap, val_steps * pace)
+                if world > 1:
+                    total = broadcast_object_list([total])[0]
+                state.total_steps = lr_plan.total = bar.total = total
+        scheduler.step()  # after the re-plan: the LR of the next step follows the new plan
+        optimizer.zero_grad(set_to_none=True)
+        last = state.step >= state.total_steps  # the plan's end, or a minutes budget's time is up
+        window_loss += step_loss
+        window_steps += 1
+        window_tokens += tokens_per_step
+        bar.update(1)
+
+        log_now = state.step % cfg.log_interval == 0 or last
+        if log_now:
+            loss_mean = accelerator.reduce(window_loss, "mean").item() / window_steps
+            dt = time.time() - window_t0
+            record = {"step": state.step, "tokens": state.tokens, "loss": round(loss_mean, 5),
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / max(dt, 1e-9), 1),
+                      "elapsed_s": round(clock() - started, 2)}
+            postfix.update(loss=f"{loss_mean:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(postfix)
+            _append_metrics(metrics, record, accelerator)
+            window_loss.zero_()
+            window_steps, window_tokens, window_t0 = 0, 0, time.time()
+        if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or last:
+            val_t0 = clock()
+            bpb = validate()
+            if pace and val_shard is not None:
+                val_steps = (clock() - val_t0) / pace
+            if bpb is not None:
+                state.val_bpb = bpb
+                _append_metrics(metrics, {"step": state.step, "tokens": state.tokens, "val_bpb": bpb},
+                                accelerator)
+                postfix["val_bpb"] = f"{bpb:.3f}"
+                bar.set_postfix(postfix)
+        state.elapsed_s = clock() - started
+        overdue = False  # a checkpoint every 5 minutes too; the main process decides for all (ranks must agree)
+        if state.step % cfg.log_interval == 0:
+            overdue = time.time() - last_save > 300
+            if world > 1:
+                overdue = broadcast_object_list([overdue])[0]
+        if state.step % cfg.checkpoint_interval == 0 or overdue or last:
+            save_checkpoint()
+            last_save = time.time()
+    bar.close()
+    return accelerator.unwrap_model(model), state
+
+
+def _append_metrics(path: Path, record: dict, accelerator) -> None:
+    if accelerator.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run restarts from its checkpoint: drop records logged after it, so the curve has no
+    duplicates."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        write_text(path, "".join(line + "\n" for line in kept))

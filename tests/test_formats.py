@@ -1,0 +1,73 @@
+"""Folder formats: folders of every format load, serve and stay as they were written."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from expandlm.errors import UserError
+from expandlm.formats import FORMATS, format_of
+from expandlm.formats.served import load_served
+from expandlm.records import ModelCard
+
+LEGACY = Path(__file__).parent / "data" / "legacy-745b37b"
+
+
+def _files(folder: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_folders_written_at_745b37b_load_and_compute_exactly_what_they_did():
+    expected = json.loads((LEGACY / "expected.json").read_text())
+    before = _files(LEGACY)
+    served = {}
+    for key, want in expected.items():
+        folder, domain = key.split("/")
+        if folder not in served:
+            served[folder] = load_served(LEGACY / folder, device="cpu")
+        with torch.no_grad():
+            logits = served[folder].for_domain(domain)(input_ids=torch.tensor([want["ids"]])).logits[0, -1]
+        if folder == "arrow":  # 745b37b seeded Arrow's prototype search from the global generator: ~1e-4 apart
+            assert torch.allclose(logits, torch.tensor(want["logits"]), atol=1e-2), key
+        else:
+            assert torch.equal(logits, torch.tensor(want["logits"])), key
+    formats = {name: s.card.format for name, s in served.items()}
+    assert formats == {"stories": "checkpoint", "full_ft": "checkpoint", "lora": "adapter", "lora-code": "adapter",
+                       "expand_paths": "paths", "expand_branch": "branch", "arrow": "arrow"}
+    assert served["lora"].card.method == "lora" and served["stories"].card.method == "scratch"
+    assert _files(LEGACY) == before  # reading a folder writes nothing into it
+
+
+def test_an_arrow_folder_computes_the_same_each_time_it_is_loaded():
+    ids = torch.tensor([json.loads((LEGACY / "expected.json").read_text())["arrow/recipes"]["ids"]])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(len(runs))  # whatever the global generator holds
+        with torch.no_grad():
+            runs.append(load_served(LEGACY / "arrow", device="cpu").for_domain("recipes")(input_ids=ids).logits)
+    assert torch.equal(*runs)
+
+
+def test_the_card_maps_an_old_strategy_once_and_writes_format_and_method():
+    old = ModelCard.from_json({"domains": ["stories", "recipes"], "strategy": "expand_branch", "base": "../s",
+                               "own_domains": ["recipes"]}, "x/expandlm.json")
+    assert (old.format, old.method, old.base, old.details) == ("branch", "expand_branch", "../s", {"own_domains": ["recipes"]})
+    written = old.to_json()
+    assert "strategy" not in written and written["format"] == "branch" and written["own_domains"] == ["recipes"]
+    assert ModelCard.from_json(written, "x") == old
+
+
+def test_a_bad_card_names_the_file_and_the_field():
+    with pytest.raises(UserError, match=r"x/expandlm.json: field 'domains' must be a list"):
+        ModelCard.from_json({"domains": "stories"}, "x/expandlm.json")
+    with pytest.raises(UserError, match="unknown format 'zip'"):
+        format_of(ModelCard(format="zip"))
+    card = ModelCard(domains=["stories"], format="paths", where="y/expandlm.json")
+    with pytest.raises(UserError, match=r"y/expandlm.json: field 'paths' is missing"):
+        card.detail("paths")
+
+
+def test_each_format_says_what_it_can_do():
+    assert [n for n, f in FORMATS.items() if f.one_set_of_weights] == ["checkpoint"]
+    assert [n for n, f in FORMATS.items() if f.serves_old_from_base] == ["branch"]
+    assert [n for n, f in FORMATS.items() if not f.exportable] == ["arrow"]
