@@ -210,28 +210,38 @@ def test_a_full_queue_answers_429(app, http):
     assert ok.status_code == 200
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, url, monkeypatch):
-    scheduler = app.state.scheduler
-    engine = scheduler._engine(app.state.catalog.get(STORIES))
+def slow_decoding(app, monkeypatch) -> list[int]:
+    """Each decode step of STORIES takes 0.05 s more, slow enough that a 120-token request cannot
+    finish before its client leaves; the list counts the steps."""
+    engine = app.state.scheduler._engine(app.state.catalog.get(STORIES))
     steps, decode = [], engine.decode
 
-    def slow_decode(slots, tokens):  # slow enough that the request cannot finish before we leave
+    def slow_decode(slots, tokens):
         steps.append(len(slots))
         time.sleep(0.05)
         return decode(slots, tokens)
 
     monkeypatch.setattr(engine, "decode", slow_decode)
+    return steps
+
+
+def assert_slots_freed(client: httpx.Client, steps: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while client.get("/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = client.get("/health").json()
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert len(steps) < 100  # it left its slot long before its 120 tokens
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, url, monkeypatch):
+    steps = slow_decoding(app, monkeypatch)
     body = {"model": STORIES, "prompt": "x", "max_tokens": 120, "temperature": 1.0, "top_k": 1, "stream": True}
     with httpx.Client(base_url=url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")  # the stream has begun; leave mid-way
-        deadline = time.monotonic() + 30
-        while c.get("/health").json()["running"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        health = c.get("/health").json()
-    assert health["running"] == 0 and health["waiting"] == 0
-    assert len(steps) < 100  # it left its slot long before its 120 tokens
+        assert_slots_freed(c, steps)
 
 
 @pytest.mark.parametrize("engine", ["torch", "hf"])
@@ -409,23 +419,9 @@ def test_a_body_that_comes_too_slowly_is_a_408(app):
 
 
 def test_a_client_that_abandons_a_whole_answer_frees_its_slot(app, url, monkeypatch):
-    scheduler = app.state.scheduler
-    engine = scheduler._engine(app.state.catalog.get(STORIES))
-    steps, decode = [], engine.decode
-
-    def slow_decode(slots, tokens):
-        steps.append(len(slots))
-        time.sleep(0.05)
-        return decode(slots, tokens)
-
-    monkeypatch.setattr(engine, "decode", slow_decode)
+    steps = slow_decoding(app, monkeypatch)
     body = {"model": STORIES, "prompt": "x", "max_tokens": 120, "temperature": 1.0, "top_k": 1}
     with httpx.Client(base_url=url, timeout=30) as c:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             c.post("/v1/completions", json=body, timeout=0.5)
-        deadline = time.monotonic() + 30
-        while c.get("/health").json()["running"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        health = c.get("/health").json()
-    assert health["running"] == 0 and health["waiting"] == 0
-    assert len(steps) < 100  # it left its slot long before its 120 tokens
+        assert_slots_freed(c, steps)
