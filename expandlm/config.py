@@ -41,6 +41,8 @@ def _describe(error: dict) -> str:
         return f"unknown key '{loc}'"
     if error["type"] == "missing_argument" or error["type"] == "missing":
         return f"'{loc}' is required"
+    if error["type"] == "value_error" and not error["loc"]:  # a __post_init__ check: its message names the key
+        return str(error["ctx"]["error"])
     return f"'{loc}': {error['msg'].lower()}, got {error.get('input')!r}"
 
 

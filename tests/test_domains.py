@@ -119,6 +119,33 @@ def test_a_bad_spec_names_the_file_and_key(tmp_path, user_domains, body, message
     assert "poems" not in DOMAINS
 
 
+@pytest.mark.parametrize("key, pattern", [("request.verbatim", "(a)\\1"), ("request.strip", "(?=a)"),
+                                          ("check.pattern", "(?<!x)y")])
+def test_a_pattern_without_a_linear_time_bound_is_refused_in_one_line(tmp_path, user_domains, key, pattern):
+    """Backreferences and lookaround: RE2 cannot run them in linear time, so the spec is refused."""
+    section, name = key.split(".")
+    spec = write_spec(tmp_path / "poems.yaml", f"name: poems\n{section}: {{{name}: '{pattern}'}}\n")
+    with pytest.raises(UserError) as info:
+        get_domain(str(spec))
+    assert str(info.value).startswith(f"{spec}: '{key}': not a valid regex for RE2") and "\n" not in str(info.value)
+
+
+def test_a_users_pattern_runs_in_linear_time(tmp_path, user_domains):
+    import time
+
+    poems = get_domain(str(write_spec(tmp_path / "poems.yaml", """\
+        name: poems
+        check: {pattern: '(a+)+$'}
+        request: {verbatim: '(a+)+$', strip: '(b+)+$'}
+        """)))
+    start = time.perf_counter()
+    assert poems.prompt("a" * 27 + "c") == "a" * 27 + "c"
+    assert poems.prompt("b" * 27 + "c") == "b" * 27 + "c"
+    assert not poems.check("a" * 27 + "c")
+    assert time.perf_counter() - start < 1.0  # backtracking: 2^27 steps, many seconds each
+    assert poems.prompt("aaa") == "aaa" and poems.prompt("x bbb") == "x" and poems.check("aaa")
+
+
 def test_one_name_one_spec(tmp_path, user_domains):
     with pytest.raises(UserError, match="domain 'stories' is built in"):
         get_domain(str(write_spec(tmp_path / "s.yaml", "name: stories\ndescription: mine\n")))

@@ -118,6 +118,24 @@ def test_split_request():
     assert split_request("def merge_sorted(a, b):").topic == "def merge_sorted(a, b):"
 
 
+def test_reading_a_request_takes_time_linear_in_its_length():
+    """The trailer regex it replaces took the square of a run of spaces' length (72 KB: 68 s)."""
+    import re
+    import time
+
+    from expandlm.routing import MAX_REQUEST_CHARS, strip_trailer
+
+    start = time.perf_counter()
+    assert split_request("a" + " " * 16_000 + "b please!").topic == "a" + " " * 16_000 + "b"
+    assert time.perf_counter() - start < 1.0  # before: about 3 s
+    with pytest.raises(UserError, match=f"the request is {MAX_REQUEST_CHARS + 1} characters; the limit is"):
+        split_request("x" * (MAX_REQUEST_CHARS + 1))
+    old = re.compile(r"(?:[\s,]*\bplease)?[\s.!?,;]*$", re.IGNORECASE)  # what it does, on short texts
+    for text in ("a pie, please!", "please", "PLEASE.", "apple please", "applePLEASE", "x please, please",
+                 "def f(x):", "a ;, . ! ?", "é please", "a_please", "tea , please ?!", "", "  ,please"):
+        assert strip_trailer(text) == old.sub("", text), text
+
+
 def test_prompt_builders():
     assert get_domain("recipes").prompt("a chicken with rice and beans") == "Chicken with Rice and Beans"
     assert get_domain("recipes").prompt("") == ""

@@ -210,28 +210,38 @@ def test_a_full_queue_answers_429(app, http):
     assert ok.status_code == 200
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, url, monkeypatch):
-    scheduler = app.state.scheduler
-    engine = scheduler._engine(app.state.catalog.get(STORIES))
+def slow_decoding(app, monkeypatch) -> list[int]:
+    """Each decode step of STORIES takes 0.05 s more, slow enough that a 120-token request cannot
+    finish before its client leaves; the list counts the steps."""
+    engine = app.state.scheduler._engine(app.state.catalog.get(STORIES))
     steps, decode = [], engine.decode
 
-    def slow_decode(slots, tokens):  # slow enough that the request cannot finish before we leave
+    def slow_decode(slots, tokens):
         steps.append(len(slots))
         time.sleep(0.05)
         return decode(slots, tokens)
 
     monkeypatch.setattr(engine, "decode", slow_decode)
+    return steps
+
+
+def assert_slots_freed(client: httpx.Client, steps: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while client.get("/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = client.get("/health").json()
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert len(steps) < 100  # it left its slot long before its 120 tokens
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, url, monkeypatch):
+    steps = slow_decoding(app, monkeypatch)
     body = {"model": STORIES, "prompt": "x", "max_tokens": 120, "temperature": 1.0, "top_k": 1, "stream": True}
     with httpx.Client(base_url=url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")  # the stream has begun; leave mid-way
-        deadline = time.monotonic() + 30
-        while c.get("/health").json()["running"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        health = c.get("/health").json()
-    assert health["running"] == 0 and health["waiting"] == 0
-    assert len(steps) < 100  # it left its slot long before its 120 tokens
+        assert_slots_freed(c, steps)
 
 
 @pytest.mark.parametrize("engine", ["torch", "hf"])
@@ -259,3 +269,159 @@ def test_a_truncated_model_file_is_one_error_naming_it(two_domain_models, tmp_pa
         weights.write_bytes(weights.read_bytes()[:1000])
         with pytest.raises(UserError, match=rf"^{weights}: .*truncated or damaged"):
             load_served(folder)
+
+
+# -- faults and abuse (issue 20): each was a freeze, a plain-text 500 or a missing limit before ----------
+
+def test_a_long_request_is_refused_and_reading_one_leaves_the_server_free(app, http, url, monkeypatch):
+    from expandlm.routing import MAX_REQUEST_CHARS
+
+    huge = {"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "a" + " " * 72_000 + "b"}]}
+    error = _error(http.post("/v1/chat/completions", json=huge), 400)
+    assert error["code"] == "request_too_long" and error["param"] == "messages" and str(MAX_REQUEST_CHARS) in error["message"]
+    start = time.perf_counter()  # within the limit, read in linear time (before: about 3 s)
+    long = {"model": STORIES, "max_tokens": 3, "messages": [{"role": "user", "content": "a" + " " * 16_000 + "b"}]}
+    assert http.post("/v1/chat/completions", json=long).status_code in (200, 400)
+    assert time.perf_counter() - start < 1.0
+    catalog, route = app.state.catalog, app.state.catalog.route
+
+    def slow_route(text):  # routing a request takes time; the server answers others meanwhile
+        time.sleep(1.5)
+        return route(text)
+
+    monkeypatch.setattr(catalog, "route", slow_route)
+    body = {"model": "auto", "prompt": "a recipe for soup", "max_tokens": 2}
+    routed = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=body, timeout=30))
+    routed.start()
+    time.sleep(0.3)
+    assert httpx.get(url + "/health", timeout=0.5).status_code == 200  # before: a timeout
+    routed.join()
+
+
+def test_stop_strings_are_found_and_held_back_as_before_in_linear_time():
+    import random
+
+    from expandlm.serve import StopStrings
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text, matcher = "", StopStrings(stops)
+        while True:
+            new = "".join(rng.choice("abc") for _ in range(rng.randint(1, 3)))
+            cut, text = matcher.feed(new), text + new
+            found = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+            assert cut == found, (stops, text)
+            if cut is not None or len(text) > 40:
+                break
+            hold = max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+            assert matcher.hold == hold, (stops, text)
+    start = time.perf_counter()
+    matcher = StopStrings(["a" * 256] * 4)
+    for _ in range(2000):
+        assert matcher.feed("a" * 3 + "b") is None
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("stop, status", [(["x" * 257], 400), (["a", "b", "c", "d", "e"], 400), ("x" * 257, 400),
+                                          (["x" * 256] * 4, 200)])
+def test_stop_strings_are_bounded(http, stop, status):
+    response = http.post("/v1/completions", json={"model": STORIES, "prompt": "x", "max_tokens": 2, "stop": stop})
+    if status == 400:
+        assert _error(response, 400)["param"] == "stop"
+    else:
+        assert response.status_code == 200
+
+
+def test_an_empty_stop_string_stops_nothing(http):
+    body = {"model": STORIES, "prompt": "The", "max_tokens": 10, "temperature": 0}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    for stop in ("", [""]):
+        assert http.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0] == plain
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": -2**63 - 1}, "seed"),
+    ("/v1/completions", {"prompt": "a \ud800 b"}, "prompt"),
+    ("/v1/completions", {"prompt": ["\udfff"]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages"),
+])
+def test_what_was_a_plain_500_is_a_400_in_openai_shape(http, path, body, param):
+    response = http.post(path, content=json.dumps({"model": STORIES, "max_tokens": 2, **body}),
+                         headers={"Content-Type": "application/json"})
+    assert _error(response, 400)["param"].startswith(param)
+
+
+def test_seeds_of_the_64_bit_range_and_text_parts_are_accepted(http):
+    for seed in (2**63 - 1, -2**63):
+        body = {"model": STORIES, "prompt": "x", "max_tokens": 2, "seed": seed, "n": 2}
+        assert http.post("/v1/completions", json=body).status_code == 200
+    parts = [{"type": "text", "text": "a story about "}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "a cat"}]
+    out = http.post("/v1/chat/completions", json={"model": STORIES, "max_tokens": 2, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": parts}]})
+    assert out.json()["choices"][0]["message"]["content"].startswith("Once upon a time, there was a cat.")
+
+
+def test_n_beyond_the_queue_is_a_400_and_a_full_queue_says_when_to_retry(app, http):
+    error = _error(http.post("/v1/completions", json={"model": STORIES, "prompt": "x", "n": 9}), 400)
+    assert error["param"] == "n" and "8" in error["message"]
+    scheduler, served = app.state.scheduler, app.state.catalog.get(STORIES)
+    scheduler.set_paused(True)
+    try:
+        import asyncio
+        fill = [Job(served, [0, 3], Sampler(), 1, [], asyncio.Queue(), asyncio.new_event_loop())
+                for _ in range(scheduler.max_waiting)]
+        scheduler.submit(fill)
+        response = http.post("/v1/completions", json={"model": STORIES, "prompt": "x"})
+        assert _error(response, 429)["code"] == "queue_full" and response.headers["Retry-After"] == "1"
+        for job in fill:
+            job.cancelled = True
+    finally:
+        scheduler.set_paused(False)
+
+
+def test_a_body_over_the_size_limit_is_a_413(http):
+    from expandlm.serve import MAX_BODY_BYTES
+
+    body = json.dumps({"model": STORIES, "prompt": "x" * MAX_BODY_BYTES}).encode()
+    declared = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    chunked = http.post("/v1/completions", content=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
+                        headers={"Content-Type": "application/json"})  # no length: counted as it comes
+    for response in (declared, chunked):
+        error = _error(response, 413)
+        assert str(MAX_BODY_BYTES) in error["message"] and error["code"] == "413"
+
+
+def test_a_body_that_comes_too_slowly_is_a_408(app):
+    import socket
+
+    with live_server(create_app(app.state.catalog, app.state.scheduler, body_timeout_s=0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\": ")  # and then nothing
+            start, answer = time.monotonic(), b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "0.5 s" in error["message"]
+
+
+def test_a_client_that_abandons_a_whole_answer_frees_its_slot(app, url, monkeypatch):
+    steps = slow_decoding(app, monkeypatch)
+    body = {"model": STORIES, "prompt": "x", "max_tokens": 120, "temperature": 1.0, "top_k": 1}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            c.post("/v1/completions", json=body, timeout=0.5)
+        assert_slots_freed(c, steps)

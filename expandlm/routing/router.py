@@ -47,12 +47,41 @@ GENERIC = re.compile(r"^\s*(?:please\s+)?(?:(?:can|could|would|will)\s+you\s+)?(
                      r"(?:(?:how\s+(?:do|can|should|would)\s+(?:i|you|we)\s+|how\s+to\s+)?"
                      r"(?:write|give|make|tell|generate|create|show|share|bake|cook|prepare|implement|code)"
                      r"(?:\s+(?:me|us))?(?:\s+up)?\s+|i(?:'d|\s+would)\s+like\s+|i\s+(?:want|need)\s+)", _F)
-_TRAILER = re.compile(r"(?:[\s,]*\bplease)?[\s.!?,;]*$", _F)  # not ':': "def f(x):" keeps it
 _ARTICLE = r"(?:a|an|some|another|one|the)\s+"
 _ADJECTIVES = r"(?:(?:short|long|quick|simple|easy|good|nice|great|funny|little|new|small|random)\s+)*"
 # what introduces the topic after a genre noun: "story about", "recipe for", "function that", "tale: "
 _CONNECTIVE = re.compile(r"^\s*(?::\s*|(?:about|of|for|with|on|where|in\s+which|featuring|that|which|to|"
                          r"who|using)\s+)", _F)
+
+
+MAX_REQUEST_CHARS = 16_384  # a request is a line or a paragraph; the longest prompt of any model here is shorter
+_TRAILING = frozenset(".!?,;")  # not ':': "def f(x):" keeps it
+
+
+def check_length(request: str) -> None:
+    """A request longer than `MAX_REQUEST_CHARS` is refused before it is read: routing and parsing
+    cost time in its length, and no model here has a context that long."""
+    if len(request) > MAX_REQUEST_CHARS:
+        raise UserError(f"the request is {len(request)} characters; the limit is {MAX_REQUEST_CHARS}")
+
+
+def strip_trailer(text: str) -> str:
+    """`text` without its closing punctuation and a last "please" ("a pie, please!" -> "a pie"). A scan
+    from the end, linear in the length: the regex it replaces, `(?:[\\s,]*\\bplease)?[\\s.!?,;]*$`,
+    tried every start of a run of spaces and took the square of the run's length (72 KB: 68 s)."""
+    end = len(text)
+    while end and (text[end - 1].isspace() or text[end - 1] in _TRAILING):
+        end -= 1
+    word = end - 6
+    if word >= 0 and text[word:end].casefold() == "please" and not (word and _word_char(text[word - 1])):
+        end = word
+        while end and (text[end - 1].isspace() or text[end - 1] == ","):
+            end -= 1
+    return text[:end]
+
+
+def _word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"  # what \w is to `re` on str
 
 
 @dataclass
@@ -70,8 +99,9 @@ def _first_noun(text: str, domains) -> re.Match | None:
 def split_request(request: str, domains=None) -> Request:
     """"Tell me a story about a brave cat!" -> Request("stories", "Tell me a story about ", "a brave cat").
     `domains`: the domains whose `nouns` count (default: every registered domain)."""
+    check_length(request)
     domains = list(DOMAINS.values()) if domains is None else list(domains)
-    text = _TRAILER.sub("", request.strip())
+    text = strip_trailer(request.strip())
     lead = GENERIC.search(text)
     rest = text[lead.end():] if lead else text
     nouns = {n.lower(): d.name for d in domains for n in d.nouns}
@@ -358,6 +388,7 @@ class Route:
 
 def route(request: str, router) -> Route:
     """Pick the domain for a free-text request with `router` and build its generation prompt."""
+    check_length(request)
     if not request.strip():
         raise UserError("empty request; say what to write, e.g. 'a recipe for banana bread'")
     scores = router.scores([request])[0]

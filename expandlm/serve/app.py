@@ -12,7 +12,10 @@ Three parts, one job each:
   leaves its slot at the next step. Engines of different domains never share a batch, so requests for
   different domains sent at once get exactly the tokens each gets alone.
 - the FastAPI app: request validation (pydantic), OpenAI's response and error shapes, server-sent
-  events ending in `data: [DONE]`.
+  events ending in `data: [DONE]`. What a request may cost is bounded: its body's size and the time it
+  takes to arrive (`BodyLimits`), the length of a request that is read (`routing.MAX_REQUEST_CHARS`;
+  read in a worker thread, off the event loop), its stop strings (`MAX_STOPS`, `MAX_STOP_CHARS`,
+  matched in linear time by `StopStrings`), and the sequences it asks for (`n`: the queue's size).
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..domains import get_domain
@@ -51,13 +55,14 @@ class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 # -- the models -------------------------------------------------------------------------------------
@@ -145,6 +150,56 @@ class Busy(Exception):
     """The request queue is full."""
 
 
+def _failure(stop: str) -> list[int]:
+    """KMP's failure table: for each prefix of `stop`, the length of its longest proper prefix that is
+    also its suffix."""
+    table, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
+class StopStrings:
+    """Where the first stop string occurs in a growing text, and how much of its end may still become
+    one, in time linear in the text (Knuth-Morris-Pratt): per stop, the longest prefix of it that ends
+    the text so far, advanced a character at a time. The check it replaces tried every prefix of every
+    stop against the text's end at each token: O(L²) a token for a stop of L characters."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.tables = [_failure(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # per stop: the length of its prefix that ends the text
+        self.length = 0                        # characters fed so far
+
+    def feed(self, text: str) -> int | None:
+        """Read `text`, the text's next characters; where (in the whole text) the earliest stop string
+        that they complete starts, or None."""
+        first = None
+        for k, (stop, table) in enumerate(zip(self.stops, self.tables)):
+            q = self.matched[k]
+            for i, c in enumerate(text):
+                while q and stop[q] != c:
+                    q = table[q - 1]
+                if stop[q] == c:
+                    q += 1
+                if q == len(stop):
+                    start = self.length + i + 1 - q
+                    first = start if first is None else min(first, start)
+                    break
+            self.matched[k] = q
+        self.length += len(text)
+        return first
+
+    @property
+    def hold(self) -> int:
+        """How many characters at the text's end may be the start of a stop string (held back)."""
+        return max(self.matched, default=0)
+
+
 @dataclass(eq=False)
 class Job:
     """One sequence to generate (one choice of one request) and where its events go."""
@@ -163,6 +218,10 @@ class Job:
     last: int = -1        # the last token sampled (-1: none yet)
     done: bool = False    # finished or failed; its slot is free
     _stream: TextStream | None = None
+    _stops: StopStrings = field(init=False)
+
+    def __post_init__(self):
+        self._stops = StopStrings(self.stops)
 
     def emit(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -198,6 +257,9 @@ class Scheduler:
             self.lock.notify_all()
 
     def submit(self, jobs: list[Job]) -> None:
+        if len(jobs) > self.max_waiting:  # never fits, however long the client waits: not a 429
+            raise APIError(400, f"n is {len(jobs)}, but this server queues at most {self.max_waiting} sequences",
+                           param="n")
         with self.lock:
             if self.stopped:
                 raise APIError(503, "The server is shutting down", type="server_error", code="unavailable")
@@ -285,13 +347,13 @@ class Scheduler:
             return self._finish(job, slot, "stop")
         if job._stream is None:
             job._stream = TextStream(tokenizer)
-        job.text += job._stream.add(token)
-        cut = min((i for i in (job.text.find(s) for s in job.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        new = job._stream.add(token)
+        cut = job._stops.feed(new)
+        job.text += new
+        if cut is not None:
             job.text = job.text[:cut]
             return self._finish(job, slot, "stop")
-        # hold back a tail that may be the start of a stop string
-        hold = max((n for s in job.stops for n in range(len(s) - 1, 0, -1) if job.text.endswith(s[:n])), default=0)
+        hold = job._stops.hold  # a tail that may be the start of a stop string waits
         if len(job.text) - hold > job.sent:
             job.emit("text", job.text[job.sent:len(job.text) - hold])
             job.sent = len(job.text) - hold
@@ -314,37 +376,76 @@ class Scheduler:
 
 
 # -- the API ----------------------------------------------------------------------------------------
+MAX_BODY_BYTES = 1 << 20  # a request here is a prompt of a few thousand characters: 1 MiB is generous
+BODY_TIMEOUT_S = 30.0     # a body that has not arrived whole by then is a client holding a connection
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's and vLLM's bounds
+INT64 = (-2**63, 2**63 - 1)  # the seeds vLLM accepts; seed + i (n <= 16) stays within torch's range
+
+
+def _unicode(text: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"), which no tokenizer (nor a UTF-8 response) takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) at character "
+                         f"{e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
 
 class Sampling(BaseModel):
     """The sampling fields of both endpoints (OpenAI's, plus vLLM's top_k). Strict types: "5" is not 5."""
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str
+    model: Text
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: int | None = None  # vLLM's extension; None, 0 or -1: off
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever (for load tests)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(None, validate_default=True)  # read as a list (`_stops`)
+    seed: Annotated[int, Field(ge=INT64[0], le=INT64[1])] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: dict | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        return [s for s in stops if s]  # "" stops nothing, as in a list (else every answer would be empty)
+
 
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = ""
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = ""
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are read, and their `text` is a string."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> "ContentPart":
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text', a string")
+        return self
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: their text parts
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -374,7 +475,13 @@ class Plan:
 
 
 def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
+    """Run in a worker thread (`_completion_routes`): routing and reading a request take time in its
+    length, bounded by `routing.MAX_REQUEST_CHARS`."""
+    param = "messages" if chat else "prompt"
     routed = None
+    if (req.model == AUTO or chat) and len(text) > routing.MAX_REQUEST_CHARS:  # read, not only tokenized
+        raise APIError(400, f"The request is {len(text)} characters; the limit is {routing.MAX_REQUEST_CHARS}",
+                       param=param, code="request_too_long")
     if req.model == AUTO:
         endpoint, routed = catalog.route(text)
         prompt = routed.prompt
@@ -385,8 +492,7 @@ def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
     context = endpoint.context
     if len(ids) >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt is {len(ids)} "
-                       "tokens (with the request's 2 control tokens)", param="prompt" if not chat else "messages",
-                       code="context_length_exceeded")
+                       "tokens (with the request's 2 control tokens)", param=param, code="context_length_exceeded")
     asked = req.max_completion_tokens or req.max_tokens
     room = context - len(ids)
     if asked is not None and asked > room:
@@ -402,10 +508,58 @@ def _routing(plan: Plan) -> dict | None:
                                    "reason": r.reason, "prompt": r.prompt, "fits": r.fits}
 
 
-def create_app(catalog: Catalog, scheduler: Scheduler) -> FastAPI:
-    app = FastAPI(title="expandlm", version="0.1.0")
-    app.state.catalog, app.state.scheduler = catalog, scheduler
+class BodyLimits:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 (at once when its length is
+    declared), and one that has not arrived whole within `timeout_s` of the request's start 408, so a
+    client sending a byte now and then cannot hold a connection and a handler for ever (uvicorn bounds
+    idle connections, not slow bodies). FastAPI's own `max_body_size` answers 413 in plain text.
+    Raised from `receive`, an HTTPException is answered by the app's handler, in OpenAI's shape."""
 
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_large().response()(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline, received, whole = loop.time() + self.timeout_s, 0, False
+
+        async def receive_within_limits():
+            nonlocal received, whole
+            if whole:  # after the body: a disconnect, which may come any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"The request body did not arrive within {self.timeout_s:g} s") from None
+            whole = message["type"] != "http.request" or not message.get("more_body", False)
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self.too_large().message)
+            return message
+
+        await self.app(scope, receive_within_limits, send)
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than {self.max_bytes} bytes", code="413")
+
+
+def create_app(catalog: Catalog, scheduler: Scheduler, max_body_bytes: int = MAX_BODY_BYTES,
+               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+    app = FastAPI(title="expandlm", version="0.1.0")
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    app.state.catalog, app.state.scheduler = catalog, scheduler
+    _error_handlers(app)
+    _info_routes(app, catalog, scheduler)
+    _completion_routes(app, catalog, scheduler)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return exc.response()
@@ -422,8 +576,10 @@ def create_app(catalog: Catalog, scheduler: Scheduler) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
+        return APIError(exc.status_code, str(exc.detail), code=str(exc.status_code), headers=exc.headers).response()
 
+
+def _info_routes(app: FastAPI, catalog: Catalog, scheduler: Scheduler) -> None:
     @app.get("/health")
     def health():
         return {"status": "ok", "models": catalog.ids(), **scheduler.load()}
@@ -441,113 +597,142 @@ def create_app(catalog: Catalog, scheduler: Scheduler) -> FastAPI:
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+
+def _completion_routes(app: FastAPI, catalog: Catalog, scheduler: Scheduler) -> None:
+    # Planning (routing, reading and tokenizing the request) runs in a worker thread: it takes time in
+    # the request's length, and on the event loop it would hold /health and every stream meanwhile.
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt[0] if isinstance(req.prompt, list) else req.prompt
-        return await _answer(req, _plan(catalog, req, prompt, chat=False), chat=False)
+        plan = await run_in_threadpool(_plan, catalog, req, prompt, False)
+        return await _answer(scheduler, req, plan, request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         last = [m for m in req.messages if m.role == "user"]
-        return await _answer(req, _plan(catalog, req, last[-1].text() if last else "", chat=True), chat=True)
+        plan = await run_in_threadpool(_plan, catalog, req, last[-1].text() if last else "", True)
+        return await _answer(scheduler, req, plan, request, chat=True)
 
-    async def _answer(req: Sampling, plan: Plan, chat: bool):
-        loop = asyncio.get_running_loop()
-        seed = req.seed if req.seed is not None else secrets.randbits(31)
-        top_k = req.top_k if req.top_k and req.top_k > 0 else None
-        stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
-        jobs = [Job(plan.endpoint, plan.ids, Sampler(req.temperature, top_k, req.top_p, seed + i), plan.max_new,
-                    stops, asyncio.Queue(), loop, ignore_eos=req.ignore_eos) for i in range(req.n)]
-        try:
-            scheduler.submit(jobs)
-        except Busy:
-            raise APIError(429, f"The server is busy ({scheduler.max_waiting} requests waiting); retry later",
-                           type="rate_limit_error", code="queue_full") from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": plan.endpoint.id}
-        if plan.routed:
-            head["routing"] = _routing(plan)
-        prefix = plan.prompt if chat else ""
-        if req.stream:
-            return StreamingResponse(_stream(jobs, head, prefix, chat, req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(jobs, head, prefix, chat, plan)
 
-    async def _collect(jobs, head, prefix, chat, plan):
-        choices, completion = [], 0
-        try:
-            for i, job in enumerate(jobs):
-                text, reason = prefix, None
-                while reason is None:
-                    kind, *rest = await job.events.get()
-                    if kind == "text":
-                        text += rest[0]
-                    elif kind == "done":
-                        reason, made = rest
-                        completion += made
-                    else:
-                        raise APIError(500, rest[0], type="server_error")
-                body = {"role": "assistant", "content": text} if chat else None
-                choices.append({"index": i, "finish_reason": reason, "logprobs": None,
-                                **({"message": body} if chat else {"text": text})})
-        finally:
-            for job in jobs:
-                job.cancelled = True
-        usage = {"prompt_tokens": len(plan.ids) * len(jobs), "completion_tokens": completion,
-                 "total_tokens": len(plan.ids) * len(jobs) + completion}
-        return {**head, "choices": choices, "usage": usage}
+async def _answer(scheduler: Scheduler, req: Sampling, plan: Plan, request: Request, chat: bool):
+    loop = asyncio.get_running_loop()
+    seed = req.seed if req.seed is not None else secrets.randbits(31)
+    top_k = req.top_k if req.top_k and req.top_k > 0 else None
+    jobs = [Job(plan.endpoint, plan.ids, Sampler(req.temperature, top_k, req.top_p, seed + i), plan.max_new,
+                req.stop, asyncio.Queue(), loop, ignore_eos=req.ignore_eos) for i in range(req.n)]
+    try:
+        scheduler.submit(jobs)
+    except Busy:
+        raise APIError(429, f"The server is busy ({scheduler.max_waiting} requests waiting); retry later",
+                       type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": plan.endpoint.id}
+    if plan.routed:
+        head["routing"] = _routing(plan)
+    prefix = plan.prompt if chat else ""
+    if req.stream:
+        return StreamingResponse(_stream(jobs, head, prefix, chat, req.stream_options),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _unless_disconnected(request, _collect(jobs, head, prefix, chat, plan))
 
-    async def _stream(jobs, head, prefix, chat, req):
-        kind_name = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(index, text=None, reason=None, first=False):
-            if chat:
-                delta = {"role": "assistant", "content": text or ""} if first else (
-                    {"content": text} if text is not None else {})
-                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
-            return "data: " + json.dumps({**head, "object": kind_name, "choices": [choice]}) + "\n\n"
+async def _unless_disconnected(request: Request, answer):
+    """`answer` (a coroutine), abandoned if the client goes away first: cancelled, it cancels its jobs,
+    which leave their slots at the next step as a dropped stream's do (FastAPI does not stop a
+    handler whose client has gone)."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        work.cancel()  # nothing, if it is done
+    if work.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    return work.result()
 
-        completion = 0
-        try:
-            for i in range(len(jobs)):
-                yield chunk(i, prefix, first=True)
-            pending = {i: asyncio.ensure_future(job.events.get()) for i, job in enumerate(jobs)}
-            while pending:
-                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-                for i, fut in list(pending.items()):
-                    if fut not in done:
-                        continue
-                    events = [fut.result()]
-                    while not jobs[i].events.empty():  # the client fell behind: one chunk for all it missed
-                        events.append(jobs[i].events.get_nowait())
-                    text = "".join(e[1] for e in events if e[0] == "text")
-                    if text:
-                        yield chunk(i, text)
-                    kind, *rest = events[-1]  # "done" and "error" are a job's last event
-                    if kind == "text":
-                        pending[i] = asyncio.ensure_future(jobs[i].events.get())
-                    elif kind == "done":
-                        completion += rest[1]
-                        yield chunk(i, None if chat else "", rest[0])
-                        del pending[i]
-                    else:
-                        err = {"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}}
-                        yield "data: " + json.dumps(err) + "\n\n"
-                        del pending[i]
-            if (req.stream_options or {}).get("include_usage"):
-                prompt = len(jobs[0].ids) * len(jobs)
-                usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}
-                yield "data: " + json.dumps({**head, "object": kind_name, "choices": [], "usage": usage}) + "\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # finished, or the client went away: free the slots at the next step
-            for job in jobs:
-                job.cancelled = True
 
-    return app
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(jobs, head, prefix, chat, plan):
+    choices, completion = [], 0
+    try:
+        for i, job in enumerate(jobs):
+            text, reason = prefix, None
+            while reason is None:
+                kind, *rest = await job.events.get()
+                if kind == "text":
+                    text += rest[0]
+                elif kind == "done":
+                    reason, made = rest
+                    completion += made
+                else:
+                    raise APIError(500, rest[0], type="server_error")
+            body = {"role": "assistant", "content": text} if chat else None
+            choices.append({"index": i, "finish_reason": reason, "logprobs": None,
+                            **({"message": body} if chat else {"text": text})})
+    finally:
+        for job in jobs:
+            job.cancelled = True
+    usage = {"prompt_tokens": len(plan.ids) * len(jobs), "completion_tokens": completion,
+             "total_tokens": len(plan.ids) * len(jobs) + completion}
+    return {**head, "choices": choices, "usage": usage}
+
+
+def _chunk(head: dict, chat: bool, index: int, text=None, reason=None, first=False) -> str:
+    """One server-sent event of a streamed answer."""
+    if chat:
+        delta = {"role": "assistant", "content": text or ""} if first else (
+            {"content": text} if text is not None else {})
+        choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+    else:
+        choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return "data: " + json.dumps({**head, "object": kind, "choices": [choice]}) + "\n\n"
+
+
+async def _stream(jobs, head, prefix, chat, stream_options):
+    completion = 0
+    try:
+        for i in range(len(jobs)):
+            yield _chunk(head, chat, i, prefix, first=True)
+        pending = {i: asyncio.ensure_future(job.events.get()) for i, job in enumerate(jobs)}
+        while pending:
+            done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+            for i, fut in list(pending.items()):
+                if fut not in done:
+                    continue
+                events = [fut.result()]
+                while not jobs[i].events.empty():  # the client fell behind: one chunk for all it missed
+                    events.append(jobs[i].events.get_nowait())
+                text = "".join(e[1] for e in events if e[0] == "text")
+                if text:
+                    yield _chunk(head, chat, i, text)
+                kind, *rest = events[-1]  # "done" and "error" are a job's last event
+                if kind == "text":
+                    pending[i] = asyncio.ensure_future(jobs[i].events.get())
+                elif kind == "done":
+                    completion += rest[1]
+                    yield _chunk(head, chat, i, None if chat else "", rest[0])
+                    del pending[i]
+                else:
+                    err = {"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}}
+                    yield "data: " + json.dumps(err) + "\n\n"
+                    del pending[i]
+        if (stream_options or {}).get("include_usage"):
+            prompt = len(jobs[0].ids) * len(jobs)
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            kind = "chat.completion.chunk" if chat else "text_completion"
+            yield "data: " + json.dumps({**head, "object": kind, "choices": [], "usage": usage}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # finished, or the client went away: free the slots at the next step
+        for job in jobs:
+            job.cancelled = True
 
 
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, engine: str = "fast", max_batch: int = 8,
