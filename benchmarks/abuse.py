@@ -39,9 +39,10 @@ SLOW_BODY_CAP = 35.0  # the slow-body attack waits past the server's 30 s body t
 
 def write_models(tmp: Path) -> dict[str, Path]:
     from expandlm.domains import get_domain, save_specs
-    from expandlm.model import build_model, get_preset
+    from expandlm.data.tokenizer import bytes_tokenizer
+    from expandlm.model.llama import build_model, get_preset
+    from expandlm.records import ModelCard
     from expandlm.run_folder import RunFolder
-    from expandlm.tokenizer import bytes_tokenizer
 
     spec = tmp / "abuse.yaml"  # a user's domain whose request regex backtracks exponentially in `re`
     spec.write_text("name: abuse\nrequest: {verbatim: '(a+)+$'}\n")
@@ -52,7 +53,7 @@ def write_models(tmp: Path) -> dict[str, Path]:
         folder = RunFolder(tmp / name)
         folder.save(build_model(get_preset(preset), tok).save_pretrained)
         folder.save(tok.save_pretrained)
-        folder.write_card({"domains": [domain], "strategy": "scratch", "preset": preset})
+        folder.write_card(ModelCard(domains=[domain], preset=preset))
         save_specs(folder.path, [domain])
         out[name] = folder.path
     return out

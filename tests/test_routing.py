@@ -123,7 +123,7 @@ def test_reading_a_request_takes_time_linear_in_its_length():
     import re
     import time
 
-    from expandlm.routing import MAX_REQUEST_CHARS, strip_trailer
+    from expandlm.routing.router import MAX_REQUEST_CHARS, strip_trailer
 
     start = time.perf_counter()
     assert split_request("a" + " " * 16_000 + "b please!").topic == "a" + " " * 16_000 + "b"

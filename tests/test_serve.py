@@ -274,7 +274,7 @@ def test_a_truncated_model_file_is_one_error_naming_it(two_domain_models, tmp_pa
 # -- faults and abuse (issue 20): each was a freeze, a plain-text 500 or a missing limit before ----------
 
 def test_a_long_request_is_refused_and_reading_one_leaves_the_server_free(app, http, url, monkeypatch):
-    from expandlm.routing import MAX_REQUEST_CHARS
+    from expandlm.routing.router import MAX_REQUEST_CHARS
 
     huge = {"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "a" + " " * 72_000 + "b"}]}
     error = _error(http.post("/v1/chat/completions", json=huge), 400)
@@ -301,7 +301,7 @@ def test_a_long_request_is_refused_and_reading_one_leaves_the_server_free(app, h
 def test_stop_strings_are_found_and_held_back_as_before_in_linear_time():
     import random
 
-    from expandlm.serve import StopStrings
+    from expandlm.serve.app import StopStrings
 
     rng = random.Random(0)
     for _ in range(300):
@@ -388,7 +388,7 @@ def test_n_beyond_the_queue_is_a_400_and_a_full_queue_says_when_to_retry(app, ht
 
 
 def test_a_body_over_the_size_limit_is_a_413(http):
-    from expandlm.serve import MAX_BODY_BYTES
+    from expandlm.serve.app import MAX_BODY_BYTES
 
     body = json.dumps({"model": STORIES, "prompt": "x" * MAX_BODY_BYTES}).encode()
     declared = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
