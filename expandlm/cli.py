@@ -60,7 +60,7 @@ def _spec(args, spec_cls, command: str):
 
 
 def _resumed(args, spec_cls):
-    from .training.expert import saved_spec
+    from .training.run import saved_spec
     from .run_folder import RunFolder
 
     if getattr(args, "out", None) is None:
@@ -131,7 +131,7 @@ def cmd_distill(args) -> None:
     spec.train.progress = args.progress
     record = distill(spec, resume=args.resume)
     print(f"student → {args.out} (AutoModelForCausalLM loads it); bpb "
-          + ", ".join(f"{d} {v:.4f}" for d, v in record["bpb"].items()))
+          + ", ".join(f"{d} {v:.4f}" for d, v in record.bpb.items()))
 
 
 def cmd_eval(args) -> None:

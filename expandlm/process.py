@@ -13,3 +13,9 @@ def distributed_state():
 
 def is_main_process() -> bool:
     return distributed_state().is_main_process
+
+
+def log(*args) -> None:
+    """A line of progress, printed once (by the main process)."""
+    if is_main_process():
+        print(*args, flush=True)

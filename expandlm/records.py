@@ -49,3 +49,72 @@ class ModelCard:
         if key not in self.details:
             raise UserError(f"{self.where}: field '{key}' is missing (a {self.format} folder records it)")
         return self.details[key]
+
+
+@dataclass
+class DomainSource:
+    """Where a domain's training data came from (adapting, routing and distilling reuse it). In a stored
+    record the paths are relative to the run folder; `usable_from` makes them usable from here."""
+    train: str | None
+    val: str | None = None
+    limit: int | None = None
+    val_limit: int | None = None
+
+    def stored_in(self, folder) -> "DomainSource":
+        return dataclasses.replace(self, train=folder.portable(self.train), val=folder.portable(self.val))
+
+    def usable_from(self, folder) -> "DomainSource":
+        return dataclasses.replace(self, train=folder.resolve(self.train), val=folder.resolve(self.val))
+
+
+RUN_FIELDS = ("kind", "spec", "seed", "versions", "status", "strategy", "total_params", "trainable_params", "steps",
+              "tokens", "train_seconds", "prep_seconds", "resumed_from", "bpb")
+
+
+@dataclass
+class RunRecord:
+    """`run.json`: what one run (train, adapt, distill, merge) was asked, what it used and what it measured."""
+    kind: str                      # expert | adapt | distill | merge
+    spec: dict                     # the full config, paths relative to the folder
+    seed: int
+    versions: dict
+    status: str = "running"        # running | done
+    domain_data: dict[str, DomainSource] = field(default_factory=dict)
+    card: dict | None = None       # the model card it wrote (adapt, distill, merge)
+    strategy: str | None = None    # adapt: the training method
+    total_params: int | None = None
+    trainable_params: int | None = None
+    steps: int | None = None
+    tokens: int | None = None
+    train_seconds: float | None = None
+    prep_seconds: float | None = None
+    resumed_from: int | None = None
+    bpb: dict[str, float] = field(default_factory=dict)  # every domain it serves, on its validation set
+    details: dict = field(default_factory=dict)  # what one kind adds (an expert's data statistics, adapt's forgetting)
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "RunRecord":
+        if not isinstance(data, dict) or not all(k in data for k in ("kind", "spec", "seed")):
+            raise UserError(f"{where}: expected a run record with 'kind', 'spec' and 'seed'")
+        data = dict(data)
+        # records written before this one read them: an expert's parameter count and its single bpb
+        if "params" in data and "total_params" not in data:
+            data["total_params"] = data.pop("params")
+        if "val_bpb" in data:
+            value = data.pop("val_bpb")
+            if "bpb" not in data and value is not None and data.get("domain_data"):
+                data["bpb"] = {next(iter(data["domain_data"])): value}
+        known = {k: data.pop(k) for k in RUN_FIELDS if k in data}
+        try:
+            sources = {d: DomainSource(**s) for d, s in (data.pop("domain_data", None) or {}).items()}
+        except TypeError as e:
+            raise UserError(f"{where}: field 'domain_data': {e}") from None
+        known.setdefault("versions", {})
+        return cls(**known, domain_data=sources, card=data.pop("card", None), details=data)
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in RUN_FIELDS if getattr(self, k) is not None}
+        out["domain_data"] = {d: dataclasses.asdict(s) for d, s in self.domain_data.items()}
+        if self.card is not None:
+            out["card"] = self.card
+        return {**out, **self.details}

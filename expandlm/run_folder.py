@@ -22,7 +22,7 @@ from pathlib import Path
 from .atomic import clean_leftovers, files_into, read_json, write_json
 from .errors import UserError
 from .process import distributed_state, is_main_process
-from .records import MODEL_CARD, ModelCard
+from .records import MODEL_CARD, ModelCard, RunRecord
 
 RUN_RECORD = "run.json"
 METRICS = "metrics.jsonl"
@@ -107,13 +107,12 @@ class RunFolder:
     def record(self) -> dict:
         return read_json(self.path / RUN_RECORD, "run record")
 
-    def write_record(self, record: dict) -> None:
-        if is_main_process():
-            write_json(self.path / RUN_RECORD, record)
+    def run_record(self) -> RunRecord:
+        return RunRecord.from_json(self.record(), str(self.path / RUN_RECORD))
 
-    def new_record(self, kind: str, spec: dict, seed: int, **fields) -> dict:
-        """The one shape of every run record: kind, config, seed, versions, status, then the rest."""
-        return {"kind": kind, "spec": spec, "seed": seed, "versions": versions(), "status": "running", **fields}
+    def write_record(self, record: RunRecord) -> None:
+        if is_main_process():
+            write_json(self.path / RUN_RECORD, record.to_json())
 
     def card(self) -> ModelCard:
         """The model card; a folder without one is a plain checkpoint that serves its whole model."""

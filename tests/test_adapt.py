@@ -103,7 +103,7 @@ def chain(tmp_path_factory):
 
     def grow(base, strategy, domain, out, **options):
         return adapt(AdaptSpec(base=str(root / base), strategy=strategy, domain=domain, data=str(data[domain]),
-                               out=str(root / out), options=options, cache_dir=cache, train=TrainConfig(**FAST)))
+                               out=str(root / out), options=options, cache_dir=cache, train=TrainConfig(**FAST))).to_json()
     grow("stories", "expand_branch", "recipes", "branch1", new_blocks=1)
     grow("branch1", "expand_branch", "code", "branch2", new_blocks=1)
     grow("stories", "replay", "recipes", "replay1")
@@ -160,7 +160,7 @@ def test_old_domains_data_resolves_two_folders_down_a_moved_chain(chain, tmp_pat
     data = load_served(moved / "branch2").domain_data()
     assert set(data) == {"stories", "recipes", "code"}
     for domain, entry in data.items():
-        assert entry["train"] == str((moved / f"{domain}.jsonl").resolve())
+        assert entry.train == str((moved / f"{domain}.jsonl").resolve())
 
 
 def test_a_whole_model_strategy_over_two_additions_records_forgetting_per_old_domain(chain):
@@ -226,7 +226,7 @@ def test_a_domain_whose_tag_the_old_tokenizer_lacks_gets_it_appended(base, tmp_p
     old = load_served(root / "base")
     assert "<|poems|>" not in old.tokenizer.get_vocab()
     record = adapt(AdaptSpec(base=str(root / "base"), domain="poems", strategy="replay", out=str(tmp_path / "r"),
-                             train=TrainConfig(**NANO_STEPS)))
+                             train=TrainConfig(**NANO_STEPS))).to_json()
     grown = load_served(tmp_path / "r")
     assert len(grown.tokenizer) == len(old.tokenizer) + 1 == grown.model.config.vocab_size
     assert grown.tokenizer.convert_tokens_to_ids("<|poems|>") == len(old.tokenizer)

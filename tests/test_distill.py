@@ -58,7 +58,7 @@ def test_the_loss_is_zero_on_the_teacher_itself_and_alpha_zero_is_the_next_token
 def test_a_student_learns_every_teacher_and_is_a_standard_checkpoint(experts, tmp_path):
     spec = DistillSpec(teachers=teachers(experts), out=str(tmp_path / "student"), student=str(experts["base"]),
                        cache_dir=str(experts["root"] / "cache"), train=TrainConfig(**{**NANO_STEPS, "max_steps": 6}))
-    record = distill(spec)
+    record = distill(spec).to_json()
     assert record["status"] == "done" and set(record["bpb"]) == {"stories", "recipes", "code"}
     context = AutoModelForCausalLM.from_pretrained(experts["base"]).config.max_position_embeddings
     assert record["tokens"] == 6 * 4 * context

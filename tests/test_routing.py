@@ -8,6 +8,7 @@ import pytest
 
 from expandlm.domains import DOMAINS, Domain, DomainSpec, RequestSpec, get_domain
 from expandlm.errors import UserError
+from expandlm.records import DomainSource
 from expandlm.routing.router import Router, route, split_request, synthesise, train_router
 
 REQUESTS = Path(__file__).parent / "data" / "requests.jsonl"
@@ -202,7 +203,7 @@ def test_accuracy_on_the_plain_requests(shared_data):
     (69.7% before the vocabulary router; see benchmarks/results/routing_accuracy.md)."""
     from expandlm.routing.router import router_from_data
     rows = [json.loads(line) for line in PLAIN_REQUESTS.read_text().splitlines()]
-    router = router_from_data({d: {"train": get_domain(d).data_file("train", shared_data)}
+    router = router_from_data({d: DomainSource(get_domain(d).data_file("train", shared_data))
                                for d in ("stories", "recipes", "code")})
     routes = [route(r["request"], router) for r in rows]
     assert sum(x.domain == r["domain"] and x.fits for x, r in zip(routes, rows)) / len(rows) >= 0.9

@@ -6,7 +6,12 @@ import pytest
 
 from expandlm.atomic import atomic_path, write_json
 from expandlm.errors import UserError
-from expandlm.run_folder import CHECKPOINT, METRICS, RUN_RECORD, TRAIN_STATE, RunFolder
+from expandlm.records import RunRecord
+from expandlm.run_folder import CHECKPOINT, METRICS, RUN_RECORD, TRAIN_STATE, RunFolder, versions
+
+
+def _record(status: str = "running") -> RunRecord:
+    return RunRecord("expert", {"x": 1}, 0, versions(), status=status)
 
 
 def test_state_follows_what_the_folder_holds(tmp_path):
@@ -16,9 +21,9 @@ def test_state_follows_what_the_folder_holds(tmp_path):
     (folder.checkpoint).mkdir()
     write_json(folder.checkpoint / TRAIN_STATE, {"step": 3})
     assert folder.state == "resume"
-    folder.write_record(folder.new_record("expert", {"x": 1}, seed=0))
+    folder.write_record(_record())
     assert folder.state == "resume" and folder.record()["versions"]["torch"]
-    folder.write_record({**folder.record(), "status": "done"})
+    folder.write_record(_record("done"))
     assert folder.state == "done"
 
 
@@ -27,7 +32,7 @@ def test_a_run_is_never_overwritten_and_a_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         folder.begin(resume=True)
     folder.begin(resume=False)
-    folder.write_record({"status": "running"})
+    folder.write_record(_record())
     with pytest.raises(UserError, match="already holds a run"):
         folder.begin(resume=False)
 
@@ -79,7 +84,7 @@ def test_only_the_main_process_writes(tmp_path, monkeypatch):
     import expandlm.run_folder as rf
     monkeypatch.setattr(rf, "is_main_process", lambda: False)
     folder = RunFolder(tmp_path / "run")
-    folder.write_record({"status": "done"})
+    folder.write_record(_record("done"))
     folder.write_card({"domains": []})
     folder.save(lambda d: (d / "x").write_text("1"))
     assert not (folder / RUN_RECORD).exists() and not folder.path.exists()
@@ -88,7 +93,7 @@ def test_only_the_main_process_writes(tmp_path, monkeypatch):
 def test_a_run_killed_before_its_first_checkpoint_resumes_and_leftovers_are_removed(tmp_path):
     folder = RunFolder(tmp_path / "run")
     folder.begin(resume=False)
-    folder.write_record(folder.new_record("expert", {"x": 1}, seed=0))  # a run record, but no checkpoint yet
+    folder.write_record(_record())  # a run record, but no checkpoint yet
     (folder / METRICS).write_text('{"step": 1}\n')
     (folder / ".checkpoint.tmp-k1ll").mkdir()  # a checkpoint write that never finished
     (folder / ".run.json.tmp-k1ll.json").write_text("{")
@@ -102,7 +107,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_and_leftovers_are_remo
 def test_a_checkpoint_moved_aside_by_a_killed_write_is_put_back(tmp_path):
     folder = RunFolder(tmp_path / "run")
     folder.begin(resume=False)
-    folder.write_record(folder.new_record("expert", {"x": 1}, seed=0))
+    folder.write_record(_record())
     old = folder / ".checkpoint.old"  # killed between atomic_path's two renames
     old.mkdir()
     write_json(old / TRAIN_STATE, {"step": 3})

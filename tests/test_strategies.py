@@ -46,7 +46,7 @@ def _adapt(base, strategy, name=None, options=None, expand_vocab=0, **kw):
     spec = AdaptSpec(base=str(root / "base"), strategy=strategy, domain="recipes", data=str(recipes), out=str(out),
                      options=options or {}, expand_vocab=expand_vocab, cache_dir=str(root / "cache"),
                      train=TrainConfig(**{**FAST, **kw}))
-    return adapt(spec), out
+    return adapt(spec).to_json(), out
 
 
 def _context(base, tokenizer):

@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 from ..config import arg, config
 from ..data.corpus import load_train_val
+from ..data.shards import PackedBatches, build_shard
+from ..data.tokenizer import load_tokenizer
+from ..data.vocab import expand_tokenizer, grow_embeddings, train_only_new_rows, with_tag
 from ..domains import get_domain, save_specs
-from ..process import distributed_state
 from ..errors import UserError
 from ..evaluation.bpb import evaluate_bpb
-from ..training.expert import domain_source, log, saved_spec, stored_spec, with_domain_data
-from ..model.llama import count_params
-from ..run_folder import RUN_RECORD, RunFolder
-from ..formats.served import load_served
-from ..data.shards import PackedBatches, build_shard
 from ..formats import FORMATS
-from ..records import ModelCard
+from ..formats.served import load_served
+from ..model.llama import count_params
+from ..process import log
+from ..records import ModelCard, RunRecord
+from ..run_folder import RUN_RECORD
+from ..training.loop import TrainConfig, planned_tokens, step_tokens
+from ..training.run import Run, domain_source, with_domain_data
 from . import DEFAULT_METHOD, METHODS, AdaptContext, make_method
-from ..data.tokenizer import load_tokenizer
-from ..training.loop import TrainConfig, planned_tokens, step_tokens, train
-from ..data.vocab import expand_tokenizer, grow_embeddings, train_only_new_rows, with_tag
 
 KEEP_TEXTS = 2000  # old-domain documents whose tokenization vocabulary expansion must keep exactly
 
@@ -48,67 +47,27 @@ class AdaptSpec:
     train: TrainConfig = arg(help="training loop settings", factory=TrainConfig)
 
 
-def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
-    folder = RunFolder(spec.out)
-    folder.begin(resume)
-    if resume:
-        spec = saved_spec(folder, AdaptSpec, spec.train.progress)
-    dist = distributed_state()
-    spec = with_domain_data(spec, folder)
+def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
+    """Teach `spec.base` the new domain; returns the run record (also `out/run.json`)."""
+    run = Run(spec, resume, spec.train.progress)
+    spec = run.spec = with_domain_data(run.spec, run.folder)
     method = make_method(spec.strategy, spec.options)
     fmt = FORMATS[method.format]()
     if spec.expand_vocab and not method.supports_vocab_expansion:
         raise UserError(f"--expand-vocab is not supported by the {method.name} strategy")
     served = load_served(spec.base, device="cpu")  # accelerate places the model for training
-    base_folder = served.folder
-    old_data = served.domain_data()
     domain = get_domain(spec.domain)
-    old_domains = served.domains or list(old_data)
-    if domain.name in old_domains:
-        raise UserError(f"{base_folder.path} already serves '{domain.name}'; adapt it to a domain it does not serve")
-    if fmt.serves_old_from_base:  # the new domain grows from the trunk: the base's first domain's model
-        model, base_tokenizer = served.export_model(old_domains[0]), served.tokenizer_for(old_domains[0])
-    elif served.format.one_set_of_weights:
-        model, base_tokenizer = served.model, served.tokenizer
-    else:
-        able = [n for n, cls in METHODS.items() if FORMATS[cls.format].serves_old_from_base]
-        raise UserError(f"{base_folder.path}: adapting a {served.card.method} model again is not supported by the "
-                        f"{method.name} strategy (no one set of weights serves all its domains); adapt it with "
-                        f"{' or '.join(able)}, which leaves its domains to it, or adapt a model with one set of weights")
-    missing = [d for d in old_domains if d not in old_data]
-    if missing:
-        raise UserError(f"{base_folder / RUN_RECORD}: field 'domain_data' has no entry for {', '.join(missing)}")
-    base_record = base_folder.record()
-    t0 = time.time()
+    old_domains, old_data = _old_domains(served, domain)
+    model, base_tokenizer = _starting_model(served, method, fmt, old_domains)
     new_train, new_val = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
-    old_corpora = {d: load_train_val(old_data[d]["train"], get_domain(d), old_data[d]["val"], old_data[d]["limit"],
-                                     old_data[d].get("val_limit"))
-                   for d in old_domains}
-
-    base_vocab = len(base_tokenizer)
-    tokenizer = base_tokenizer  # the new domain's: the old one, grown, or (own_tokenizer) a new one
-    # a domain the old tokenizer was not trained for (a user's, or code on an older model) needs its tag
-    needs_tag = not method.own_tokenizer and not spec.expand_vocab and domain.tag not in base_tokenizer.get_vocab()
-    if needs_tag and method.keeps_old_domains:
-        raise UserError(f"{base_folder.path}: its tokenizer has no tag {domain.tag}, and {method.name} keeps the old "
-                        "domains bit-identical only over the old vocabulary; adapt with expand_branch (the default: "
-                        f"{domain.name} gets a tokenizer of its own) or with --expand-vocab N")
-    with dist.main_process_first():  # one process writes the tokenizer and the shards
-        if resume or not dist.is_main_process and (spec.expand_vocab or method.own_tokenizer or needs_tag):
-            tokenizer = load_tokenizer(folder.path)
-        elif method.own_tokenizer:
-            tokenizer = method.new_tokenizer(new_train.documents, base_tokenizer, domain)
-            log(f"tokenizer: {len(tokenizer)} tokens of {domain.name}'s own (the old domains keep theirs)")
-        elif spec.expand_vocab:
-            keep = [doc for train_c, _ in old_corpora.values() for doc in train_c.documents[:KEEP_TEXTS]]
-            tokenizer = expand_tokenizer(base_tokenizer, new_train.documents, spec.expand_vocab, keep_texts=keep)
-            log(f"vocabulary: {base_vocab} → {len(tokenizer)} tokens ({len(tokenizer) - base_vocab} from {domain.name})")
-        elif needs_tag:
-            tokenizer = with_tag(base_tokenizer, domain.tag)
-            log(f"vocabulary: {domain.tag} appended ({base_vocab} → {len(tokenizer)} tokens)")
+    old_corpora = {d: load_train_val(old_data[d].train, get_domain(d), old_data[d].val, old_data[d].limit,
+                                     old_data[d].val_limit) for d in old_domains}
+    needs_tag = _needs_tag(served, method, spec, base_tokenizer, domain)
+    with run.dist.main_process_first():  # one process writes the tokenizer and the shards
+        tokenizer = _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag)
         if not resume:
-            folder.save(tokenizer.save_pretrained)
-            save_specs(folder.path, [*old_domains, domain.name])
+            run.folder.save(tokenizer.save_pretrained)
+            save_specs(run.folder.path, [*old_domains, domain.name])
         old_tokenizer = base_tokenizer if method.own_tokenizer else tokenizer
         new_shard = build_shard(new_train, tokenizer, spec.cache_dir)
         val_shards = {domain.name: build_shard(new_val, tokenizer, spec.cache_dir)}
@@ -122,50 +81,98 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> dict:
     if spec.expand_vocab or needs_tag:
         grow_embeddings(model, len(tokenizer))
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
-                       tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=base_vocab, preset=served.card.preset or "tiny",
-                       seed=spec.train.seed)
+                       tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=len(base_tokenizer),
+                       preset=served.card.preset or "tiny", seed=spec.train.seed)
     mixture = method.mixture(ctx)
-    context = model.config.max_position_embeddings
     weights = [w for _, w in mixture] if len(mixture) > 1 else None
-    batches = PackedBatches([s for s, _ in mixture], context, spec.train.batch_size, spec.train.seed, weights)
-    ctx.budget_tokens = planned_tokens(spec.train, step_tokens(spec.train, batches, dist.num_processes),
+    batches = PackedBatches([s for s, _ in mixture], model.config.max_position_embeddings, spec.train.batch_size,
+                            spec.train.seed, weights)
+    ctx.budget_tokens = planned_tokens(spec.train, step_tokens(spec.train, batches, run.dist.num_processes),
                                        batches.tokens_per_epoch)
     adapted = method.build(model, ctx)
+    card = ModelCard(domains=ctx.domains, format=method.format, method=method.name,
+                     options=dataclasses.asdict(method.options), base=run.folder.portable(served.path),
+                     preset=ctx.preset, vocab={"base": ctx.base_vocab, "size": len(tokenizer)},
+                     details=method.card(adapted, ctx))
+    trainable, total = _parameters(adapted, spec, model, ctx.base_vocab)
+    log(f"strategy {method.name}: {trainable:,} of {total:,} parameters trainable")
+    run.begin(run.new_record("adapt", spec.train.seed, {**{d: old_data[d] for d in old_domains},
+                                                          domain.name: domain_source(spec)},
+                             strategy=method.name, card=card.to_json(), trainable_params=trainable, total_params=total))
+    trained, state = run.train(adapted.model, batches, val_shard=val_shards[domain.name],
+                               loss_fn=functools.partial(method.loss, adapted))
+    before = served.folder.run_record().bpb
+    return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains))
+
+
+def _old_domains(served, domain) -> tuple[list[str], dict]:
+    """The domains the base serves, and where each one's data is (its run record says)."""
+    old_data = served.domain_data()
+    old_domains = served.domains or list(old_data)
+    if domain.name in old_domains:
+        raise UserError(f"{served.path} already serves '{domain.name}'; adapt it to a domain it does not serve")
+    missing = [d for d in old_domains if d not in old_data]
+    if missing:
+        raise UserError(f"{served.folder / RUN_RECORD}: field 'domain_data' has no entry for {', '.join(missing)}")
+    return old_domains, old_data
+
+
+def _starting_model(served, method, fmt, old_domains):
+    """The model the method starts from, and its tokenizer."""
+    if fmt.serves_old_from_base:  # the new domain grows from the trunk: the base's first domain's model
+        return served.export_model(old_domains[0]), served.tokenizer_for(old_domains[0])
+    if served.format.one_set_of_weights:
+        return served.model, served.tokenizer
+    able = [n for n, cls in METHODS.items() if FORMATS[cls.format].serves_old_from_base]
+    raise UserError(f"{served.path}: adapting a {served.card.method} model again is not supported by the "
+                    f"{method.name} strategy (no one set of weights serves all its domains); adapt it with "
+                    f"{' or '.join(able)}, which leaves its domains to it, or adapt a model with one set of weights")
+
+
+def _needs_tag(served, method, spec, base_tokenizer, domain) -> bool:
+    """Whether the old tokenizer lacks the new domain's tag (a user's domain, or code on an older model)."""
+    needs_tag = not method.own_tokenizer and not spec.expand_vocab and domain.tag not in base_tokenizer.get_vocab()
+    if needs_tag and method.keeps_old_domains:
+        raise UserError(f"{served.path}: its tokenizer has no tag {domain.tag}, and {method.name} keeps the old "
+                        "domains bit-identical only over the old vocabulary; adapt with expand_branch (the default: "
+                        f"{domain.name} gets a tokenizer of its own) or with --expand-vocab N")
+    return needs_tag
+
+
+def _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag):
+    """The new domain's tokenizer: the old one, grown by learned tokens or the tag, or (own_tokenizer) a new one."""
+    spec, base_vocab = run.spec, len(base_tokenizer)
+    if run.resume or not run.is_main and (spec.expand_vocab or method.own_tokenizer or needs_tag):
+        return load_tokenizer(run.folder.path)
+    if method.own_tokenizer:
+        tokenizer = method.new_tokenizer(new_train.documents, base_tokenizer, domain)
+        log(f"tokenizer: {len(tokenizer)} tokens of {domain.name}'s own (the old domains keep theirs)")
+    elif spec.expand_vocab:
+        keep = [doc for train_c, _ in old_corpora.values() for doc in train_c.documents[:KEEP_TEXTS]]
+        tokenizer = expand_tokenizer(base_tokenizer, new_train.documents, spec.expand_vocab, keep_texts=keep)
+        log(f"vocabulary: {base_vocab} → {len(tokenizer)} tokens ({len(tokenizer) - base_vocab} from {domain.name})")
+    elif needs_tag:
+        tokenizer = with_tag(base_tokenizer, domain.tag)
+        log(f"vocabulary: {domain.tag} appended ({base_vocab} → {len(tokenizer)} tokens)")
+    else:
+        tokenizer = base_tokenizer
+    return tokenizer
+
+
+def _parameters(adapted, spec, model, base_vocab) -> tuple[int, int]:
+    """(trainable, total) parameters; with --expand-vocab the old embedding rows do not train."""
     frozen_rows = 0
     if spec.expand_vocab and adapted.model is model:
         train_only_new_rows(adapted.model, base_vocab)
         frozen_rows = base_vocab * adapted.model.config.hidden_size
-    trainable = count_params(adapted.model, trainable_only=True) - frozen_rows
-    total = count_params(adapted.model)
-    log(f"strategy {method.name}: {trainable:,} of {total:,} parameters trainable")
-    card = ModelCard(domains=ctx.domains, format=method.format, method=method.name,
-                     options=dataclasses.asdict(method.options), base=folder.portable(base_folder.path),
-                     preset=ctx.preset, vocab={"base": base_vocab, "size": len(tokenizer)},
-                     details=method.card(adapted, ctx))
-    record = folder.new_record(
-        "adapt", stored_spec(spec, folder), spec.train.seed, strategy=method.name, card=card.to_json(),
-        trainable_params=trainable, total_params=total,
-        domain_data={**{d: {**old_data[d], "train": folder.portable(old_data[d]["train"]),
-                            "val": folder.portable(old_data[d]["val"])} for d in old_domains},
-                     domain.name: domain_source(spec, folder)})
-    if resume:
-        record = {**folder.record(), "status": "running"}
-    folder.write_record(record)
-    prep_s = time.time() - t0
+    return count_params(adapted.model, trainable_only=True) - frozen_rows, count_params(adapted.model)
 
-    trained, state = train(adapted.model, batches, folder, spec.train, val_shard=val_shards[domain.name],
-                           loss_fn=functools.partial(method.loss, adapted), resume=resume)
-    if dist.is_main_process:
-        fmt.save(trained, folder)
-        folder.write_card(card)
-        served = load_served(folder.path)  # exactly what users of the folder will get
-        bpb = {d: evaluate_bpb(served.for_domain(d), shard)["bpb"] for d, shard in val_shards.items()}
-        before = {d: base_record.get("bpb", {}).get(d, base_record.get("val_bpb")) for d in old_domains}
-        record.update(status="done", steps=state.step, tokens=state.tokens, train_seconds=round(state.elapsed_s, 1),
-                      prep_seconds=round(prep_s, 1), resumed_from=state.resumed_from, bpb=bpb, bpb_before=before,
-                      forgetting={d: bpb[d] - before[d] for d in old_domains if before[d] is not None})
-        folder.write_record(record)
-        log(f"{method.name}: bpb " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" → {folder.path}")
-    dist.wait_for_everyone()
-    return record
 
+def _measure(folder, method, val_shards, before: dict, old_domains) -> dict:
+    """bpb on every domain of the saved folder (exactly what its users get), and the old domains' change."""
+    served = load_served(folder.path)
+    bpb = {d: evaluate_bpb(served.for_domain(d), shard)["bpb"] for d, shard in val_shards.items()}
+    before = {d: before.get(d) for d in old_domains}
+    log(f"{method.name}: bpb " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" → {folder.path}")
+    return {"bpb": bpb, "bpb_before": before,
+            "forgetting": {d: bpb[d] - before[d] for d in old_domains if before[d] is not None}}

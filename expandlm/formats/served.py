@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from ..atomic import read_json
 from ..domains import get_domain, load_folder_specs
 from ..errors import UserError
-from ..records import ModelCard
+from ..records import DomainSource, ModelCard
 from ..run_folder import CHECKPOINT, RUN_RECORD, RunFolder
 from . import Format, format_of
 from ..data.tokenizer import load_tokenizer
@@ -90,11 +90,11 @@ class ServedModel:
                    name=f"{self.path.name}/{name}")
         return Path(out)
 
-    def domain_data(self) -> dict:
+    def domain_data(self) -> dict[str, DomainSource]:
         """Where each served domain's training data came from (paths usable from here)."""
-        data = self.folder.record().get("domain_data", {}) if (self.folder / RUN_RECORD).exists() else {}
-        return {d: {k: (self.folder.resolve(v) if k in ("train", "val") else v) for k, v in entry.items()}
-                for d, entry in data.items()}
+        if not (self.folder / RUN_RECORD).exists():
+            return {}
+        return {d: s.usable_from(self.folder) for d, s in self.folder.run_record().domain_data.items()}
 
 
 def tokenizer_folder(folder: RunFolder, card: ModelCard, name: str) -> Path:

@@ -29,19 +29,21 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from ..adapt.ewc import diagonal_fisher
 from ..atomic import files_into
 from ..config import arg, build, config, load_yaml
 from ..data.corpus import load_train_val
+from ..data.shards import PackedBatches, build_shard, default_cache_dir
 from ..domains import get_domain, save_specs
 from ..errors import UserError
-from ..training.expert import log
-from ..run_folder import RunFolder
-from ..formats.served import ServedModel, load_served
-from ..data.shards import PackedBatches, build_shard, default_cache_dir
+from ..formats import format_of
 from ..formats.adapter import Adapter
 from ..formats.arrow import EXPERTS, Arrow
+from ..formats.served import ServedModel, load_served
+from ..process import log
 from ..records import ModelCard
-from ..adapt.ewc import diagonal_fisher
+from ..run_folder import RunFolder
+from ..training.run import Run
 
 DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")   # merge task vectors: need a base
 DATA_METHODS = ("fisher", "regmean")                                       # weigh by each expert's own data
@@ -163,8 +165,7 @@ def domain_batches(served: ServedModel, domain: str, windows: int, seed: int, wh
     if data is None:
         raise UserError(f"{what}: {served.path} has no record of its '{domain}' training data "
                         "(Fisher and RegMean read each expert's own data)")
-    train_corpus, _ = load_train_val(data["train"], get_domain(domain), data.get("val"), data.get("limit"),
-                                     data.get("val_limit"))
+    train_corpus, _ = load_train_val(data.train, get_domain(domain), data.val, data.limit, data.val_limit)
     shard = build_shard(train_corpus, served.tokenizer_for(domain), default_cache_dir())
     batches = PackedBatches([shard], served.model.config.max_position_embeddings, 1, seed)
     return [batches.batch(i) for i in range(windows)]
@@ -332,33 +333,30 @@ def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
         model = copy.deepcopy(models[0])
         model.load_state_dict(merged, strict=False)  # tied weights share one tensor: either name loads it
         kind = "full"
-    folder = _new_folder(out, served[0], domains)
-    folder.save(model.save_pretrained)
+    run = _new_run(cfg, out, served[0], domains)
     card = ModelCard(domains=domains, method="merge", preset=served[0].card.preset,
                      details={"merged": {"method": cfg.method, "experts": experts}})
     if kind == "adapter":
-        card.format, card.base = Adapter.name, folder.portable(served[0].folder.resolve(served[0].card.base))
+        card.format, card.base = Adapter.name, run.folder.portable(served[0].folder.resolve(served[0].card.base))
         card.details["adapter"] = {d: True for d in domains}
-    return _finish(folder, cfg, card, kind, domain_data, len(served))
+    return _finish(run, model, cfg, card, kind, domain_data, len(served))
 
 
-def _new_folder(out, first: ServedModel, domains: list[str]) -> RunFolder:
-    folder = RunFolder(out)
-    folder.begin(resume=False)  # never over an earlier run
-    folder.save(first.tokenizer.save_pretrained)
-    save_specs(folder.path, domains)
-    return folder
+def _new_run(cfg: MergeConfig, out, first: ServedModel, domains: list[str]) -> Run:
+    run = Run(cfg, out=out)  # never over an earlier run
+    run.folder.save(first.tokenizer.save_pretrained)
+    save_specs(run.folder.path, domains)
+    return run
 
 
-def _finish(folder: RunFolder, cfg: MergeConfig, card: ModelCard, kind: str, domain_data: dict, n: int) -> RunFolder:
-    """The card and the run record (the config, versions, every domain's data for later stages)."""
+def _finish(run: Run, model, cfg: MergeConfig, card: ModelCard, kind: str, domain_data: dict, n: int) -> RunFolder:
+    """The model in its format, the card and the run record (the config, versions, every domain's data for
+    later stages)."""
+    folder = run.folder
     spec = {**dataclasses.asdict(cfg), "models": [{**dataclasses.asdict(m), "model": folder.portable(m.model)}
                                                   for m in cfg.models], "base": folder.portable(cfg.base)}
-    record = folder.new_record("merge", spec, cfg.parameters.seed, card=card.to_json(), output=kind, bpb={}, status="done",
-                               domain_data={d: {**v, "train": folder.portable(v["train"]),
-                                                "val": folder.portable(v.get("val"))} for d, v in domain_data.items()})
-    folder.write_record(record)
-    folder.write_card(card)
+    run.begin(run.new_record("merge", cfg.parameters.seed, domain_data, spec=spec, card=card.to_json(), output=kind))
+    run.finish(model, format_of(card), card, None, lambda: {})
     log(f"merge: {cfg.method} of {n} models ({kind}) → {folder.path} (serves {', '.join(card.domains)})")
     return folder
 
@@ -372,7 +370,8 @@ def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, o
         raise UserError(f"arrow routes among LoRA adapters; {', '.join(n for n, a in zip(names, adapters) if not a)} "
                         "are full models")
     base = shared_base(served)
-    folder = _new_folder(out, served[0], domains)
+    run = _new_run(cfg, out, served[0], domains)
+    folder = run.folder
     keys = [f"{i}-{d}" for i, d in enumerate(experts)]
     for key, s in zip(keys, served):
         (folder.path / EXPERTS / key).mkdir(parents=True, exist_ok=True)
@@ -382,4 +381,4 @@ def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, o
     card = ModelCard(domains=domains, format=Arrow.name, method="merge", preset=served[0].card.preset,
                      options={"top_k": cfg.parameters.top_k, "router_temperature": cfg.parameters.router_temperature},
                      base=folder.portable(base), details={"experts": keys, "merged": {"method": "arrow", "experts": experts}})
-    return _finish(folder, cfg, card, "routed adapters", domain_data, len(served))
+    return _finish(run, None, cfg, card, "routed adapters", domain_data, len(served))

@@ -37,6 +37,7 @@ from pathlib import Path
 from ..atomic import atomic_path
 from ..domains import DOMAINS, get_domain
 from ..errors import UserError
+from ..records import DomainSource
 from ..run_folder import RUN_RECORD, is_main_process
 from .classifier import DomainClassifier
 
@@ -409,7 +410,7 @@ def route(request: str, router) -> Route:
     return Route(domain, confidence, get_domain(domain).prompt(parsed.topic), scores, reason, fits)
 
 
-def router_from_data(domain_data: dict[str, dict], kind: str = DEFAULT_ROUTER) -> Router:
+def router_from_data(domain_data: dict[str, DomainSource], kind: str = DEFAULT_ROUTER) -> Router:
     """A classifier router over the domains of `domain_data` (a run record's `domain_data`: each domain's
     training file), from their real training text. Cached in the expandlm cache directory, keyed by a
     hash of what it is trained from, so a model folder is only ever read (never written: serving
@@ -417,7 +418,7 @@ def router_from_data(domain_data: dict[str, dict], kind: str = DEFAULT_ROUTER) -
     from ..data.corpus import load_corpus
     from ..data.shards import default_cache_dir
 
-    texts = {d: load_corpus(entry["train"], get_domain(d), limit=VOCABULARY_DOCS).documents
+    texts = {d: load_corpus(entry.train, get_domain(d), limit=VOCABULARY_DOCS).documents
              for d, entry in sorted(domain_data.items())}
     path = default_cache_dir() / "routers" / f"{kind}-{router_key(texts, kind)}.joblib"
     try:

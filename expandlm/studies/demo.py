@@ -86,7 +86,7 @@ def _stage(folder: RunFolder, what: str, run) -> dict:
         log(f"== {what}: reusing the finished run in {folder.path}")
         return folder.record()
     log(f"== {what}: {'resuming' if state == 'resume' else 'training'} in {folder.path}")
-    return run(state == "resume")
+    return run(state == "resume").to_json()
 
 
 @torch.no_grad()

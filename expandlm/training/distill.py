@@ -7,11 +7,10 @@ the teachers are not consulted at all: the same windows, the same loop, the real
 which is joint training on the real data at equal tokens (the study's control).
 
 No maintained library trains a causal LM on several teachers chosen per window, so the loss is here;
-the loop, checkpoints and resume are `train.py`'s. Every teacher and the student share one tokenizer.
+the loop, checkpoints and resume are `loop.py`'s, the run's life `run.py`'s. Every teacher and the student share one tokenizer.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -22,17 +21,17 @@ from pydantic import Field
 
 from ..config import arg, config
 from ..data.corpus import load_train_val
-from ..domains import get_domain, save_specs
-from ..evaluation.bpb import evaluate_bpb
-from ..process import distributed_state
-from ..errors import UserError
-from .expert import log, saved_spec, stored_spec
-from ..model.llama import build_model, count_params, get_preset
-from ..records import ModelCard
-from ..run_folder import RunFolder
-from ..formats.served import load_served
 from ..data.shards import PackedBatches, build_shard
-from .loop import TrainConfig, train
+from ..domains import get_domain, save_specs
+from ..errors import UserError
+from ..evaluation.bpb import evaluate_bpb
+from ..formats.checkpoint import Checkpoint
+from ..formats.served import load_served
+from ..model.llama import build_model, count_params, get_preset
+from ..process import log
+from ..records import ModelCard, RunRecord
+from .loop import TrainConfig
+from .run import Run
 
 
 @config
@@ -88,38 +87,29 @@ def distillation_loss(teachers: list, alpha: float, temperature: float, model, b
     return loss
 
 
-def distill(spec: DistillSpec, resume: bool = False) -> dict:
+def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
     """Train the student; returns the run record (also `out/run.json`)."""
     from ..merge.run import check_tokenizers
 
-    folder = RunFolder(spec.out)
-    folder.begin(resume)
-    if resume:
-        spec = saved_spec(folder, DistillSpec, spec.train.progress)
-    if not spec.teachers:
-        raise UserError("distill: 'teachers' lists no expert; give one {model, domain} per domain")
-    domains = [get_domain(t.domain).name for t in spec.teachers]
-    if len(set(domains)) != len(domains):
-        raise UserError(f"distill: 'teachers' names a domain twice: {domains}; one teacher per domain")
-    if spec.shares is not None and (len(spec.shares) != len(domains) or min(spec.shares) < 0 or sum(spec.shares) <= 0):
-        raise UserError(f"distill: 'shares' {spec.shares} must give one non-negative share per teacher ({len(domains)})")
+    run = Run(spec, resume, spec.train.progress)
+    spec = run.spec
+    domains = _teacher_domains(spec)
     served = [load_served(t.model) for t in spec.teachers]  # on the device the student trains on
     names = [f"teachers[{i}]" for i in range(len(served))]
     student_start = load_served(spec.student, device="cpu") if spec.student else None
     check_tokenizers(served + ([student_start] if student_start else []), names + ["student"] * bool(student_start))
     teachers = [s.for_domain(d) for s, d in zip(served, domains)]
     tokenizer = served[0].tokenizer_for(domains[0])
-    t0 = time.time()
     train_shards, val_shards, domain_data = [], {}, {}
     for s, d, name in zip(served, domains, names):
         data = s.domain_data().get(d)
         if data is None:
             raise UserError(f"{name}: {s.path} has no record of its '{d}' training data")
-        train_c, val_c = load_train_val(data["train"], get_domain(d), data.get("val"), spec.limit or data.get("limit"),
-                                        spec.val_limit or data.get("val_limit"))
+        train_c, val_c = load_train_val(data.train, get_domain(d), data.val, spec.limit or data.limit,
+                                        spec.val_limit or data.val_limit)
         train_shards.append(build_shard(train_c, tokenizer, spec.cache_dir))
         val_shards[d] = build_shard(val_c, tokenizer, spec.cache_dir)
-        domain_data[d] = {**data, "train": folder.portable(data["train"]), "val": folder.portable(data.get("val"))}
+        domain_data[d] = data
     preset = served[0].card.preset or "tiny"
     if student_start is not None:
         if not student_start.format.one_set_of_weights:
@@ -128,36 +118,41 @@ def distill(spec: DistillSpec, resume: bool = False) -> dict:
     else:
         model = build_model(get_preset(preset), tokenizer, seed=spec.train.seed)
     model.train()
-    context = model.config.max_position_embeddings
     shares = spec.shares or [1.0] * len(domains)
-    batches = LabelledBatches(train_shards, context, spec.train.batch_size, spec.train.seed, shares)
+    batches = LabelledBatches(train_shards, model.config.max_position_embeddings, spec.train.batch_size,
+                              spec.train.seed, shares)
     if not resume:
-        folder.save(tokenizer.save_pretrained)
-        save_specs(folder.path, domains)
-    card = ModelCard(domains=domains, method="distill", preset=preset, details={
-        "distilled": {"teachers": {d: folder.portable(t.model) for d, t in zip(domains, spec.teachers)}, "alpha": spec.alpha}})
-    record = folder.new_record("distill", stored_spec(spec, folder), spec.train.seed, card=card.to_json(),
-                               trainable_params=count_params(model, True), total_params=count_params(model),
-                               domain_data=domain_data)
-    if resume:
-        record = {**folder.record(), "status": "running"}
-    folder.write_record(record)
+        run.folder.save(tokenizer.save_pretrained)
+        save_specs(run.folder.path, domains)
+    card = ModelCard(domains=domains, method="distill", preset=preset, details={"distilled": {
+        "teachers": {d: run.folder.portable(t.model) for d, t in zip(domains, spec.teachers)}, "alpha": spec.alpha}})
+    run.begin(run.new_record("distill", spec.train.seed, domain_data, card=card.to_json(),
+                             trainable_params=count_params(model, True), total_params=count_params(model)))
     log(f"distill: a {preset} student ({count_params(model):,} parameters) from {len(teachers)} teachers "
         f"({', '.join(domains)}), alpha {spec.alpha}")
     loss = lambda m, b: distillation_loss(teachers, spec.alpha, spec.temperature, m, b)  # noqa: E731
     for t in teachers:
         t.eval()
-    trained, state = train(model, batches, folder, spec.train, loss_fn=loss, resume=resume)
-    if distributed_state().is_main_process:
-        folder.save(trained.save_pretrained)
-        folder.write_card(card)
+    trained, state = run.train(model, batches, loss_fn=loss)
+
+    def measure() -> dict:
         bpb = {d: evaluate_bpb(trained, shard)["bpb"] for d, shard in val_shards.items()}
-        record.update(status="done", steps=state.step, tokens=state.tokens, train_seconds=round(state.elapsed_s, 1),
-                      prep_seconds=round(time.time() - t0 - state.elapsed_s, 1), resumed_from=state.resumed_from, bpb=bpb)
-        folder.write_record(record)
-        log("distill: bpb " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" → {folder.path}")
-    distributed_state().wait_for_everyone()
-    return record
+        log("distill: bpb " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" → {run.folder.path}")
+        return {"bpb": bpb}
+
+    return run.finish(trained, Checkpoint(), card, state, measure)
+
+
+def _teacher_domains(spec: DistillSpec) -> list[str]:
+    """The teachers' domains, one each, and their shares checked."""
+    if not spec.teachers:
+        raise UserError("distill: 'teachers' lists no expert; give one {model, domain} per domain")
+    domains = [get_domain(t.domain).name for t in spec.teachers]
+    if len(set(domains)) != len(domains):
+        raise UserError(f"distill: 'teachers' names a domain twice: {domains}; one teacher per domain")
+    if spec.shares is not None and (len(spec.shares) != len(domains) or min(spec.shares) < 0 or sum(spec.shares) <= 0):
+        raise UserError(f"distill: 'shares' {spec.shares} must give one non-negative share per teacher ({len(domains)})")
+    return domains
 
 
 def load_distill_spec(path: str | Path, out: str | None = None) -> DistillSpec:

@@ -244,160 +244,199 @@ def train(model, batches: PackedBatches, folder: RunFolder | str | os.PathLike, 
     The run folder's `checkpoint/` holds the resumable state, its `metrics.jsonl` the loss and bpb curve.
     `clock` times the minutes budget (tests pass a simulated one).
     """
-    folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
-    metrics = folder / METRICS
-    if distributed_state().is_main_process:
-        folder.path.mkdir(parents=True, exist_ok=True)
-    accelerator = _accelerator(_precision(cfg))
-    if accelerator.device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves (and fp32 runs)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    set_seed(cfg.seed)
-    if cfg.compile:
-        model = torch.compile(model)
-    optimizer = make_optimizer(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    tokens_per_step = step_tokens(cfg, batches, world)
-    state = TrainState()
-    eval_tokens = min(cfg.eval_docs, val_shard.meta["documents"]) * (
-        val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
-    ckpt = folder.checkpoint
-    if resume and (ckpt / TRAIN_STATE).exists():
-        state = load_train_state(ckpt)
-        state.resumed_from.append(state.step)
-    else:  # a fresh run, or one stopped before its first checkpoint: resumed from the start
-        state.resumed_from = [0] if resume else []
-        resume = False
-        micro_s = _timed_micro_steps(model, batches, accelerator, loss_fn, clock=clock) if cfg.minutes else None
-        state.total_steps = plan_steps(cfg, tokens_per_step, batches.tokens_per_epoch, micro_s,
-                                       batches.batch_size * batches.context, eval_tokens)
-        if world > 1:  # step times differ between processes: all follow the main process's plan
-            state.total_steps = broadcast_object_list([state.total_steps])[0]
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, state.total_steps // 20))
-    if cfg.minutes:  # the plan moves (see the loop), and the decay must end where the run ends
-        lr_plan = CosinePlan(warmup, state.total_steps, cfg.min_lr_ratio)
-        scheduler = LambdaLR(optimizer, lr_plan)
-    else:  # fixed budgets: the schedule studies were run with, unchanged
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, state.total_steps,
-                                                                min_lr_rate=cfg.min_lr_ratio)
-    accelerator.register_for_checkpointing(scheduler)
-    if resume:
-        _load_checkpoint(accelerator, ckpt)
-    if accelerator.is_main_process:
-        _truncate_metrics(metrics, state.step)
+    loop = _Loop(model, batches, folder if isinstance(folder, RunFolder) else RunFolder(folder), cfg, val_shard,
+                 loss_fn, clock)
+    loop.start(resume)
+    return loop.run()
 
-    def validate() -> float | None:
-        if val_shard is None:
-            return None
+
+class _Loop:
+    """One training run's moving parts (model, optimizer, schedule, state, logging window), so that each
+    phase of a step is a method of its own."""
+
+    def __init__(self, model, batches, folder: RunFolder, cfg: TrainConfig, val_shard, loss_fn, clock):
+        self.batches, self.folder, self.cfg, self.val_shard, self.loss_fn, self.clock = (
+            batches, folder, cfg, val_shard, loss_fn, clock)
+        self.metrics = folder / METRICS
+        if distributed_state().is_main_process:
+            folder.path.mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator = _accelerator(_precision(cfg))
+        if accelerator.device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves (and fp32 runs)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        set_seed(cfg.seed)
+        if cfg.compile:
+            model = torch.compile(model)
+        optimizer = make_optimizer(model, cfg)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.tokens_per_step = step_tokens(cfg, batches, self.world)
+        self.state = TrainState()
+        self.eval_tokens = min(cfg.eval_docs, val_shard.meta["documents"]) * (
+            val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
+        self.lr_plan = None
+
+    def start(self, resume: bool) -> None:
+        """The state to start from (a checkpoint's, or a new plan) and the learning-rate schedule."""
+        cfg, state, ckpt = self.cfg, self.state, self.folder.checkpoint
+        if resume and (ckpt / TRAIN_STATE).exists():
+            self.state = state = load_train_state(ckpt)
+            state.resumed_from.append(state.step)
+        else:  # a fresh run, or one stopped before its first checkpoint: resumed from the start
+            state.resumed_from = [0] if resume else []
+            resume = False
+            micro_s = (_timed_micro_steps(self.model, self.batches, self.accelerator, self.loss_fn, clock=self.clock)
+                       if cfg.minutes else None)
+            state.total_steps = plan_steps(cfg, self.tokens_per_step, self.batches.tokens_per_epoch, micro_s,
+                                           self.batches.batch_size * self.batches.context, self.eval_tokens)
+            if self.world > 1:  # step times differ between processes: all follow the main process's plan
+                state.total_steps = broadcast_object_list([state.total_steps])[0]
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, max(1, state.total_steps // 20))
+        if cfg.minutes:  # the plan moves (see `_replan`), and the decay must end where the run ends
+            self.lr_plan = CosinePlan(warmup, state.total_steps, cfg.min_lr_ratio)
+            self.scheduler = LambdaLR(self.optimizer, self.lr_plan)
+        else:  # fixed budgets: the schedule studies were run with, unchanged
+            self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(self.optimizer, warmup, state.total_steps,
+                                                                         min_lr_rate=cfg.min_lr_ratio)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        if resume:
+            _load_checkpoint(self.accelerator, ckpt)
+        if self.accelerator.is_main_process:
+            _truncate_metrics(self.metrics, state.step)
+
+    def run(self) -> tuple[torch.nn.Module, TrainState]:
+        cfg, state, accelerator = self.cfg, self.state, self.accelerator
+        self.bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                        disable=not (cfg.progress and accelerator.is_main_process))
+        self.model.train()
+        self.started, last_save = self.clock() - state.elapsed_s, time.time()
+        # A minutes budget is re-planned from the pace: wall time per step, validation and checkpoints
+        # included, over the recent steps: the last 5% of the budget and at least 10 steps. Not the whole
+        # run, so that a machine turning busy or idle shows within seconds; long enough to smooth out noise.
+        self.horizon_s = (cfg.minutes or 0) * 60 / 20
+        self.step_ends, self.pace = deque(), None  # clock() after each step of this process; seconds per step
+        self.cap, self.first_step = _step_cap(cfg, self.tokens_per_step), state.step
+        # a validation pass costs about this many steps (forward-only tokens at a third of a training token),
+        # measured once one has run; the final one's time is kept aside so the run ends with it at the budget
+        self.val_steps = self.eval_tokens / 3 / (self.batches.batch_size * self.batches.context * cfg.grad_accum)
+        self.postfix = {"loss": "-", "tok_s": "-", "val_bpb": "-"}
+        self._new_window()
+        if state.window_steps:  # resumed between two records: the one in progress goes on (tokens/s restarts)
+            own = (state.window_loss[self.rank] if len(state.window_loss) == self.world
+                   else sum(state.window_loss) / len(state.window_loss))
+            self.window_loss, self.window_steps = torch.tensor(own, device=accelerator.device), state.window_steps
+        while state.step < state.total_steps:
+            step_loss = self._optimizer_step()
+            if cfg.minutes:
+                self._replan()
+            self.scheduler.step()  # after the re-plan: the LR of the next step follows the new plan
+            self.optimizer.zero_grad(set_to_none=True)
+            last = state.step >= state.total_steps  # the plan's end, or a minutes budget's time is up
+            self.window_loss += step_loss
+            self.window_steps += 1
+            self.window_tokens += self.tokens_per_step
+            self.bar.update(1)
+            if state.step % cfg.log_interval == 0 or last:
+                self._log()
+            if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or last:
+                self._validate()
+            state.elapsed_s = self.clock() - self.started
+            overdue = False  # a checkpoint every 5 minutes too; the main process decides for all (ranks must agree)
+            if state.step % cfg.log_interval == 0:
+                overdue = time.time() - last_save > 300
+                if self.world > 1:
+                    overdue = broadcast_object_list([overdue])[0]
+            if state.step % cfg.checkpoint_interval == 0 or overdue or last:
+                self._save_checkpoint()
+                last_save = time.time()
+        self.bar.close()
+        return accelerator.unwrap_model(self.model), state
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """One optimizer step over `grad_accum` micro-batches; returns its mean loss."""
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(cfg.grad_accum):
+            batch = self.batches.batch(self.state.step * cfg.grad_accum + micro, self.rank, self.world)
+            batch = batch.to(accelerator.device)
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                with accelerator.autocast():  # a fresh context each micro-step: one can be entered once
+                    loss = self.loss_fn(model, batch)
+                accelerator.backward(loss / cfg.grad_accum)
+            step_loss += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        return step_loss
+
+    def _replan(self) -> None:
+        """A minutes budget's plan from the recent pace. One process re-plans after every step (it costs
+        nothing); several must all take the same steps, so they follow the main process's plan, broadcast
+        at fixed steps: early ones (the calibration may be off) and every log_interval."""
+        state, now = self.state, self.clock()
+        self.step_ends.append(now)
+        while len(self.step_ends) > 11 and now - self.step_ends[1] >= self.horizon_s:
+            self.step_ends.popleft()
+        here = state.step - self.first_step
+        if here >= 2 and (self.world == 1 or here in (2, 4, 8) or state.step % self.cfg.log_interval == 0):
+            self.pace = (now - self.step_ends[0]) / (len(self.step_ends) - 1)
+            total = replan_steps(self.cfg, state.step, now - self.started, self.pace, self.cap,
+                                 self.val_steps * self.pace)
+            if self.world > 1:
+                total = broadcast_object_list([total])[0]
+            state.total_steps = self.lr_plan.total = self.bar.total = total
+
+    def _new_window(self) -> None:
+        """The logging window: the steps since the last record."""
+        self.window_loss = torch.zeros((), device=self.accelerator.device)
+        self.window_steps, self.window_tokens, self.window_t0 = 0, 0, time.time()
+
+    def _log(self) -> None:
+        state = self.state
+        loss_mean = self.accelerator.reduce(self.window_loss, "mean").item() / self.window_steps
+        dt = time.time() - self.window_t0
+        record = {"step": state.step, "tokens": state.tokens, "loss": round(loss_mean, 5),
+                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(self.window_tokens / max(dt, 1e-9), 1),
+                  "elapsed_s": round(self.clock() - self.started, 2)}
+        self.postfix.update(loss=f"{loss_mean:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.set_postfix(self.postfix)
+        _append_metrics(self.metrics, record, self.accelerator)
+        self.window_loss.zero_()
+        self.window_steps, self.window_tokens, self.window_t0 = 0, 0, time.time()
+
+    def _validate(self) -> None:
+        """bpb on the validation shard (main process), logged; its time measures a pass in steps."""
+        if self.val_shard is None:
+            return
+        accelerator, state, val_t0 = self.accelerator, self.state, self.clock()
         bpb = None
         if accelerator.is_main_process:
-            bpb = evaluate_bpb(accelerator.unwrap_model(model), val_shard, max_docs=cfg.eval_docs)["bpb"]
+            bpb = evaluate_bpb(accelerator.unwrap_model(self.model), self.val_shard, max_docs=self.cfg.eval_docs)["bpb"]
         accelerator.wait_for_everyone()
-        return bpb
+        if self.pace:
+            self.val_steps = (self.clock() - val_t0) / self.pace
+        if bpb is not None:
+            state.val_bpb = bpb
+            _append_metrics(self.metrics, {"step": state.step, "tokens": state.tokens, "val_bpb": bpb}, accelerator)
+            self.postfix["val_bpb"] = f"{bpb:.3f}"
+            self.bar.set_postfix(self.postfix)
 
-    def save_checkpoint():
+    def _save_checkpoint(self) -> None:
+        accelerator, state = self.accelerator, self.state
         accelerator.wait_for_everyone()
-        state.window_steps, state.window_loss = window_steps, accelerator.gather(window_loss.reshape(1)).tolist()
+        state.window_steps = self.window_steps
+        state.window_loss = accelerator.gather(self.window_loss.reshape(1)).tolist()
         # the main process owns the atomic folder; every process writes its own RNG state into it
-        with atomic_path(ckpt, folder=True) if accelerator.is_main_process else nullcontext("") as tmp:
-            tmp_name = broadcast_object_list([str(tmp)])[0] if world > 1 else str(tmp)
+        with atomic_path(self.folder.checkpoint, folder=True) if accelerator.is_main_process else nullcontext("") as tmp:
+            tmp_name = broadcast_object_list([str(tmp)])[0] if self.world > 1 else str(tmp)
             accelerator.save_state(tmp_name)
             accelerator.wait_for_everyone()  # every process's RNG file is in the folder before it moves
             if accelerator.is_main_process:
                 files = {str(p.relative_to(tmp_name)): p.stat().st_size for p in Path(tmp_name).rglob("*") if p.is_file()}
                 write_json(Path(tmp_name) / TRAIN_STATE, {**asdict(state), CHECKPOINT_FILES: files})
         accelerator.wait_for_everyone()
-
-    bar = tqdm(total=state.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))
-    model.train()
-    started, last_save = clock() - state.elapsed_s, time.time()
-    # A minutes budget is re-planned from the pace: wall time per step, validation and checkpoints
-    # included, over the recent steps: the last 5% of the budget and at least 10 steps. Not the whole
-    # run, so that a machine turning busy or idle shows within seconds; long enough to smooth out noise.
-    horizon_s = (cfg.minutes or 0) * 60 / 20
-    step_ends, pace = deque(), None  # clock() after each step of this process; seconds per step
-    cap, first_step = _step_cap(cfg, tokens_per_step), state.step
-    # a validation pass costs about this many steps (forward-only tokens at a third of a training token),
-    # measured once one has run; the final one's time is kept aside so the run ends with it at the budget
-    val_steps = eval_tokens / 3 / (batches.batch_size * batches.context * cfg.grad_accum)
-    postfix = {"loss": "-", "tok_s": "-", "val_bpb": "-"}
-    window_loss, window_steps, window_tokens, window_t0 = torch.zeros((), device=accelerator.device), 0, 0, time.time()
-    if state.window_steps:  # resumed between two records: the one in progress goes on (tokens/s restarts)
-        own = state.window_loss[rank] if len(state.window_loss) == world else sum(state.window_loss) / len(state.window_loss)
-        window_loss, window_steps = torch.tensor(own, device=accelerator.device), state.window_steps
-    while state.step < state.total_steps:
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(cfg.grad_accum):
-            batch = batches.batch(state.step * cfg.grad_accum + micro, rank, world).to(accelerator.device)
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-            with sync:
-                with accelerator.autocast():  # a fresh context each micro-step: one can be entered once
-                    loss = loss_fn(model, batch)
-                accelerator.backward(loss / cfg.grad_accum)
-            step_loss += loss.detach() / cfg.grad_accum
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        state.step += 1
-        state.tokens += tokens_per_step
-        if cfg.minutes:
-            now = clock()
-            step_ends.append(now)
-            while len(step_ends) > 11 and now - step_ends[1] >= horizon_s:
-                step_ends.popleft()
-            # One process re-plans after every step (it costs nothing); several must all take the same
-            # steps, so they follow the main process's plan, broadcast at fixed steps: early ones (the
-            # calibration may be off) and every log_interval.
-            here = state.step - first_step
-            if here >= 2 and (world == 1 or here in (2, 4, 8) or state.step % cfg.log_interval == 0):
-                pace = (now - step_ends[0]) / (len(step_ends) - 1)
-                total = replan_steps(cfg, state.step, now - started, pace, cap, val_steps * pace)
-                if world > 1:
-                    total = broadcast_object_list([total])[0]
-                state.total_steps = lr_plan.total = bar.total = total
-        scheduler.step()  # after the re-plan: the LR of the next step follows the new plan
-        optimizer.zero_grad(set_to_none=True)
-        last = state.step >= state.total_steps  # the plan's end, or a minutes budget's time is up
-        window_loss += step_loss
-        window_steps += 1
-        window_tokens += tokens_per_step
-        bar.update(1)
-
-        log_now = state.step % cfg.log_interval == 0 or last
-        if log_now:
-            loss_mean = accelerator.reduce(window_loss, "mean").item() / window_steps
-            dt = time.time() - window_t0
-            record = {"step": state.step, "tokens": state.tokens, "loss": round(loss_mean, 5),
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(window_tokens / max(dt, 1e-9), 1),
-                      "elapsed_s": round(clock() - started, 2)}
-            postfix.update(loss=f"{loss_mean:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.set_postfix(postfix)
-            _append_metrics(metrics, record, accelerator)
-            window_loss.zero_()
-            window_steps, window_tokens, window_t0 = 0, 0, time.time()
-        if (cfg.eval_interval and state.step % cfg.eval_interval == 0) or last:
-            val_t0 = clock()
-            bpb = validate()
-            if pace and val_shard is not None:
-                val_steps = (clock() - val_t0) / pace
-            if bpb is not None:
-                state.val_bpb = bpb
-                _append_metrics(metrics, {"step": state.step, "tokens": state.tokens, "val_bpb": bpb},
-                                accelerator)
-                postfix["val_bpb"] = f"{bpb:.3f}"
-                bar.set_postfix(postfix)
-        state.elapsed_s = clock() - started
-        overdue = False  # a checkpoint every 5 minutes too; the main process decides for all (ranks must agree)
-        if state.step % cfg.log_interval == 0:
-            overdue = time.time() - last_save > 300
-            if world > 1:
-                overdue = broadcast_object_list([overdue])[0]
-        if state.step % cfg.checkpoint_interval == 0 or overdue or last:
-            save_checkpoint()
-            last_save = time.time()
-    bar.close()
-    return accelerator.unwrap_model(model), state
 
 
 def _append_metrics(path: Path, record: dict, accelerator) -> None:

@@ -1,0 +1,111 @@
+"""One run in its folder, from start to finish, as `train`, `adapt`, `distill` and `merge` all live it:
+
+    run = Run(spec, resume)         check the folder (a new run never overwrites one; a resume continues
+                                    an unfinished one with the spec it was started with)
+    run.begin(record)               the run record, status "running" (a resumed run keeps its own)
+    run.train(model, batches, ...)  the training loop (checkpoints, resume, curves: `loop.py`)
+    run.finish(model, fmt, card, state, measure)
+                                    the model saved in its folder format, its card, then the record
+                                    finished with what `measure` found (main process only)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from ..config import build, path_fields
+from ..data.corpus import default_data_dir
+from ..domains import get_domain, load_folder_specs
+from ..process import distributed_state
+from ..records import RUN_FIELDS, DomainSource, ModelCard, RunRecord
+from ..run_folder import RUN_RECORD, RunFolder, versions
+from .loop import train
+
+
+def stored_spec(spec, folder: RunFolder) -> dict:
+    """A spec as a run record stores it: paths relative to the run folder."""
+    data = dataclasses.asdict(spec)
+    for name in path_fields(type(spec)):
+        data[name] = folder.portable(data[name]) if name != "out" else "."
+    return data
+
+
+def saved_spec(folder: RunFolder, spec_cls, progress: bool = True):
+    """The spec a run was started with, its paths usable from here: a resumed run continues with
+    exactly that (only the progress bar follows the new command line)."""
+    data = dict(folder.run_record().spec)
+    for name in path_fields(spec_cls):
+        data[name] = folder.resolve(data[name]) if name != "out" else str(folder.path)
+    if "train" in data:
+        data["train"] = {**data["train"], "progress": progress}
+    return build(spec_cls, data, f"{folder / RUN_RECORD}: spec")
+
+
+def with_domain_data(spec, folder: RunFolder):
+    """The spec with its domain by name (a spec file is read once; the run folder keeps it, so a resumed
+    run knows the domain) and its corpus: `--data` when given, else the files the domain's spec names (a
+    built-in domain's under the data folder); the validation file follows the same choice."""
+    load_folder_specs(folder.path)
+    domain = get_domain(spec.domain)
+    spec = dataclasses.replace(spec, domain=domain.name)
+    if spec.data is not None:
+        return spec
+    train_file, valid = domain.local_files(default_data_dir())
+    return dataclasses.replace(spec, data=train_file, val_data=spec.val_data or valid)
+
+
+def domain_source(spec) -> DomainSource:
+    """Where the spec's domain's data comes from."""
+    return DomainSource(spec.data, spec.val_data, spec.limit, spec.val_limit)
+
+
+class Run:
+    def __init__(self, spec, resume: bool = False, progress: bool = True, out=None):
+        self.folder = RunFolder(out if out is not None else spec.out)
+        self.folder.begin(resume)
+        self.spec = saved_spec(self.folder, type(spec), progress) if resume else spec
+        self.resume, self.started, self.dist = resume, time.time(), distributed_state()
+        self.record: RunRecord | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main_process
+
+    def new_record(self, kind: str, seed: int, domain_data: dict[str, DomainSource], spec: dict | None = None,
+                   **fields) -> RunRecord:
+        """The record of this run as it starts: the config (`spec`, default: the run's, paths made relative),
+        seed, versions and each domain's data."""
+        known = {k: v for k, v in fields.items() if k in RUN_FIELDS or k == "card"}
+        details = {k: v for k, v in fields.items() if k not in known}
+        return RunRecord(kind, spec if spec is not None else stored_spec(self.spec, self.folder), seed, versions(),
+                         domain_data={d: s.stored_in(self.folder) for d, s in domain_data.items()},
+                         details=details, **known)
+
+    def begin(self, record: RunRecord) -> RunRecord:
+        """Write the record of a running run (a resumed run keeps the one it started with)."""
+        self.record = dataclasses.replace(self.folder.run_record(), status="running") if self.resume else record
+        self.folder.write_record(self.record)
+        return self.record
+
+    def train(self, model, batches, **kwargs):
+        self.prep_seconds = time.time() - self.started
+        return train(model, batches, self.folder, self.spec.train, resume=self.resume, **kwargs)
+
+    def finish(self, model, fmt, card: ModelCard, state, measure: Callable[[], dict]) -> RunRecord:
+        """The model in its format and its card, then the record finished with what `measure()` returns
+        (`bpb` per domain, and any further fields of the record)."""
+        if self.is_main:
+            if model is not None:
+                fmt.save(model, self.folder)
+            self.folder.write_card(card)
+            found = measure()
+            r = self.record
+            r.status, r.bpb = "done", found.pop("bpb", r.bpb)
+            if state is not None:
+                r.steps, r.tokens, r.resumed_from = state.step, state.tokens, state.resumed_from
+                r.train_seconds, r.prep_seconds = round(state.elapsed_s, 1), round(self.prep_seconds, 1)
+            r.details.update(found)
+            self.folder.write_record(r)
+        self.dist.wait_for_everyone()
+        return self.record
