@@ -54,7 +54,7 @@ def write_models(tmp: Path) -> dict[str, Path]:
         folder.save(build_model(get_preset(preset), tok).save_pretrained)
         folder.save(tok.save_pretrained)
         folder.write_card(ModelCard(domains=[domain], preset=preset))
-        save_specs(folder.path, [domain])
+        save_specs(folder.path, [get_domain(domain)])
         out[name] = folder.path
     return out
 

@@ -137,13 +137,12 @@ def cmd_distill(args) -> None:
 def cmd_eval(args) -> None:
     from .atomic import write_json
     from .data.corpus import default_data_dir, load_corpus
-    from .domains import get_domain
     from .evaluation.bpb import evaluate_bpb
     from .formats.served import load_served
     from .data.shards import build_shard
 
-    domain = get_domain(args.domain)
     served = load_served(args.model)
+    domain = served.domain(args.domain)
     data = args.data or domain.local_files(default_data_dir())[1]
     if data is None:
         raise UserError(f"domain '{domain.name}' names no validation file in its spec; pass --data")
@@ -159,7 +158,6 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     from .config import build, given
-    from .domains import get_domain
     from .inference.generate import SamplingConfig, generate
     from .routing.router import route_request
     from .formats.served import load_served
@@ -168,7 +166,7 @@ def cmd_generate(args) -> None:
         raise UserError("generate needs exactly one of --domain (with an optional --prompt) or --request")
     sampling = build(SamplingConfig, given(args, SamplingConfig), "sampling flags")
     served = load_served(args.model)
-    domain_name, prompt, routed = args.domain and get_domain(args.domain).name, args.prompt, None
+    domain_name, prompt, routed = args.domain and served.domain(args.domain).name, args.prompt, None
     if args.request is not None:
         routed = route_request(args.request, served)
         domain_name, prompt = routed.domain, routed.prompt
@@ -179,7 +177,7 @@ def cmd_generate(args) -> None:
               f"prompt {prompt!r}]", file=sys.stderr)
     model = served.decode_model(domain_name)
     stream = args.num_samples == 1 and not args.json
-    samples = generate(model, served.tokenizer_for(domain_name), get_domain(domain_name), prompt, args.num_samples, sampling,
+    samples = generate(model, served.tokenizer_for(domain_name), served.domain(domain_name), prompt, args.num_samples, sampling,
                        stream=stream, engine=args.engine)
     if args.json:
         result = {"domain": domain_name, "samples": [s.__dict__ for s in samples]}
@@ -198,10 +196,9 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from .formats.served import load_served
 
-    from .domains import get_domain
 
     served = load_served(args.model, device="cpu")
-    args.domain = get_domain(args.domain).name
+    args.domain = served.domain(args.domain).name
     if args.format == "gguf":
         path = served.export_gguf(args.domain, args.out)
         print(f"{args.domain} of {args.model} ({served.card.format}) → {path} (a GGUF file llama.cpp runs; "

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from expandlm.domains import DOMAINS, Domain, get_domain, load_folder_specs, save_specs
+from expandlm.domains import DOMAINS, Domain, folder_domains, get_domain, save_specs
 from expandlm.domains.checks import python_parses, recipe_layout
 from expandlm.errors import UserError
 
@@ -161,10 +161,22 @@ def test_a_model_folder_keeps_its_users_domains(tmp_path, user_domains):
     get_domain(str(write_spec(tmp_path / "spec" / "poems.yaml", "name: poems\ndata: {train: poems.jsonl}\n")))
     folder = tmp_path / "model"
     folder.mkdir()
-    save_specs(folder, ["stories", "poems"])
+    save_specs(folder, [get_domain("stories"), get_domain("poems")])
     saved = (folder / "domains.yaml").read_text()
     assert "stories" not in saved and str(tmp_path / "spec" / "poems.jsonl") in saved  # data path made absolute
     del DOMAINS["poems"]
-    load_folder_specs(folder)  # what reading the folder's card does
-    assert get_domain("poems").local_files(None)[0] == str(tmp_path / "spec" / "poems.jsonl")
-    assert isinstance(get_domain("poems"), Domain)
+    declared = folder_domains(folder)
+    assert "poems" not in DOMAINS  # reading a folder registers nothing
+    assert get_domain("poems", declared).local_files(None)[0] == str(tmp_path / "spec" / "poems.jsonl")
+    assert isinstance(declared["poems"], Domain)
+    with pytest.raises(UserError, match="unknown domain 'poems'"):
+        get_domain("poems")
+
+
+def test_two_folders_may_each_declare_their_own_domain_of_one_name(tmp_path, user_domains):
+    from expandlm.domains import DomainSpec
+    for i, description in enumerate(("short poems", "long poems")):
+        (tmp_path / str(i)).mkdir()
+        save_specs(tmp_path / str(i), [Domain(DomainSpec(name="poems", description=description))])
+    first, second = folder_domains(tmp_path / "0"), folder_domains(tmp_path / "1")
+    assert first["poems"].spec.description == "short poems" and second["poems"].spec.description == "long poems"

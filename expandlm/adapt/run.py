@@ -14,7 +14,7 @@ from ..data.corpus import load_train_val
 from ..data.shards import PackedBatches, build_shard
 from ..data.tokenizer import load_tokenizer
 from ..data.vocab import expand_tokenizer, grow_embeddings, train_only_new_rows, with_tag
-from ..domains import get_domain, save_specs
+from ..domains import save_specs
 from ..errors import UserError
 from ..evaluation.bpb import evaluate_bpb
 from ..formats import FORMATS
@@ -50,24 +50,24 @@ class AdaptSpec:
 def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     """Teach `spec.base` the new domain; returns the run record (also `out/run.json`)."""
     run = Run(spec, resume, spec.train.progress)
-    spec = run.spec = with_domain_data(run.spec, run.folder)
+    run.spec, domain = with_domain_data(run.spec, run.folder)
+    spec = run.spec
     method = make_method(spec.strategy, spec.options)
     fmt = FORMATS[method.format]()
     if spec.expand_vocab and not method.supports_vocab_expansion:
         raise UserError(f"--expand-vocab is not supported by the {method.name} strategy")
     served = load_served(spec.base, device="cpu")  # accelerate places the model for training
-    domain = get_domain(spec.domain)
     old_domains, old_data = _old_domains(served, domain)
     model, base_tokenizer = _starting_model(served, method, fmt, old_domains)
     new_train, new_val = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
-    old_corpora = {d: load_train_val(old_data[d].train, get_domain(d), old_data[d].val, old_data[d].limit,
+    old_corpora = {d: load_train_val(old_data[d].train, served.domain(d), old_data[d].val, old_data[d].limit,
                                      old_data[d].val_limit) for d in old_domains}
     needs_tag = _needs_tag(served, method, spec, base_tokenizer, domain)
     with run.dist.main_process_first():  # one process writes the tokenizer and the shards
         tokenizer = _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag)
         if not resume:
             run.folder.save(tokenizer.save_pretrained)
-            save_specs(run.folder.path, [*old_domains, domain.name])
+            save_specs(run.folder.path, [*map(served.domain, old_domains), domain])
         old_tokenizer = base_tokenizer if method.own_tokenizer else tokenizer
         new_shard = build_shard(new_train, tokenizer, spec.cache_dir)
         val_shards = {domain.name: build_shard(new_val, tokenizer, spec.cache_dir)}

@@ -22,7 +22,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Mapping, Callable, Literal
 
 import re2
 import yaml
@@ -313,20 +313,19 @@ def is_spec_path(name: str) -> bool:
     return str(name).endswith((".yaml", ".yml"))
 
 
-def get_domain(name: str) -> Domain:
-    """A domain by name, or by the path of its spec file (which registers it)."""
+def get_domain(name: str, known: Mapping[str, Domain] | None = None) -> Domain:
+    """A domain by name (among `known`, a model folder's own domains, first), or by the path of its spec
+    file (which registers it: the user named it)."""
     if is_spec_path(name):
         return load_spec(name)
+    if known and name in known:
+        return known[name]
     try:
         return DOMAINS[name]
     except KeyError:
-        raise UserError(f"unknown domain '{name}' (known: {', '.join(sorted(DOMAINS))}; or give the path "
+        names = sorted({*DOMAINS, *(known or {})})
+        raise UserError(f"unknown domain '{name}' (known: {', '.join(names)}; or give the path "
                         "of a domain spec file, e.g. poems.yaml)") from None
-
-
-def domain_name(name: str) -> str:
-    """The name of a domain given by name or spec path."""
-    return get_domain(name).name
 
 
 def builtin_tags() -> list[str]:
@@ -335,27 +334,33 @@ def builtin_tags() -> list[str]:
 
 
 # -- a model folder's own domains -------------------------------------------------------------------
-def save_specs(folder: Path, names: list[str]) -> None:
-    """Write the specs of `names` that are not built in to `folder/domains.yaml` (their data paths are
+def save_specs(folder: Path, domains: list[Domain]) -> None:
+    """Write the specs of `domains` that are not built in to `folder/domains.yaml` (their data paths are
     absolute, so the folder does not depend on where the spec file was)."""
     from ..atomic import write_text
     from ..process import is_main_process
 
-    specs = [dataclasses.asdict(get_domain(n).spec) for n in names if not get_domain(n).builtin]
+    specs = [dataclasses.asdict(d.spec) for d in domains if not d.builtin]
     if specs and is_main_process():
         write_text(folder / SPECS_FILE, yaml.safe_dump({"domains": specs}, sort_keys=False, allow_unicode=True))
 
 
-def load_folder_specs(folder: Path) -> None:
-    """Register the domains a model folder declares (see `save_specs`)."""
+def folder_domains(folder: Path) -> dict[str, Domain]:
+    """The user's domains a model folder declares (see `save_specs`), by name. Reading them registers
+    nothing: two folders may each declare their own domain of one name."""
     path = Path(folder) / SPECS_FILE
     if not path.exists():
-        return
+        return {}
     entries = load_yaml(path).get("domains")
     if not isinstance(entries, list):
         raise UserError(f"{path}: expected 'domains:' with a list of domain specs")
+    out = {}
     for i, entry in enumerate(entries):
-        register_domain(Domain(build(DomainSpec, entry, f"{path}: domains[{i}]")))
+        domain = Domain(build(DomainSpec, entry, f"{path}: domains[{i}]"))
+        if domain.name in DOMAINS and DOMAINS[domain.name].builtin:
+            raise UserError(f"{path}: domains[{i}]: '{domain.name}' is a built-in domain's name")
+        out[domain.name] = domain
+    return out
 
 
 for _name in BUILTIN:

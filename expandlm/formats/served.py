@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..atomic import read_json
-from ..domains import get_domain, load_folder_specs
+from ..domains import Domain, folder_domains, get_domain
 from ..errors import UserError
 from ..records import DomainSource, ModelCard
 from ..run_folder import CHECKPOINT, RUN_RECORD, RunFolder
@@ -33,6 +33,7 @@ class ServedModel:
     tokenizer: object
     card: ModelCard
     format: Format
+    known_domains: dict[str, Domain] = field(default_factory=dict)  # the user's domains the folder declares
     _tokenizers: dict = field(default_factory=dict)
 
     @property
@@ -43,8 +44,12 @@ class ServedModel:
     def domains(self) -> list[str]:
         return list(self.card.domains)
 
+    def domain(self, name: str) -> Domain:
+        """A domain by name: one the folder declares, a built-in one, or one given by its spec file."""
+        return get_domain(name, self.known_domains)
+
     def _check(self, name: str) -> None:
-        get_domain(name)
+        self.domain(name)
         if self.domains and name not in self.domains:
             raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
 
@@ -101,7 +106,6 @@ def tokenizer_folder(folder: RunFolder, card: ModelCard, name: str) -> Path:
     """Where the tokenizer of `name`'s text is saved, without loading any weights: the folder's, unless
     its format gives the domain its own (a domain the model does not serve, evaluated for forgetting
     or transfer, is read with the folder's)."""
-    get_domain(name)
     if name not in card.domains:
         return folder.path
     return format_of(card).tokenizer_folder(folder, card, name, _base_tokenizer_folder)
@@ -138,7 +142,6 @@ def load_served(path: str | os.PathLike, device: str | torch.device | None = Non
     folder = RunFolder(path)
     if not folder.path.is_dir():
         raise UserError(f"{folder.path}: no such model folder")
-    load_folder_specs(folder.path)  # the user's own domains it serves become known by name
     card = folder.card()
     fmt = format_of(card)
     try:
@@ -147,4 +150,4 @@ def load_served(path: str | os.PathLike, device: str | torch.device | None = Non
         raise UserError(damaged_weights(folder, card) or f"{folder.path}: cannot load the model ({e})") from None
     model = model.to(device or default_device())
     model.eval()
-    return ServedModel(folder, model, load_tokenizer(folder.path), card, fmt)
+    return ServedModel(folder, model, load_tokenizer(folder.path), card, fmt, folder_domains(folder.path))

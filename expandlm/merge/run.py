@@ -34,7 +34,7 @@ from ..atomic import files_into
 from ..config import arg, build, config, load_yaml
 from ..data.corpus import load_train_val
 from ..data.shards import PackedBatches, build_shard, default_cache_dir
-from ..domains import get_domain, save_specs
+from ..domains import Domain, get_domain, is_spec_path, save_specs
 from ..errors import UserError
 from ..formats import format_of
 from ..formats.adapter import Adapter
@@ -105,7 +105,7 @@ def check_config(cfg: MergeConfig, where: str) -> None:
         raise UserError(f"{where}: method '{cfg.method}' merges task vectors (model − base) and needs 'base': "
                         "the model the experts were fine-tuned from")
     for i, m in enumerate(cfg.models):
-        if m.domain is not None:
+        if m.domain is not None and is_spec_path(m.domain):  # a name is checked against its model's folder
             get_domain(m.domain)
         if not Path(m.model).is_dir():
             raise UserError(f"{where}: models[{i}]: {m.model} is not a model folder")
@@ -151,7 +151,7 @@ def _check_shapes(states: list[dict[str, torch.Tensor]], names: list[str], paths
 
 
 def expert_domain(served: ServedModel, entry: MergeModel, what: str) -> str:
-    domain = entry.domain or (served.domains[-1] if served.domains else None)
+    domain = served.domain(entry.domain).name if entry.domain else (served.domains[-1] if served.domains else None)
     if domain is None:
         raise UserError(f"{what}: {served.path} names no domain; give the model's 'domain'")
     if served.domains and domain not in served.domains:
@@ -165,7 +165,7 @@ def domain_batches(served: ServedModel, domain: str, windows: int, seed: int, wh
     if data is None:
         raise UserError(f"{what}: {served.path} has no record of its '{domain}' training data "
                         "(Fisher and RegMean read each expert's own data)")
-    train_corpus, _ = load_train_val(data.train, get_domain(domain), data.val, data.limit, data.val_limit)
+    train_corpus, _ = load_train_val(data.train, served.domain(domain), data.val, data.limit, data.val_limit)
     shard = build_shard(train_corpus, served.tokenizer_for(domain), default_cache_dir())
     batches = PackedBatches([shard], served.model.config.max_position_embeddings, 1, seed)
     return [batches.batch(i) for i in range(windows)]
@@ -333,7 +333,7 @@ def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
         model = copy.deepcopy(models[0])
         model.load_state_dict(merged, strict=False)  # tied weights share one tensor: either name loads it
         kind = "full"
-    run = _new_run(cfg, out, served[0], domains)
+    run = _new_run(cfg, out, served[0], _declared(everyone, domains))
     card = ModelCard(domains=domains, method="merge", preset=served[0].card.preset,
                      details={"merged": {"method": cfg.method, "experts": experts}})
     if kind == "adapter":
@@ -342,7 +342,12 @@ def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
     return _finish(run, model, cfg, card, kind, domain_data, len(served))
 
 
-def _new_run(cfg: MergeConfig, out, first: ServedModel, domains: list[str]) -> Run:
+def _declared(models: list[ServedModel], domains: list[str]) -> list[Domain]:
+    """Each domain as the first model that serves it declares it."""
+    return [next(s for s in models if d in s.domains).domain(d) for d in domains]
+
+
+def _new_run(cfg: MergeConfig, out, first: ServedModel, domains: list[Domain]) -> Run:
     run = Run(cfg, out=out)  # never over an earlier run
     run.folder.save(first.tokenizer.save_pretrained)
     save_specs(run.folder.path, domains)
@@ -370,7 +375,7 @@ def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, o
         raise UserError(f"arrow routes among LoRA adapters; {', '.join(n for n, a in zip(names, adapters) if not a)} "
                         "are full models")
     base = shared_base(served)
-    run = _new_run(cfg, out, served[0], domains)
+    run = _new_run(cfg, out, served[0], _declared(served, domains))
     folder = run.folder
     keys = [f"{i}-{d}" for i, d in enumerate(experts)]
     for key, s in zip(keys, served):

@@ -226,6 +226,7 @@ class Router:
     threshold: float = 0.0
     train_seconds: float = 0.0
     vocabulary: Vocabulary | None = None
+    known: dict = field(default_factory=dict, repr=False)  # a model folder's own domains by name (not saved)
 
     @property
     def domains(self) -> list[str]:
@@ -234,10 +235,10 @@ class Router:
     def scores(self, requests: list[str]) -> list[dict[str, float]]:
         """The classifier's probabilities; with a vocabulary, times the vocabulary's for a request that
         names no genre noun (one that does is decided as the classifier learned: the noun wins)."""
-        probs = self.classifier.predict_proba(requests if self.kind == "documents" else marked(requests, self.domains))
+        probs = self.classifier.predict_proba(requests if self.kind == "documents" else marked(requests, self.domains, self.known))
         if self.vocabulary is None:
             return probs
-        domains = [get_domain(d) for d in self.domains]
+        domains = [get_domain(d, self.known) for d in self.domains]
         return [p if v is None or _first_noun(r, domains) else _product([p, v])
                 for r, p, v in zip(requests, probs, self.vocabulary.scores(requests))]
 
@@ -271,11 +272,11 @@ class Router:
         return cls(state["kind"], clf, state["threshold"], state.get("train_seconds", 0.0), vocabulary)
 
 
-def marked(requests: list[str], domains) -> list[str]:
+def marked(requests: list[str], domains, known=None) -> list[str]:
     """Each request with a word for the genre noun it names first ("a function that tells a story" ->
     "... genre_function"): a bag of words cannot see which noun came first, and the first one is
     the genre asked for. The classifier learns what the word means from the synthesised requests."""
-    domains = [get_domain(d) for d in domains]
+    domains = [get_domain(d, known) for d in domains]
     out = []
     for r in requests:
         m = _first_noun(r, domains)
@@ -290,7 +291,7 @@ def calibrate(router, requests_by_domain: dict[str, list[str]], miss_share: floa
     return tops[int(miss_share * len(tops))] if tops else 0.0
 
 
-def train_router(documents: dict[str, list[str]], kind: str = DEFAULT_ROUTER, seed: int = 0) -> Router:
+def train_router(documents: dict[str, list[str]], kind: str = DEFAULT_ROUTER, seed: int = 0, known=None) -> Router:
     """A classifier router (one of `TRAINED_ROUTERS`) from each domain's training documents: the
     classifier reads the first `ROUTER_DOCS`, of which the last tenth is held out to synthesise the
     requests that set its threshold; a vocabulary counts the words of all the others."""
@@ -301,11 +302,11 @@ def train_router(documents: dict[str, list[str]], kind: str = DEFAULT_ROUTER, se
     first = {d: docs[:ROUTER_DOCS] for d, docs in documents.items()}
     train = {d: docs[:max(1, len(docs) * 9 // 10)] for d, docs in first.items()}
     held = {d: docs[len(train[d]):] or docs for d, docs in first.items()}
-    nouns = {d: get_domain(d).nouns for d in documents}
+    nouns = {d: get_domain(d, known).nouns for d in documents}
     texts = {d: list(docs) for d, docs in train.items()}
     if kind != "documents":
         for d, reqs in synthesise(train, nouns, SYNTH_REQUESTS, seed).items():
-            texts[d] += marked(reqs, documents)
+            texts[d] += marked(reqs, documents, known)
     router = Router(kind, DomainClassifier().fit(texts, max_per_domain=None, seed=seed),
                     vocabulary=Vocabulary.fit({d: train[d] + docs[ROUTER_DOCS:] for d, docs in documents.items()})
                     if kind == "vocabulary" else None)
@@ -322,16 +323,20 @@ class LikelihoodRouter:
         self.served, self.threshold = served, threshold
 
     @property
+    def known(self) -> dict:
+        return self.served.known_domains
+
+    @property
     def domains(self) -> list[str]:
         return list(self.served.domains)
 
     def bpb(self, request: str) -> dict[str, float]:
         import torch
         from ..inference.generate import request_ids
-        topic = split_request(request, [get_domain(d) for d in self.domains]).topic
+        topic = split_request(request, [self.served.domain(d) for d in self.domains]).topic
         out = {}
         for d in self.domains:
-            domain = get_domain(d)
+            domain = self.served.domain(d)
             prompt = domain.prompt(topic) or topic or request
             ids = request_ids(self.served.tokenizer_for(d), domain, prompt)
             model = self.served.for_domain(d)
@@ -352,6 +357,10 @@ class CombinedRouter:
 
     def __init__(self, *routers, threshold: float = 0.0):
         self.routers, self.threshold = routers, threshold
+
+    @property
+    def known(self) -> dict:
+        return self.routers[0].known
 
     @property
     def domains(self) -> list[str]:
@@ -393,7 +402,8 @@ def route(request: str, router) -> Route:
     if not request.strip():
         raise UserError("empty request; say what to write, e.g. 'a recipe for banana bread'")
     scores = router.scores([request])[0]
-    domains = [get_domain(d) for d in scores]
+    known = router.known
+    domains = [get_domain(d, known) for d in scores]
     domain = max(scores, key=scores.get)
     confidence = scores[domain]
     parsed = split_request(request, domains)
@@ -407,10 +417,10 @@ def route(request: str, router) -> Route:
     elif hasattr(router, "knows") and not router.knows(request):
         fits, reason = False, (f"no domain fits this request (none of its words occurs in the domains' training "
                                f"text; best guess {domain} {confidence:.2f})")
-    return Route(domain, confidence, get_domain(domain).prompt(parsed.topic), scores, reason, fits)
+    return Route(domain, confidence, get_domain(domain, known).prompt(parsed.topic), scores, reason, fits)
 
 
-def router_from_data(domain_data: dict[str, DomainSource], kind: str = DEFAULT_ROUTER) -> Router:
+def router_from_data(domain_data: dict[str, DomainSource], kind: str = DEFAULT_ROUTER, known=None) -> Router:
     """A classifier router over the domains of `domain_data` (a run record's `domain_data`: each domain's
     training file), from their real training text. Cached in the expandlm cache directory, keyed by a
     hash of what it is trained from, so a model folder is only ever read (never written: serving
@@ -418,25 +428,26 @@ def router_from_data(domain_data: dict[str, DomainSource], kind: str = DEFAULT_R
     from ..data.corpus import load_corpus
     from ..data.shards import default_cache_dir
 
-    texts = {d: load_corpus(entry.train, get_domain(d), limit=VOCABULARY_DOCS).documents
+    texts = {d: load_corpus(entry.train, get_domain(d, known), limit=VOCABULARY_DOCS).documents
              for d, entry in sorted(domain_data.items())}
-    path = default_cache_dir() / "routers" / f"{kind}-{router_key(texts, kind)}.joblib"
+    path = default_cache_dir() / "routers" / f"{kind}-{router_key(texts, kind, known)}.joblib"
     try:
         router = Router.load(path) if path.exists() else None
     except UserError:  # a damaged cache entry is trained again
         router = None
     if router is None:
-        router = train_router(texts, kind)
+        router = train_router(texts, kind, known=known)
         if is_main_process():
             router.save(path)
+    router.known = dict(known or {})
     return router
 
 
-def router_key(texts: dict[str, list[str]], kind: str) -> str:
+def router_key(texts: dict[str, list[str]], kind: str, known=None) -> str:
     """What a trained router depends on: its format and kind, the domains' genre nouns and documents."""
     digest = hashlib.sha256(f"{FORMAT}|{kind}|{ROUTER_DOCS}".encode())
     for d, docs in sorted(texts.items()):
-        digest.update(f"|{d}|{','.join(get_domain(d).nouns)}|{len(docs)}|".encode())
+        digest.update(f"|{d}|{','.join(get_domain(d, known).nouns)}|{len(docs)}|".encode())
         for doc in docs:
             digest.update(hashlib.sha256(doc.encode()).digest())
     return digest.hexdigest()[:20]
@@ -459,7 +470,8 @@ def load_router(served, kind: str = DEFAULT_ROUTER):
     if missing:
         raise UserError(f"{served.folder / RUN_RECORD}: field 'domain_data' lacks {', '.join(missing)}; "
                         "cannot train a request router")
-    router = router_from_data({d: data[d] for d in domains}, DEFAULT_ROUTER if kind == "combined" else kind)
+    router = router_from_data({d: data[d] for d in domains}, DEFAULT_ROUTER if kind == "combined" else kind,
+                              served.known_domains)
     return CombinedRouter(router, LikelihoodRouter(served), threshold=router.threshold) if kind == "combined" else router
 
 
@@ -469,7 +481,7 @@ def route_request(request: str, served, kind: str = DEFAULT_ROUTER) -> Route:
     if router is None:
         if not served.domains:
             raise UserError(f"{served.path}: no expandlm.json saying which domains it serves; use --domain")
-        domain = get_domain(served.domains[0])
+        domain = served.domain(served.domains[0])
         topic = split_request(request, [domain]).topic
         return Route(domain.name, 1.0, domain.prompt(topic), {domain.name: 1.0}, "the model serves one domain")
     return route(request, router)

@@ -39,7 +39,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..domains import get_domain
+from ..domains import Domain
 from ..inference.engine import Sampler, make_engine
 from ..errors import UserError
 from ..inference.generate import TextStream, request_ids
@@ -121,17 +121,18 @@ class Catalog:
         domains = list(dict.fromkeys(e.domain for e in self.endpoints.values()))
         if set(domains) <= set(self.models[0].domains):
             return load_router(self.models[0])
-        data = {}
+        data, declared = {}, {}
         for served in self.models:
             known = served.domain_data()
             for d in served.domains:
                 if d not in data and d in known:
                     data[d] = known[d]
+                    declared.setdefault(d, served.domain(d))
         missing = [d for d in domains if d not in data]
         if missing:
             raise UserError(f"cannot route 'auto' over {', '.join(domains)}: no recorded training data for "
                             f"{', '.join(missing)} (run.json 'domain_data')")
-        return routing.router_from_data(data)
+        return routing.router_from_data(data, known=declared)
 
     def route(self, request: str) -> tuple[Endpoint, Route]:
         """`auto`: the router picks the domain; the first model that serves it answers."""
@@ -453,13 +454,12 @@ class ChatRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
 
 
-def chat_prompt(domain: str, messages: list[Message]) -> str:
+def chat_prompt(d: Domain, messages: list[Message]) -> str:
     """The chat template of every domain: the last user message, read as a request for that domain,
     becomes the domain's prompt ("a story about a cat" → "Once upon a time, there was a cat.")."""
     user = [m for m in messages if m.role == "user"]
     if not user:
         raise APIError(400, "messages must contain a user message", param="messages")
-    d = get_domain(domain)
     return d.prompt(split_request(user[-1].text(), [d]).topic)
 
 
@@ -487,8 +487,8 @@ def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
         prompt = routed.prompt
     else:
         endpoint = catalog.get(req.model)
-        prompt = chat_prompt(endpoint.domain, req.messages) if chat else text
-    ids = request_ids(endpoint.tokenizer, get_domain(endpoint.domain), prompt)
+        prompt = chat_prompt(endpoint.served.domain(endpoint.domain), req.messages) if chat else text
+    ids = request_ids(endpoint.tokenizer, endpoint.served.domain(endpoint.domain), prompt)
     context = endpoint.context
     if len(ids) >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt is {len(ids)} "

@@ -22,7 +22,7 @@ from pydantic import Field
 from ..config import arg, config
 from ..data.corpus import load_train_val
 from ..data.shards import PackedBatches, build_shard
-from ..domains import get_domain, save_specs
+from ..domains import save_specs
 from ..errors import UserError
 from ..evaluation.bpb import evaluate_bpb
 from ..formats.checkpoint import Checkpoint
@@ -93,8 +93,10 @@ def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
 
     run = Run(spec, resume, spec.train.progress)
     spec = run.spec
-    domains = _teacher_domains(spec)
+    if not spec.teachers:
+        raise UserError("distill: 'teachers' lists no expert; give one {model, domain} per domain")
     served = [load_served(t.model) for t in spec.teachers]  # on the device the student trains on
+    domains = _teacher_domains(spec, served)
     names = [f"teachers[{i}]" for i in range(len(served))]
     student_start = load_served(spec.student, device="cpu") if spec.student else None
     check_tokenizers(served + ([student_start] if student_start else []), names + ["student"] * bool(student_start))
@@ -105,7 +107,7 @@ def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
         data = s.domain_data().get(d)
         if data is None:
             raise UserError(f"{name}: {s.path} has no record of its '{d}' training data")
-        train_c, val_c = load_train_val(data.train, get_domain(d), data.val, spec.limit or data.limit,
+        train_c, val_c = load_train_val(data.train, s.domain(d), data.val, spec.limit or data.limit,
                                         spec.val_limit or data.val_limit)
         train_shards.append(build_shard(train_c, tokenizer, spec.cache_dir))
         val_shards[d] = build_shard(val_c, tokenizer, spec.cache_dir)
@@ -123,7 +125,7 @@ def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
                               spec.train.seed, shares)
     if not resume:
         run.folder.save(tokenizer.save_pretrained)
-        save_specs(run.folder.path, domains)
+        save_specs(run.folder.path, [s.domain(d) for s, d in zip(served, domains)])
     card = ModelCard(domains=domains, method="distill", preset=preset, details={"distilled": {
         "teachers": {d: run.folder.portable(t.model) for d, t in zip(domains, spec.teachers)}, "alpha": spec.alpha}})
     run.begin(run.new_record("distill", spec.train.seed, domain_data, card=card.to_json(),
@@ -143,11 +145,9 @@ def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
     return run.finish(trained, Checkpoint(), card, state, measure)
 
 
-def _teacher_domains(spec: DistillSpec) -> list[str]:
-    """The teachers' domains, one each, and their shares checked."""
-    if not spec.teachers:
-        raise UserError("distill: 'teachers' lists no expert; give one {model, domain} per domain")
-    domains = [get_domain(t.domain).name for t in spec.teachers]
+def _teacher_domains(spec: DistillSpec, served) -> list[str]:
+    """The teachers' domains, one each (a name their folder knows), and their shares checked."""
+    domains = [s.domain(t.domain).name for s, t in zip(served, spec.teachers)]
     if len(set(domains)) != len(domains):
         raise UserError(f"distill: 'teachers' names a domain twice: {domains}; one teacher per domain")
     if spec.shares is not None and (len(spec.shares) != len(domains) or min(spec.shares) < 0 or sum(spec.shares) <= 0):

@@ -9,7 +9,7 @@ from ..config import arg, config
 from ..data.corpus import default_data_dir, load_train_val
 from ..data.shards import PackedBatches, build_shard
 from ..data.tokenizer import load_tokenizer, train_bpe
-from ..domains import get_domain, save_specs
+from ..domains import save_specs
 from ..evaluation.bpb import evaluate_bpb
 from ..formats.checkpoint import Checkpoint
 from ..model.llama import build_model, count_params, get_preset, preset_dict
@@ -40,8 +40,8 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> RunRecord:
     run = Run(spec, resume, spec.train.progress)
     if resume:
         log(f"resuming {run.folder.path} with its saved configuration")
-    spec = run.spec = with_domain_data(run.spec, run.folder)
-    domain, preset = get_domain(spec.domain), get_preset(spec.preset)
+    run.spec, domain = with_domain_data(run.spec, run.folder)
+    spec, preset = run.spec, get_preset(spec.preset)
     corpus, val_corpus = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
     with run.dist.main_process_first():  # one process trains the tokenizer and writes the shards
         tokenizer = _tokenizer(run, spec, corpus, domain, preset)
@@ -83,5 +83,5 @@ def _tokenizer(run: Run, spec: ExpertSpec, corpus, domain, preset):
         log(f"training a {spec.vocab_size or preset.vocab}-token byte-level BPE on {len(corpus.documents)} documents")
         tokenizer = train_bpe(corpus.documents, spec.vocab_size or preset.vocab, [domain.tag])
     run.folder.save(tokenizer.save_pretrained)
-    save_specs(run.folder.path, [domain.name])
+    save_specs(run.folder.path, [domain])
     return tokenizer

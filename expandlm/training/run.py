@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..config import build, path_fields
 from ..data.corpus import default_data_dir
-from ..domains import get_domain, load_folder_specs
+from ..domains import Domain, folder_domains, get_domain
 from ..process import distributed_state
 from ..records import RUN_FIELDS, DomainSource, ModelCard, RunRecord
 from ..run_folder import RUN_RECORD, RunFolder, versions
@@ -42,17 +42,16 @@ def saved_spec(folder: RunFolder, spec_cls, progress: bool = True):
     return build(spec_cls, data, f"{folder / RUN_RECORD}: spec")
 
 
-def with_domain_data(spec, folder: RunFolder):
+def with_domain_data(spec, folder: RunFolder) -> tuple[object, Domain]:
     """The spec with its domain by name (a spec file is read once; the run folder keeps it, so a resumed
     run knows the domain) and its corpus: `--data` when given, else the files the domain's spec names (a
-    built-in domain's under the data folder); the validation file follows the same choice."""
-    load_folder_specs(folder.path)
-    domain = get_domain(spec.domain)
+    built-in domain's under the data folder); the validation file follows the same choice. And the domain."""
+    domain = get_domain(spec.domain, folder_domains(folder.path))
     spec = dataclasses.replace(spec, domain=domain.name)
     if spec.data is not None:
-        return spec
+        return spec, domain
     train_file, valid = domain.local_files(default_data_dir())
-    return dataclasses.replace(spec, data=train_file, val_data=spec.val_data or valid)
+    return dataclasses.replace(spec, data=train_file, val_data=spec.val_data or valid), domain
 
 
 def domain_source(spec) -> DomainSource:
