@@ -247,14 +247,9 @@ class Domain:
         if c is None:
             return None
         if isinstance(c, str):
-            return CHECKS[c][0]
+            return CHECKS[c]
         pattern = user_regex(c["pattern"])  # no DOTALL: "." stays within a line, as in a line-based layout
         return lambda text: pattern.fullmatch(text.strip()) is not None
-
-    @property
-    def check_name(self) -> str:
-        c = self.spec.check
-        return "" if c is None else CHECKS[c][1] if isinstance(c, str) else f"matches {c['pattern']!r}"
 
     def valid(self, text: str, finished: bool) -> bool:
         """A sample passes the structural check only if it also ended before the length limit."""
@@ -322,11 +317,6 @@ def get_domain(name: str) -> Domain:
     except KeyError:
         raise UserError(f"unknown domain '{name}' (known: {', '.join(sorted(DOMAINS))}; or give the path "
                         "of a domain spec file, e.g. poems.yaml)") from None
-
-
-def domain_name(name: str) -> str:
-    """The name of a domain given by name or spec path."""
-    return get_domain(name).name
 
 
 def builtin_tags() -> list[str]:
