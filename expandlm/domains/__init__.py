@@ -1,11 +1,12 @@
 """Domains are data: a YAML spec per domain says where its records live, how a record becomes text, how
 its output is checked and how a request becomes a generation prompt.
 
-design.md §2: a training document is `<|bos|><|domain|>text<|eos|>`; asking for a domain means
-starting generation from `<|bos|><|domain|>` plus a prompt. The built-in specs (`stories.yaml`,
-`recipes.yaml`, `code.yaml` beside this file) are read at import; a user's own spec is named by its
-path wherever a command takes a domain (`--domain poems.yaml`), and a model folder keeps the specs of
-the domains it serves (`domains.yaml`), so `generate` and `serve` know them by name afterwards.
+A training document is `<|bos|><|domain|>text<|eos|>`; asking for a domain means starting generation
+from `<|bos|><|domain|>` plus a prompt (docs/DESIGN.md, "Pipeline and layout"). The built-in specs
+(`stories.yaml`, `recipes.yaml`, `code.yaml` beside this file) are read at import; a user's own spec is
+named by its path wherever a command takes a domain (`--domain poems.yaml`), and a model folder keeps
+the specs of the domains it serves (`domains.yaml`), so `generate` and `serve` know them by name
+afterwards.
 
     name: poems
     description: short poems
