@@ -61,7 +61,6 @@ class NoOptions:
 
 class Method:
     name: ClassVar[str]
-    summary: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     format: ClassVar[str] = "checkpoint"  # the folder format it produces (`formats/`)
     supports_vocab_expansion: ClassVar[bool] = True
