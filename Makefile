@@ -33,7 +33,7 @@ chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)); } || \
-	  echo "chromium is missing and cannot be installed here: tests/test_web.py will be skipped"
+	  echo "chromium is missing and cannot be installed here: tests/test_serve_page.py will be skipped"
 
 test: $(TESTS) chromium
 	$(VENV)/bin/python -m pytest -q

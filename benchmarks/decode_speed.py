@@ -177,7 +177,7 @@ def engine_greedy(engine: DecodeEngine, n: int, streams: int = 1) -> tuple[float
 
 def llama_cpp_greedy(path: Path, context: int, n: int) -> tuple[float, list[int]]:
     """llama.cpp's server (one thread, float32 KV cache, as the GGUF test runs it), by its own decode timer."""
-    from tests.test_gguf import LlamaServer
+    from tests.test_formats_gguf import LlamaServer
     server = LlamaServer(path, context)
     try:
         answer = server.completion([START], n)

@@ -1,7 +1,8 @@
-"""Routing accuracy (design.md §6): every router of `expandlm.routing.router` on sets of hand-written requests
-(never on training text): `tests/data/requests.jsonl` and `tests/data/requests_plain.jsonl` (plain
-how-to questions and invitations to imagine, without a genre noun) by default, `--requests` to name
-others; with a confusion matrix that has a no-domain row and column, and the time each took to train.
+"""Routing accuracy (docs/DESIGN.md, "Routing"): every router of `expandlm.routing.router` on sets of
+hand-written requests (never on training text): `tests/data/requests.jsonl` and
+`tests/data/requests_plain.jsonl` (plain how-to questions and invitations to imagine, without a genre noun)
+by default, `--requests` to name others; with a confusion matrix that has a no-domain row and column, and
+the time each took to train.
 
 The classifier routers are trained from the corpora in `corpus.default_data_dir()` (the first
 `VOCABULARY_DOCS` documents per domain, as `load_router` does for a model folder: the classifiers

@@ -252,18 +252,7 @@ def _training_command(p: argparse.ArgumentParser, spec_cls) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .adapt.run import AdaptSpec
-    from .config import flags
-    from .studies.demo import DemoConfig
-    from .training.expert import ExpertSpec
-    from .inference.generate import SamplingConfig
-    from .training.loop import TrainConfig
-
-    p = argparse.ArgumentParser(prog="expandlm", description="Small domain-specific language models that "
-                                "learn new domains without forgetting old ones.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_tokenizer_command(sub) -> None:
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a domain corpus")
     t.add_argument("--domain", required=True, help=DOMAIN_HELP)
     t.add_argument("--data", help="a .jsonl(.gz), .txt, .parquet file or a hub dataset id (default: the domain "
@@ -273,9 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer)
 
+
+def _add_train_command(sub) -> None:
+    from .training.expert import ExpertSpec
+
     tr = sub.add_parser("train", help="train a domain expert from scratch (or --resume one)")
     _training_command(tr, ExpertSpec)
     tr.set_defaults(func=cmd_train)
+
+
+def _add_adapt_command(sub) -> None:
+    from .adapt.run import AdaptSpec
 
     ad = sub.add_parser("adapt", help="make a trained model serve a new domain with a strategy")
     _training_command(ad, AdaptSpec)
@@ -284,11 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "fraction=0.2, lam=1, from_scratch=false")
     ad.set_defaults(func=cmd_adapt)
 
+
+def _add_merge_command(sub) -> None:
     m = sub.add_parser("merge", help="merge experts of one common start (linear, task arithmetic, TIES, DARE, Fisher, RegMean)")
     m.add_argument("config", help="a mergekit-style YAML: method, base, models (model, weight), parameters")
     m.add_argument("--out", required=True, help="the merged model's folder (a new one)")
     m.set_defaults(func=cmd_merge)
 
+
+def _add_distill_command(sub) -> None:
     di = sub.add_parser("distill", help="train one student on several experts' outputs (alpha 0: joint training)")
     di.add_argument("config", help="YAML: teachers ({model, domain} each), student, alpha, temperature, train")
     di.add_argument("--out", required=True, help="the student's run folder")
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     di.set_defaults(func=cmd_distill)
 
+
+def _add_eval_command(sub) -> None:
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
     e.add_argument("--model", required=True)
     e.add_argument("--domain", required=True, help=DOMAIN_HELP)
@@ -305,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="JSON output (default: MODEL/eval-DOMAIN.json)")
     e.add_argument("--cache-dir")
     e.set_defaults(func=cmd_eval)
+
+
+def _add_generate_command(sub) -> None:
+    from .config import flags
+    from .inference.generate import SamplingConfig
 
     g = sub.add_parser("generate", help="write text of a domain on request")
     g.add_argument("--model", required=True)
@@ -317,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     flags(g.add_argument_group("sampling"), SamplingConfig)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_export_command(sub) -> None:
     x = sub.add_parser("export", help="write one domain of a model as a standard checkpoint or a GGUF file")
     x.add_argument("model", help="a model folder (from train or adapt)")
     x.add_argument("--domain", required=True, help="the domain whose model to write")
@@ -325,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the checkpoint folder (or with --format gguf, the file) to write")
     x.set_defaults(func=cmd_export)
 
+
+def _add_serve_command(sub) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible API and a web page over model folders")
     s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders; every domain of each is a model id")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -338,17 +350,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads: prompts and the torch/hf engines; the C decode step uses one (default: torch's)")
     s.set_defaults(func=cmd_serve)
 
+
+def _add_compare_command(sub) -> None:
     c = sub.add_parser("compare", help="run a whole study from a YAML config (strategies × evaluation suite)")
     c.add_argument("config", help="e.g. configs/stories-recipes.yaml (configs/smoke.yaml: a few minutes)")
     c.add_argument("--out", required=True)
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     c.set_defaults(func=cmd_compare)
 
+
+def _add_demo_command(sub) -> None:
+    from .config import flags
+    from .studies.demo import DemoConfig
+    from .training.loop import TrainConfig
+
     d = sub.add_parser("demo", help="one model: an expert, each further domain added, every domain answered (the README's main command)")
     _with_config(d)
     flags(d, DemoConfig)
     flags(d.add_argument_group("training loop of every expert"), TrainConfig)
     d.set_defaults(func=cmd_demo)
+
+
+# in the order `expandlm --help` lists them
+_COMMANDS = (_add_tokenizer_command, _add_train_command, _add_adapt_command, _add_merge_command, _add_distill_command,
+             _add_eval_command, _add_generate_command, _add_export_command, _add_serve_command, _add_compare_command,
+             _add_demo_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="expandlm", description="Small domain-specific language models that "
+                                "learn new domains without forgetting old ones.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(sub)
     return p
 
 

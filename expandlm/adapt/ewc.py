@@ -34,7 +34,6 @@ def diagonal_fisher(model, batches: list[torch.Tensor], normalize: bool = True) 
 
 class EWC(Method):
     name = "ewc"
-    summary = "every parameter, on B, pulled toward A's weights by a Fisher-weighted penalty"
 
     @config
     class Options:

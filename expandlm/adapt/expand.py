@@ -53,7 +53,6 @@ def expand_blocks(model, new_blocks: int, position: str = "interleave") -> tuple
 
 class Expand(Method):
     name = "expand"
-    summary = "k zero-initialised blocks added, old parameters frozen, only the new blocks trained"
 
     @config
     class Options:

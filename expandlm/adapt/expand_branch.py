@@ -46,7 +46,6 @@ def shared_tokens(old_tokenizer, new_tokenizer) -> list[tuple[int, int]]:
 
 class ExpandBranch(Method):
     name = "expand_branch"
-    summary = "B's own tokenizer, embedding/head, final norm and k new blocks over A's frozen blocks"
     format = "branch"
     supports_vocab_expansion = False  # B has a whole vocabulary of its own
     keeps_old_domains = True

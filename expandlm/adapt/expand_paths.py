@@ -10,7 +10,6 @@ from .expand import Expand
 
 class ExpandPaths(Expand):
     name = "expand_paths"
-    summary = "as expand, but the new blocks run only for B: A's outputs are unchanged"
     format = "paths"
     keeps_old_domains = True
 

@@ -4,4 +4,3 @@ from .method import Method
 
 class FullFineTune(Method):
     name = "full_ft"
-    summary = "every parameter trained on B"

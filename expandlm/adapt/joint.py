@@ -10,7 +10,6 @@ from .method import AdaptContext, Adapted, Method, mix
 
 class Joint(Method):
     name = "joint"
-    summary = "every parameter, on A and B mixed"
 
     @config
     class Options:

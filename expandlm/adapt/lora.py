@@ -15,7 +15,6 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 class LoRA(Method):
     name = "lora"
-    summary = "low-rank adapters on every linear layer, trained on B"
     format = "adapter"
     supports_vocab_expansion = False  # the new embedding rows would have to live outside the adapter
     keeps_old_domains = True

@@ -1,4 +1,4 @@
-"""A training method: how a trained model comes to serve a new domain (docs/DESIGN.md, "Methods").
+"""A training method: how a trained model comes to serve a new domain (docs/DESIGN.md, "Methods and formats").
 
 A method is one file with one class, listed in `adapt/__init__.py`. It owns how the model learns the
 new domain; how the result is stored and served is its folder format's (`formats/`), named by `format`:
@@ -61,7 +61,6 @@ class NoOptions:
 
 class Method:
     name: ClassVar[str]
-    summary: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     format: ClassVar[str] = "checkpoint"  # the folder format it produces (`formats/`)
     supports_vocab_expansion: ClassVar[bool] = True

@@ -10,7 +10,6 @@ from .method import AdaptContext, Method, mix
 
 class Replay(Method):
     name = "replay"
-    summary = "every parameter, on B plus a share of A"
 
     @config
     class Options:

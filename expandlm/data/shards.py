@@ -2,7 +2,8 @@
 
 A shard folder holds `tokens.bin` (uint16 when the vocabulary fits, else uint32), `doc_starts.npy`
 (offset of each document's `<|bos|>`, plus the end) and `meta.json` (documents, tokens, UTF-8 bytes,
-tokenizer hash). Documents are stored as `<|bos|><|domain|>text<|eos|>` (design.md §2).
+tokenizer hash). Documents are stored as `<|bos|><|domain|>text<|eos|>` (docs/DESIGN.md, "Pipeline and
+layout").
 """
 from __future__ import annotations
 

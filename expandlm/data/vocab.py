@@ -1,4 +1,5 @@
-"""Vocabulary expansion (design.md §3): grow a trained tokenizer and its model for a new domain.
+"""Vocabulary expansion: grow a trained tokenizer and its model for a new domain (docs/DESIGN.md,
+"Methods and formats").
 
 The old tokenizer's tokens, ids and merges are kept exactly; tokens learned from the new domain are
 appended (ids len(old)...) with their merges after every old merge, and the tied embedding grows one row

@@ -1,11 +1,12 @@
 """Domains are data: a YAML spec per domain says where its records live, how a record becomes text, how
 its output is checked and how a request becomes a generation prompt.
 
-design.md §2: a training document is `<|bos|><|domain|>text<|eos|>`; asking for a domain means
-starting generation from `<|bos|><|domain|>` plus a prompt. The built-in specs (`stories.yaml`,
-`recipes.yaml`, `code.yaml` beside this file) are read at import; a user's own spec is named by its
-path wherever a command takes a domain (`--domain poems.yaml`), and a model folder keeps the specs of
-the domains it serves (`domains.yaml`), so `generate` and `serve` know them by name afterwards.
+A training document is `<|bos|><|domain|>text<|eos|>`; asking for a domain means starting generation
+from `<|bos|><|domain|>` plus a prompt (docs/DESIGN.md, "Pipeline and layout"). The built-in specs
+(`stories.yaml`, `recipes.yaml`, `code.yaml` beside this file) are read at import; a user's own spec is
+named by its path wherever a command takes a domain (`--domain poems.yaml`), and a model folder keeps
+the specs of the domains it serves (`domains.yaml`), so `generate` and `serve` know them by name
+afterwards.
 
     name: poems
     description: short poems
@@ -247,14 +248,9 @@ class Domain:
         if c is None:
             return None
         if isinstance(c, str):
-            return CHECKS[c][0]
+            return CHECKS[c]
         pattern = user_regex(c["pattern"])  # no DOTALL: "." stays within a line, as in a line-based layout
         return lambda text: pattern.fullmatch(text.strip()) is not None
-
-    @property
-    def check_name(self) -> str:
-        c = self.spec.check
-        return "" if c is None else CHECKS[c][1] if isinstance(c, str) else f"matches {c['pattern']!r}"
 
     def valid(self, text: str, finished: bool) -> bool:
         """A sample passes the structural check only if it also ended before the length limit."""

@@ -8,7 +8,7 @@ _STEP = re.compile(r"(\d+)\. \S")
 
 
 def recipe_layout(text: str) -> bool:
-    """True when `text` has the layout of design.md §2:
+    """True when `text` has the recipe layout of docs/DESIGN.md, "Metrics":
 
         <title>               a non-empty first line that is not a section header
         (blank lines)
@@ -55,7 +55,7 @@ def recipe_layout(text: str) -> bool:
 
 
 def python_parses(text: str) -> bool:
-    """A generated function is valid when it parses as Python (design.md §6)."""
+    """A generated function is valid when it parses as Python (docs/DESIGN.md, "Metrics")."""
     try:
         ast.parse(text)
     except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
@@ -63,8 +63,5 @@ def python_parses(text: str) -> bool:
     return True
 
 
-# name -> (check, what the report calls it)
-CHECKS = {
-    "recipe_layout": (recipe_layout, "recipe layout"),
-    "python_parses": (python_parses, "parses (ast.parse)"),
-}
+# the names a domain spec's `check:` may give
+CHECKS = {"recipe_layout": recipe_layout, "python_parses": python_parses}

@@ -1,4 +1,4 @@
-"""Evaluation: bits per byte of a domain's validation documents (design.md §6).
+"""Evaluation: bits per byte of a domain's validation documents (docs/DESIGN.md, "Metrics").
 
 bpb = total next-token NLL (nats) of each document's text tokens and its `<|eos|>`, given the request
 prefix `<|bos|><|domain|>`, / ln 2 / total UTF-8 bytes of the documents' text. It is comparable

@@ -1,4 +1,5 @@
-"""Generation-quality metrics of design.md §6: structural validity, text health, domain control accuracy.
+"""Generation-quality metrics: structural validity, text health, domain control accuracy (docs/DESIGN.md,
+"Metrics").
 
 Structural validity is each domain's own check (`Domain.valid`, e.g. the recipe layout).
 
@@ -79,5 +80,5 @@ def validity_ceiling(domain, documents: list[str], tokenizer, context: int) -> f
 def domain_control_accuracy(classifier: "DomainClassifier",
                             samples_by_domain: dict[str, list[str]]) -> dict[str, float]:
     """For each requested domain d, the share of the samples generated for d that the classifier
-    assigns to d (design.md §6)."""
+    assigns to d (docs/DESIGN.md, "Metrics")."""
     return classifier.accuracy(samples_by_domain)

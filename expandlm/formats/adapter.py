@@ -17,7 +17,6 @@ ADAPTER = "default"  # PEFT's name of the adapter it creates
 
 class Adapter(Format):
     name = "adapter"
-    summary = "a PEFT LoRA adapter over its base folder, on for some domains and off for the others"
     one_set_of_weights = False
 
     def load(self, folder, card, open_base):

@@ -17,7 +17,6 @@ EXPERTS = "experts"  # the folder's subfolder of adapters, one per expert, in th
 
 class Arrow(Format):
     name = "arrow"
-    summary = "LoRA experts routed per token by their prototypes (PEFT's Arrow; made by `merge`)"
     one_set_of_weights = False
     exportable = False
 

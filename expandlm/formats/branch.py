@@ -24,7 +24,6 @@ class BranchModels(torch.nn.Module):
 
 class Branch(Format):
     name = "branch"
-    summary = "the new domains' own checkpoint and tokenizer; the base folder serves the old domains"
     one_set_of_weights = False  # a model per domain: no one set of weights to continue
     serves_old_from_base = True
 

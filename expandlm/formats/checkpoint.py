@@ -5,4 +5,3 @@ from .format import Format
 
 class Checkpoint(Format):
     name = "checkpoint"
-    summary = "one standard checkpoint; its weights serve every domain"

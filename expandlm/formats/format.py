@@ -24,7 +24,6 @@ from ..records import ModelCard
 
 class Format:
     name: ClassVar[str]
-    summary: ClassVar[str]
     one_set_of_weights: ClassVar[bool] = True
     serves_old_from_base: ClassVar[bool] = False
     exportable: ClassVar[bool] = True

@@ -8,7 +8,6 @@ from .format import Format
 
 class Paths(Format):
     name = "paths"
-    summary = "one checkpoint whose blocks are gated per domain (each domain runs its own path)"
     one_set_of_weights = False  # a path per domain over paths is not implemented yet
 
     def load(self, folder, card, open_base):

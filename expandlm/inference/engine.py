@@ -7,7 +7,7 @@ and vLLM/TGI do not target CPUs of this size. The engine runs the same computati
 `LlamaForCausalLM` (RMSNorm, RoPE from the model's own rotary module, attention, SwiGLU, tied head)
 on weights read once from the model, fused where that saves work (q/k/v in one matmul, gate/up in
 one), with a pre-allocated cache, and gives the same greedy tokens as `model.generate`
-(tests/test_engine.py). A prompt goes through in one PyTorch pass (a prompt of a few tokens, through
+(tests/test_inference_engine.py). A prompt goes through in one PyTorch pass (a prompt of a few tokens, through
 the C step); each decode step is one call into `decode_kernel.c` (compiled at first use with the
 system compiler, as llama2.c's run.c is built), or, where no compiler is found (or with
 `kernel=False`: engine "torch"), a PyTorch loop of about twenty operations per block.

@@ -1,4 +1,5 @@
-"""Model: Llama-architecture presets (design.md §4) as `transformers.LlamaForCausalLM`, tied embeddings."""
+"""Model: Llama-architecture presets as `transformers.LlamaForCausalLM`, tied embeddings (docs/DESIGN.md,
+"Model presets")."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

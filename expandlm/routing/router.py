@@ -1,6 +1,7 @@
 """Routing: a free-text request ("write a recipe for banana bread") becomes a domain and a prompt.
 
-design.md §2: the request is routed automatically and the decision and its confidence are reported.
+The request is routed automatically and the decision and its confidence are reported (docs/DESIGN.md,
+"Routing").
 Nothing here names a domain or lists a domain's words: a router is learned from each domain's own
 data (its training documents, its genre `nouns`, its `prompt`). Three kinds (`ROUTERS`), measured
 against each other by `benchmarks/routing_accuracy.py` on hand-written requests:

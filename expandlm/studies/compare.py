@@ -2,7 +2,7 @@
 
 For each seed: train the old domain's expert (the base) and the new domain's scratch expert (the
 reference), adapt the base with every strategy of the config at equal training tokens on the new
-domain, then run the evaluation suite (design.md §6) on every model. Optionally a tokenizer study
+domain, then run the evaluation suite (docs/DESIGN.md, "Metrics") on every model. Optionally a tokenizer study
 (per-domain BPE vs shared BPE vs GPT-2 vs bytes, equal model and tokens). Every stage writes its own
 folder and is reused when finished (resumed when interrupted), so a killed study continues where it
 stopped. Writes `results.json`, `report.md`, plots and sample generations.

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.test_serve import app, live_server  # noqa: F401  (the served two-domain model)
+from tests.test_serve_app import app, live_server  # noqa: F401  (the served two-domain model)
 
 CHROMIUM = os.environ.get("EXPANDLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")

@@ -13,7 +13,7 @@ from expandlm.formats.served import load_served
 from expandlm.errors import UserError
 from expandlm.data.tokenizer import bytes_tokenizer, encode_texts, train_bpe
 from tests.conftest import STORIES
-from tests.test_engine import decisive, engine_tokens
+from tests.test_inference_engine import decisive, engine_tokens
 
 gguf = pytest.importorskip("gguf")
 TEXT = "Tom's 3 cats didn't like  the rain, so they ran home!\n\nThe end. 42 + 7 = 49?"

@@ -1,5 +1,5 @@
 """Vocabulary expansion: old-domain text tokenizes identically, new tokens come from the new domain,
-old embedding rows never move (design.md §3)."""
+old embedding rows never move (docs/DESIGN.md, "Methods and formats")."""
 import json
 
 import pytest
