@@ -2,13 +2,10 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
-from expandlm.errors import UserError
-from expandlm.formats import FORMATS, format_of
+from expandlm.formats import FORMATS
 from expandlm.formats.served import load_served
-from expandlm.records import ModelCard
 
 LEGACY = Path(__file__).parent / "data" / "legacy-745b37b"
 
@@ -46,25 +43,6 @@ def test_an_arrow_folder_computes_the_same_each_time_it_is_loaded():
         with torch.no_grad():
             runs.append(load_served(LEGACY / "arrow", device="cpu").for_domain("recipes")(input_ids=ids).logits)
     assert torch.equal(*runs)
-
-
-def test_the_card_maps_an_old_strategy_once_and_writes_format_and_method():
-    old = ModelCard.from_json({"domains": ["stories", "recipes"], "strategy": "expand_branch", "base": "../s",
-                               "own_domains": ["recipes"]}, "x/expandlm.json")
-    assert (old.format, old.method, old.base, old.details) == ("branch", "expand_branch", "../s", {"own_domains": ["recipes"]})
-    written = old.to_json()
-    assert "strategy" not in written and written["format"] == "branch" and written["own_domains"] == ["recipes"]
-    assert ModelCard.from_json(written, "x") == old
-
-
-def test_a_bad_card_names_the_file_and_the_field():
-    with pytest.raises(UserError, match=r"x/expandlm.json: field 'domains' must be a list"):
-        ModelCard.from_json({"domains": "stories"}, "x/expandlm.json")
-    with pytest.raises(UserError, match="unknown format 'zip'"):
-        format_of(ModelCard(format="zip"))
-    card = ModelCard(domains=["stories"], format="paths", where="y/expandlm.json")
-    with pytest.raises(UserError, match=r"y/expandlm.json: field 'paths' is missing"):
-        card.detail("paths")
 
 
 def test_each_format_says_what_it_can_do():

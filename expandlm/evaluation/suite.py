@@ -77,8 +77,7 @@ def validity_ceiling(domain, documents: list[str], tokenizer, context: int) -> f
     return validity(domain, list(zip(documents, fits)))
 
 
-def domain_control_accuracy(classifier: "DomainClassifier",
-                            samples_by_domain: dict[str, list[str]]) -> dict[str, float]:
-    """For each requested domain d, the share of the samples generated for d that the classifier
-    assigns to d (docs/DESIGN.md, "Metrics")."""
+def domain_control_accuracy(classifier, samples_by_domain: dict[str, list[str]]) -> dict[str, float]:
+    """For each requested domain d, the share of the samples generated for d that the classifier (a
+    `routing.classifier.DomainClassifier`) assigns to d (docs/DESIGN.md, "Metrics")."""
     return classifier.accuracy(samples_by_domain)
