@@ -151,6 +151,15 @@ def test_config_errors_name_the_problem(experts, tmp_path):
                                     "parameters": {"density": 1.5}}))
     with pytest.raises(UserError, match="density"):
         load_merge_config(path)
+    # each method reads its own parameters: one it does not read is refused, not ignored
+    path.write_text(yaml.safe_dump({"method": "linear", "models": [{"model": a}, {"model": b}],
+                                    "parameters": {"density": 0.5, "seed": 3}}))
+    with pytest.raises(UserError, match=r"bad.yaml: parameters: method 'linear' does not read 'density' \(its "
+                                        r"parameters: normalize, seed\)"):
+        load_merge_config(path)
+    path.write_text(yaml.safe_dump({"method": "linear", "models": [{"model": a}, {"model": b}],
+                                    "parameters": {"normalize": False, "seed": 3}}))
+    assert load_merge_config(path).parameters.normalize is False
 
 
 def test_models_of_another_tokenizer_or_shape_are_refused(experts, tmp_path, two_domain_models):

@@ -78,6 +78,32 @@ class MergeParameters:
     router_temperature: Annotated[float, Field(gt=0)] = arg(1.0, "arrow: softmax temperature of the routing")
 
 
+# The parameters each method reads, as each of mergekit's merge methods declares its own: a parameter
+# given to a method that does not read it is refused, so a setting never passes silently unused. `seed`
+# belongs to every method (the run record's seed; DARE's drops; the windows Fisher and RegMean read).
+METHOD_PARAMETERS = {
+    "linear": ("normalize",),
+    "task_arithmetic": (),
+    "ties": ("density", "majority_sign_method", "svd_rank"),
+    "dare_linear": ("density", "svd_rank"),
+    "dare_ties": ("density", "majority_sign_method", "svd_rank"),
+    "fisher": ("windows", "fisher_floor"),
+    "regmean": ("windows", "regmean_alpha"),
+    "arrow": ("top_k", "router_temperature"),
+}
+
+
+def merge_parameters(method: str, given: dict, where: str) -> MergeParameters:
+    """`given` parameters of `method`, checked: known, of the right type, and read by that method."""
+    parameters = build(MergeParameters, given, where)
+    takes = {"seed", *METHOD_PARAMETERS.get(method, ())}
+    unused = [k for k in given if k not in takes]
+    if unused:
+        raise UserError(f"{where}: method '{method}' does not read {', '.join(repr(k) for k in unused)} "
+                        f"(its parameters: {', '.join(sorted(takes))})")
+    return parameters
+
+
 @config
 class MergeConfig:
     method: Literal[METHODS] = arg(help="how the models are combined (arrow: LoRA adapters kept apart, routed per token)")
@@ -88,7 +114,10 @@ class MergeConfig:
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:
-    cfg = build(MergeConfig, load_yaml(path), str(path))
+    data = load_yaml(path)
+    cfg = build(MergeConfig, data, str(path))
+    given = data.get("parameters") if isinstance(data, dict) else None
+    merge_parameters(cfg.method, given if isinstance(given, dict) else {}, f"{path}: parameters")
     root = Path(path).parent
     for m in cfg.models:  # a model's path is relative to the config
         m.model = str(root / m.model) if not Path(m.model).is_absolute() else m.model
