@@ -84,6 +84,7 @@ class CombineStudyConfig:
 
 
 def load_combine_config(data: dict, path) -> CombineStudyConfig:
+    """The combination study's config from `data`, the YAML read from `path` without its `study` key."""
     cfg = build(CombineStudyConfig, data, str(path))
     cfg.base_domain, cfg.experts = get_domain(cfg.base_domain).name, [get_domain(d).name for d in cfg.experts]
     if not cfg.experts or cfg.base_domain in cfg.experts or len(set(cfg.experts)) != len(cfg.experts):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..adapt import method_class
-from ..config import arg, build, config, load_yaml
+from ..config import arg, build, config
 from ..data.corpus import load_train_val
 from ..data.tokenizer import load_tokenizer, train_bpe
 from ..domains import get_domain, is_spec_path
@@ -95,9 +95,9 @@ def budget_label(tokens: int) -> str:
     return f"{tokens / 1e6:g}M"
 
 
-def load_config(path: str | Path) -> StudyConfig:
-    """A study config: the two-domain (or growth) study."""
-    cfg = build(StudyConfig, load_yaml(path), str(path))
+def load_config(data: dict, path: str | Path) -> StudyConfig:
+    """The two-domain (or growth) study's config from `data`, the YAML read from `path` without its `study` key."""
+    cfg = build(StudyConfig, data, str(path))
     # one label is one curve: entries may share it to run it at different seeds per budget, never twice
     # at the same point, and always as the same strategy
     points, kind = set(), {}
