@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from expandlm.studies.compare import load_config
+from expandlm.studies import load_study
 from expandlm.config import build, flags, given, load_yaml, parse_text
 from expandlm.errors import UserError
 from expandlm.training.expert import ExpertSpec
@@ -26,15 +26,15 @@ def test_values_are_converted_where_unambiguous_and_refused_otherwise():
 
 def test_a_study_config_is_checked_when_read(tmp_path):
     path = tmp_path / "study.yaml"
-    path.write_text("old_domain: stories\nnew_domain: recipes\nbase_tokens: 2e6\n")  # YAML reads 2e6 as a string
+    path.write_text("study: expansion\nold_domain: stories\nnew_domain: recipes\nbase_tokens: 2e6\n")  # YAML reads 2e6 as a string
     with pytest.raises(UserError, match=r"study.yaml: 'base_tokens': input should be a valid integer"):
-        load_config(path)
-    path.write_text("old_domain: stories\nnew_domain: recipes\ntrain: {lr: fast}\n")
+        load_study(path)
+    path.write_text("study: expansion\nold_domain: stories\nnew_domain: recipes\ntrain: {lr: fast}\n")
     with pytest.raises(UserError, match=r"'train.lr': input should be a valid number"):
-        load_config(path)
-    path.write_text("old_domain: stories\nnew_domain: recipes\nstrategies: [{name: lora, colour: red}]\n")
+        load_study(path)
+    path.write_text("study: expansion\nold_domain: stories\nnew_domain: recipes\nstrategies: [{name: lora, colour: red}]\n")
     with pytest.raises(UserError, match=r"unknown key 'strategies.0.colour'"):
-        load_config(path)
+        load_study(path)
     path.write_text("old_domain: stories\nnew_domain: [recipes\n")
     with pytest.raises(UserError, match=r"study.yaml:\d+: invalid YAML"):
         load_yaml(path)

@@ -47,7 +47,7 @@ def test_smoke_combination_study_measures_every_way_of_combining(tmp_path, share
 
 def test_combination_config_errors_name_the_field(tmp_path):
     path = tmp_path / "c.yaml"
-    base = {"base_domain": "stories", "experts": ["recipes", "code"]}
+    base = {"study": "combine", "base_domain": "stories", "experts": ["recipes", "code"]}
     cases = [({**base, "experts": ["stories"]}, "experts"),
              ({**base, "merges": [{"label": "a", "method": "slerp"}]}, "merges.0.method"),
              ({**base, "merges": [{"label": "a", "method": "ties", "parameters": {"densty": 0.5}}]}, "densty"),

@@ -2,12 +2,23 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from expandlm.cli import main
-from expandlm.studies.compare import load_config
+from expandlm.studies import load_study
+from expandlm.studies.combine import CombineStudy
+from expandlm.studies.compare import Study
 from expandlm.errors import UserError
 from expandlm.adapt import DEFAULT_METHOD
 from tests.conftest import REPO
+
+
+def expansion_config(path):
+    """The config of an expansion study, read as `expandlm compare` reads it."""
+    cfg, study = load_study(path)
+    assert study is Study
+    return cfg
+
 
 REQUIRED = {"strategy", "bpb", "forgetting", "new_domain_gap", "domain_accuracy", "validity", "validity_ceiling", "health",
             "trainable_params", "total_params", "tokens", "seconds"}
@@ -54,52 +65,93 @@ def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, sh
 
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    domains = "old_domain: stories\nnew_domain: recipes\n"
+    domains = "study: expansion\nold_domain: stories\nnew_domain: recipes\n"
     bad.write_text(domains + "strategies:\n  - {name: full_ft, epochs: 3}\n")
     with pytest.raises(UserError, match=r"bad.yaml: unknown key 'strategies.0.epochs'$"):
-        load_config(bad)
+        expansion_config(bad)
     bad.write_text(domains + "base_tokenz: 5\n")
     with pytest.raises(UserError, match=r"unknown key 'base_tokenz' \(known keys: old_domain"):
-        load_config(bad)
-    bad.write_text("preset: tiny\n")
+        expansion_config(bad)
+    bad.write_text("study: expansion\npreset: tiny\n")
     with pytest.raises(UserError, match="'old_domain' is required; 'new_domain' is required"):
-        load_config(bad)
-    bad.write_text("old_domain: stories\nnew_domain: poems\n")
+        expansion_config(bad)
+    bad.write_text("study: expansion\nold_domain: stories\nnew_domain: poems\n")
     with pytest.raises(UserError, match="unknown domain 'poems'"):
-        load_config(bad)
+        expansion_config(bad)
     bad.write_text("preset: [tiny\n")
     with pytest.raises(UserError, match=r"bad.yaml:\d+: invalid YAML"):
-        load_config(bad)
+        expansion_config(bad)
     bad.write_text(domains + "strategies:\n  - {name: expand}\n  - {name: expand}\n")
     with pytest.raises(UserError, match="two runs labelled 'expand' share seed 0 and 1,000,000 tokens"):
-        load_config(bad)
+        expansion_config(bad)
     bad.write_text(domains + "seeds: [0, 1]\nstrategies:\n  - {name: expand, seeds: [0]}\n"
                    "  - {name: expand, seeds: [1], options: {new_blocks: 3}}\n")
     with pytest.raises(UserError, match="runs labelled 'expand' differ in strategy or settings"):
-        load_config(bad)
+        expansion_config(bad)
     bad.write_text(domains + "seeds: [0, 1]\nstrategies:\n  - {name: expand, seeds: [0]}\n  - {name: expand, seeds: [1]}\n")
-    assert len(load_config(bad).strategies) == 2  # one curve, its points split over two entries
+    assert len(expansion_config(bad).strategies) == 2  # one curve, its points split over two entries
     bad.write_text(domains + "train: {batch: 3}\n")
     with pytest.raises(UserError, match="bad.yaml: unknown key 'train.batch'"):
-        load_config(bad)
+        expansion_config(bad)
 
 
 def test_shipped_configs_load():
     for name in ("smoke", "stories-recipes", "gpu"):
-        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        cfg = expansion_config(REPO / "configs" / f"{name}.yaml")
         assert {s.name for s in cfg.strategies} == {"full_ft", "lora", "joint", "replay", "ewc", "expand",
                                                     "expand_paths", "expand_branch"}
-    ablations = load_config(REPO / "configs" / "expansion.yaml")
+    ablations = expansion_config(REPO / "configs" / "expansion.yaml")
     assert {s.name for s in ablations.strategies} == {"expand_branch", "expand_paths", "replay", "full_ft"}
     assert len(ablations.strategies) > 10 and ablations.budgets == [500_000]
-    curve = load_config(REPO / "configs" / "expansion-curve.yaml")
+    curve = expansion_config(REPO / "configs" / "expansion-curve.yaml")
     assert curve.budgets == [500_000, 1_000_000, 2_000_000, 4_000_000]
     points = [(seed, t) for seed in curve.seeds for t in curve.budgets if curve.runs_at(seed, t)]
     assert all(t in [p[1] for p in points if p[0] == 0] for t in curve.budgets)  # every budget at seed 0
     assert all(curve.runs_at(seed, t)[0].name == DEFAULT_METHOD for seed, t in points)  # the default at each
-    reverse = load_config(REPO / "configs" / "expansion-reverse.yaml")
+    reverse = expansion_config(REPO / "configs" / "expansion-reverse.yaml")
     assert (reverse.old_domain, reverse.new_domain) == ("recipes", "stories")
-    assert [s.key for s in load_config(REPO / "configs" / "expansion-1M.yaml").strategies] == ["expand_branch"]
+    assert [s.key for s in expansion_config(REPO / "configs" / "expansion-1M.yaml").strategies] == ["expand_branch"]
+
+
+def test_every_shipped_config_declares_its_study_type():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        declared = yaml.safe_load(path.read_text())["study"]
+        _, study = load_study(path)
+        assert study is {"expansion": Study, "combine": CombineStudy}[declared], path.name
+
+
+def test_a_config_without_study_is_read_as_the_type_its_keys_imply_and_says_so(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("old_domain: stories\nnew_domain: recipes\ngrow: [code]\nadapt_tokens: 1000\n")
+    cfg, study = load_study(old)
+    assert study is Study and cfg.grow == ["code"]
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "'study' key" in said[0] and "declare it with 'study: expansion'" in said[0]
+    old.write_text("base_domain: stories\nexperts: [recipes]\n")
+    cfg, study = load_study(old)
+    assert study is CombineStudy and cfg.experts == ["recipes"]
+    assert "declare it with 'study: combine'" in capsys.readouterr().out
+    old.write_text("study: combine\nbase_domain: stories\nexperts: [recipes]\n")
+    load_study(old)
+    assert capsys.readouterr().out == ""  # a declared type is not announced
+
+
+def test_a_study_type_that_contradicts_the_keys_names_the_file_and_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text, error in (
+            ("study: combine\nold_domain: stories\nnew_domain: recipes\n",
+             r"bad.yaml: 'study' is combine, but 'old_domain', 'new_domain' are keys of 'study: expansion'"),
+            ("study: expansion\nold_domain: stories\nnew_domain: recipes\nmerges: []\n",
+             r"bad.yaml: 'study' is expansion, but 'merges' is a key of 'study: combine'"),
+            ("study: growth\nold_domain: stories\nnew_domain: recipes\n",
+             r"bad.yaml: 'study': unknown study type 'growth' \(known: expansion, combine\)"),
+            ("old_domain: stories\nexperts: [recipes]\n",
+             r"bad.yaml: 'study' is missing and the keys do not tell which study this is \('old_domain' of 'expansion'; "
+             r"'experts' of 'combine'\)"),
+            ("preset: nano\n", r"bad.yaml: 'study' is missing .*; add study: expansion or study: combine$")):
+        bad.write_text(text)
+        with pytest.raises(UserError, match=error):
+            load_study(bad)
 
 
 @pytest.mark.slow
@@ -107,7 +159,7 @@ def test_a_learning_curve_study_runs_each_strategy_at_its_budgets_and_seeds(tmp_
     monkeypatch.setenv("EXPANDLM_DATA", str(shared_data))
     config = tmp_path / "curve.yaml"
     config.write_text(
-        "preset: nano\nseeds: [0, 1]\nold_domain: stories\nnew_domain: recipes\nlimit: 200\nval_limit: 20\n"
+        "study: expansion\npreset: nano\nseeds: [0, 1]\nold_domain: stories\nnew_domain: recipes\nlimit: 200\nval_limit: 20\n"
         "base_tokens: 8000\nadapt_tokens: [4000, 8000]\ntrain: {batch_size: 8, eval_interval: 0, eval_docs: 10}\n"
         "strategies:\n"
         "  - {name: expand_branch, options: {new_blocks: 1}, train: {lr: 0.004}}\n"
@@ -134,13 +186,13 @@ def test_a_learning_curve_study_runs_each_strategy_at_its_budgets_and_seeds(tmp_
 
 def test_per_run_seeds_and_budgets_must_be_the_studys(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("old_domain: stories\nnew_domain: recipes\nseeds: [0]\nadapt_tokens: [1000, 2000]\n"
+    bad.write_text("study: expansion\nold_domain: stories\nnew_domain: recipes\nseeds: [0]\nadapt_tokens: [1000, 2000]\n"
                    "strategies:\n  - {name: full_ft, adapt_tokens: [3000]}\n")
     with pytest.raises(UserError, match=r"bad.yaml: strategy 'full_ft': 'adapt_tokens' has \[3000\], not among"):
-        load_config(bad)
-    bad.write_text("old_domain: stories\nnew_domain: recipes\nstrategies:\n  - {name: full_ft, train: {lr: -1}}\n")
+        expansion_config(bad)
+    bad.write_text("study: expansion\nold_domain: stories\nnew_domain: recipes\nstrategies:\n  - {name: full_ft, train: {lr: -1}}\n")
     with pytest.raises(UserError, match=r"bad.yaml: strategy 'full_ft': train: 'lr'"):
-        load_config(bad)
+        expansion_config(bad)
 
 
 @pytest.mark.slow
@@ -172,7 +224,7 @@ def test_a_growth_study_adds_the_domains_one_at_a_time_per_strategy(tmp_path, sh
 
 def test_growth_config_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    domains = "old_domain: stories\nnew_domain: recipes\n"
+    domains = "study: expansion\nold_domain: stories\nnew_domain: recipes\n"
     for text, error in (("grow: []\n", "'grow' lists no domain"),
                         ("grow: [recipes]\n", "'grow' must name each domain once"),
                         ("grow: [poems]\n", "unknown domain 'poems'"),
@@ -181,11 +233,11 @@ def test_growth_config_errors_name_the_key(tmp_path):
                                                                           "adapted again")):
         bad.write_text(domains + text)
         with pytest.raises(UserError, match=error):
-            load_config(bad)
-    grow = load_config(REPO / "configs" / "grow.yaml")
+            expansion_config(bad)
+    grow = expansion_config(REPO / "configs" / "grow.yaml")
     assert grow.domains == ["stories", "recipes", "code"] and grow.preset == "tiny" and grow.budgets == [500_000]
     assert [s.key for s in grow.strategies] == ["expand_branch", "replay", "joint", "full_ft"]
-    assert load_config(REPO / "configs" / "grow-smoke.yaml").preset == "nano"
+    assert expansion_config(REPO / "configs" / "grow-smoke.yaml").preset == "nano"
 
 
 @pytest.mark.slow
@@ -201,7 +253,7 @@ def test_a_study_of_user_written_domains_runs_end_to_end(tmp_path):
                                           "request: {nouns: [dish]}\n")
     config = tmp_path / "user.yaml"
     config.write_text(
-        "preset: nano\nold_domain: tales.yaml\nnew_domain: dishes.yaml\nbase_tokens: 4000\nadapt_tokens: 2000\n"
+        "study: expansion\npreset: nano\nold_domain: tales.yaml\nnew_domain: dishes.yaml\nbase_tokens: 4000\nadapt_tokens: 2000\n"
         "train: {batch_size: 4, eval_interval: 0, eval_docs: 5}\nstrategies:\n  - {name: expand_branch}\n"
         "tokenizer_study: {tokenizers: [custom, shared, bytes], tokens: 1000}\n"
         "evaluation: {samples: 2, max_new_tokens: 8, classifier_docs: 20}\n")

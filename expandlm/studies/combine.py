@@ -5,12 +5,12 @@ every domain mixed), each domain of `experts` is fine-tuned once, fully and (fro
 a LoRA adapter. Then every way of getting one model, or one service, for all the domains is measured
 on every domain at once:
 
-- merges (`merge.py`): linear, task arithmetic, TIES, DARE, Fisher, RegMean, of the full fine-tunes
+- merges (`merge/`): linear, task arithmetic, TIES, DARE, Fisher, RegMean, of the full fine-tunes
   or of the adapters (`of: lora`), and PEFT's Arrow, which keeps the adapters and routes each token;
 - routing per request among the experts kept apart (the domain router on each validation document's
   opening, then that expert on the document), against the oracle (always the right expert);
-- distillation (`distill.py`): one student of the expert's size on the experts' soft targets, against
-  joint training on the real data of the same windows at equal tokens (alpha 0).
+- distillation (`training/distill.py`): one student of the expert's size on the experts' soft
+  targets, against joint training on the real data of the same windows at equal tokens (alpha 0).
 
 Every row: bpb on every domain and its gap to that domain's expert, domain-control accuracy of
 samples, parameters trained and stored, wall time. Stages are folders, reused when done.
@@ -24,23 +24,22 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from ..adapt.run import AdaptSpec
 from ..atomic import read_json, write_json
-from .compare import EvalConfig, Study
 from ..config import arg, build, config
 from ..data.corpus import Corpus
-from ..training.distill import DistillSpec, Teacher, distill
+from ..data.shards import build_shard
 from ..domains import get_domain
 from ..errors import UserError
 from ..evaluation.bpb import evaluate_bpb
-from ..training.expert import log
-from ..merge.run import METHODS, MergeConfig, MergeModel, MergeParameters, merge
-from .report import write_combine_report
-from ..routing.router import route, router_from_data
-from ..run_folder import RUN_RECORD, RunFolder, versions
 from ..formats.served import load_served
-from ..data.shards import build_shard
+from ..merge.run import METHODS, MergeConfig, MergeModel, MergeParameters, merge
+from ..routing.router import route, router_from_data
+from ..run_folder import RUN_RECORD, RunFolder
+from ..training.distill import DistillSpec, Teacher, distill
+from ..training.expert import log
 from ..training.loop import TrainConfig
+from .report import write_combine_report
+from .stages import EvalConfig, Stages
 
 
 @config
@@ -79,20 +78,13 @@ class CombineStudyConfig:
     routing_chars: int = arg(200, "characters of each validation document the per-request router reads")
     evaluation: EvalConfig = arg(help="the evaluation suite", factory=EvalConfig)
 
-    # what the two-domain study's machinery reads
-    grow = None
-    tokenizer_study = None
-
     @property
     def domains(self) -> list[str]:
         return [self.base_domain, *self.experts]
 
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed]
-
 
 def load_combine_config(data: dict, path) -> CombineStudyConfig:
+    """The combination study's config from `data`, the YAML read from `path` without its `study` key."""
     cfg = build(CombineStudyConfig, data, str(path))
     cfg.base_domain, cfg.experts = get_domain(cfg.base_domain).name, [get_domain(d).name for d in cfg.experts]
     if not cfg.experts or cfg.base_domain in cfg.experts or len(set(cfg.experts)) != len(cfg.experts):
@@ -123,35 +115,43 @@ def stored_params(folder: Path) -> int:
     return total
 
 
-class CombineStudy(Study):
-    cfg: CombineStudyConfig
+@dataclasses.dataclass
+class FineTunes:
+    """The common start and its fine-tunes: what the rows of the combination study are made of and
+    measured against."""
+    base: Path                    # the base domain's expert
+    full: dict[str, Path]         # each expert domain's full fine-tune
+    lora: dict[str, Path]         # ... and its LoRA adapter (none when no merge asks for adapters)
+    experts: dict[str, Path]      # each domain's expert: the base for its domain, the full fine-tunes for theirs
+    reference: dict[str, float]   # each domain's bpb by its expert
+    base_params: int              # parameters stored to serve one full model
+    seconds: dict[str, float]     # training seconds of each fine-tune: "recipes", "recipes-lora"
+
+
+class CombineStudy(Stages):
+    """The combination study (see the module's docstring)."""
+
+    def __init__(self, cfg: CombineStudyConfig, out: Path, progress: bool = True):
+        super().__init__(cfg, out, progress)
+        self.cfg = cfg
 
     def _tokens(self) -> int:
         return self.cfg.joint_tokens or self.cfg.expert_tokens * len(self.cfg.experts)
 
-    def _adapt(self, base: Path, domain: str, strategy: str, folder: Path, options: dict) -> Path:
-        state = RunFolder(folder).auto()
-        if state != "done":
-            from ..adapt.run import adapt
-
-            data, val = self.sources[domain]
-            log(f"== {folder.relative_to(self.out)}: {strategy} +{domain} ({state})")
-            adapt(AdaptSpec(base=str(base), strategy=strategy, domain=domain, data=data, val_data=val,
-                            out=str(folder), options=options, limit=self.cfg.limit, val_limit=self.cfg.val_limit,
-                            cache_dir=self.cache, train=self._train_cfg(self.cfg.seed, self.cfg.expert_tokens)),
-                  resume=state == "resume")
-        return folder
+    def _fine_tune(self, base: Path, domain: str, strategy: str, folder: Path, options: dict) -> Path:
+        train = self.train_config(self.cfg.seed, self.cfg.expert_tokens)
+        return self.adapted(base, folder, domain, strategy, train, options)
 
     def _distill(self, folder: Path, teachers: dict[str, Path], tokens: int, alpha: float, student: Path | None,
                  temperature: float = 1.0) -> Path:
         state = RunFolder(folder).auto()
         if state != "done":
-            log(f"== {folder.relative_to(self.out)}: {'distil' if alpha else 'train'} on "
+            log(f"== {self.relative(folder)}: {'distil' if alpha else 'train'} on "
                 f"{', '.join(teachers)} ({state})")
             distill(DistillSpec(out=str(folder), teachers=[Teacher(model=str(m), domain=d) for d, m in teachers.items()],
                                 student=str(student) if student else None, alpha=alpha, temperature=temperature,
                                 limit=self.cfg.limit, val_limit=self.cfg.val_limit, cache_dir=self.cache,
-                                train=self._train_cfg(self.cfg.seed, tokens)), resume=state == "resume")
+                                train=self.train_config(self.cfg.seed, tokens)), resume=state == "resume")
         return folder
 
     def _merge(self, run: MergeRun, models: list[Path], base: Path, folder: Path) -> tuple[Path, float]:
@@ -187,7 +187,7 @@ class CombineStudy(Study):
         if seconds is None:
             seconds = record.get("train_seconds")
         return self._row(label, family, base, suite["bpb"], suite.get("domain_accuracy", {}), trained, stored, seconds,
-                         reference, samples=suite.get("samples", {}), folder=str(folder.relative_to(self.out)), **extra)
+                         reference, samples=suite.get("samples", {}), folder=self.relative(folder), **extra)
 
     def _routed(self, experts: dict[str, Path]) -> tuple[dict, float]:
         """bpb of each domain when each validation document goes to the expert the router picks from its
@@ -212,33 +212,58 @@ class CombineStudy(Study):
         return bpb, right / total
 
     def run(self) -> dict:
-        started = time.time()
-        cfg, out = self.cfg, self.out
-        rows = []
-        base = self.expert(cfg.base_domain, out / f"expert-{cfg.base_domain}", cfg.seed, cfg.base_tokens)
-        full = {d: self._adapt(base, d, "full_ft", out / f"{d}-full_ft", {}) for d in cfg.experts}
-        needs_lora = any(m.of == "lora" for m in cfg.merges)
-        lora = {d: self._adapt(base, d, "lora", out / f"{d}-lora", cfg.lora) for d in cfg.experts} if needs_lora else {}
-        experts = {cfg.base_domain: base, **full}  # each domain's expert: the reference of every row
-        reference = {d: self.suite(f)["bpb"][d] for d, f in experts.items()}
-        base_params = stored_params(base)
-        seconds = {d: RunFolder(f).record().get("train_seconds") or 0 for d, f in {**full, **{f"{d}-lora": f for d, f in lora.items()}}.items()}
-        tag = f"{cfg.base_domain} expert"
-        rows.append(self._folder_row(f"{cfg.base_domain} expert (the base)", "expert", tag, base, reference))
-        for d in cfg.experts:
-            rows.append(self._folder_row(f"{d} full fine-tune", "expert", tag, full[d], reference))
-            if lora:
-                rows.append(self._folder_row(f"{d} LoRA", "expert", tag, lora[d], reference, stored=None))
+        started, cfg = time.time(), self.cfg
+        tuned = self._fine_tunes()
+        rows = self._expert_rows(tuned) + self._routing_rows(tuned) + self._merge_rows(tuned)
+        if cfg.distill is not None:
+            rows += self._distill_rows(tuned)
+        if cfg.mix_base:
+            rows += self._mixed_base_rows(tuned)
+        return self.finish({"reference": tuned.reference, "domains": cfg.domains, "models": rows}, started,
+                           write_combine_report)
 
-        # routing among the experts kept apart: the oracle and the per-request router
+    def _fine_tunes(self) -> FineTunes:
+        """The base expert, then each domain's full fine-tune and (when a merge of adapters asks) its LoRA."""
+        cfg, out = self.cfg, self.out
+        base = self.expert(cfg.base_domain, out / f"expert-{cfg.base_domain}", cfg.seed, cfg.base_tokens)
+        full = {d: self._fine_tune(base, d, "full_ft", out / f"{d}-full_ft", {}) for d in cfg.experts}
+        needs_lora = any(m.of == "lora" for m in cfg.merges)
+        lora = {d: self._fine_tune(base, d, "lora", out / f"{d}-lora", cfg.lora) for d in cfg.experts} if needs_lora else {}
+        experts = {cfg.base_domain: base, **full}  # each domain's expert: the reference of every row
+        trained = {**full, **{f"{d}-lora": f for d, f in lora.items()}}
+        return FineTunes(base=base, full=full, lora=lora, experts=experts,
+                         reference={d: self.suite(f)["bpb"][d] for d, f in experts.items()},
+                         base_params=stored_params(base),
+                         seconds={d: RunFolder(f).record().get("train_seconds") or 0 for d, f in trained.items()})
+
+    def _tag(self) -> str:
+        return f"{self.cfg.base_domain} expert"
+
+    def _expert_seconds(self, tuned: FineTunes) -> float:
+        """What training the full fine-tunes took: part of the cost of every row made of them."""
+        return sum(tuned.seconds[d] for d in self.cfg.experts)
+
+    def _expert_rows(self, tuned: FineTunes) -> list[dict]:
+        """The base expert and every fine-tune, each on every domain."""
+        cfg, tag, reference = self.cfg, self._tag(), tuned.reference
+        rows = [self._folder_row(f"{cfg.base_domain} expert (the base)", "expert", tag, tuned.base, reference)]
+        for d in cfg.experts:
+            rows.append(self._folder_row(f"{d} full fine-tune", "expert", tag, tuned.full[d], reference))
+            if tuned.lora:
+                rows.append(self._folder_row(f"{d} LoRA", "expert", tag, tuned.lora[d], reference, stored=None))
+        return rows
+
+    def _routing_rows(self, tuned: FineTunes) -> list[dict]:
+        """Routing among the experts kept apart: the oracle (always the right expert) and the per-request
+        router, over the full experts; and the oracle over the LoRA experts."""
+        cfg, tag, reference, experts = self.cfg, self._tag(), tuned.reference, tuned.experts
         suites = {d: self.suite(f) for d, f in experts.items()}
         oracle_bpb = {d: suites[d]["bpb"][d] for d in experts}
         oracle_acc = {d: suites[d].get("domain_accuracy", {}).get(d) for d in experts}
-        stored_all = base_params * len(experts)
-        expert_seconds = sum(seconds[d] for d in cfg.experts)
-        rows.append(self._row("oracle routing (full experts)", "routing", tag, oracle_bpb, oracle_acc, 0, stored_all,
-                              expert_seconds, reference))
-        cached = out / "routed.json"
+        stored_all, expert_seconds = tuned.base_params * len(experts), self._expert_seconds(tuned)
+        rows = [self._row("oracle routing (full experts)", "routing", tag, oracle_bpb, oracle_acc, 0, stored_all,
+                          expert_seconds, reference)]
+        cached = self.out / "routed.json"
         if not cached.exists():
             t0 = time.time()
             bpb, accuracy = self._routed(experts)
@@ -246,55 +271,60 @@ class CombineStudy(Study):
         routed = read_json(cached)
         rows.append(self._row("per-request router (full experts)", "routing", tag, routed["bpb"], {}, 0, stored_all,
                               expert_seconds, reference, routing_accuracy=routed["routing_accuracy"]))
-        if lora:
-            lora_suites = {d: self.suite(f) for d, f in lora.items()}
-            adapters = sum(RunFolder(f).record()["trainable_params"] for f in lora.values())
+        if tuned.lora:
+            lora_suites = {d: self.suite(f) for d, f in tuned.lora.items()}
+            adapters = sum(RunFolder(f).record()["trainable_params"] for f in tuned.lora.values())
             rows.append(self._row("oracle routing (LoRA experts)", "routing", tag,
-                                  {cfg.base_domain: reference[cfg.base_domain], **{d: s["bpb"][d] for d, s in lora_suites.items()}},
+                                  {cfg.base_domain: reference[cfg.base_domain],
+                                   **{d: s["bpb"][d] for d, s in lora_suites.items()}},
                                   {cfg.base_domain: oracle_acc[cfg.base_domain],
                                    **{d: s.get("domain_accuracy", {}).get(d) for d, s in lora_suites.items()}},
-                                  0, base_params + adapters, sum(seconds[f"{d}-lora"] for d in cfg.experts), reference))
+                                  0, tuned.base_params + adapters,
+                                  sum(tuned.seconds[f"{d}-lora"] for d in cfg.experts), reference))
+        return rows
 
-        # merges of the fine-tunes from the base expert
+    def _merge_rows(self, tuned: FineTunes) -> list[dict]:
+        """Every merge of the fine-tunes (or of the adapters) from the base expert."""
+        cfg, rows = self.cfg, []
         for run in cfg.merges:
-            models = lora if run.of == "lora" else full
-            folder, merge_s = self._merge(run, [models[d] for d in cfg.experts], base, out / "merges" / run.label)
-            own = sum(seconds[d if run.of == "full" else f"{d}-lora"] for d in cfg.experts)
-            stored = None if run.method == "arrow" else (base_params if run.of == "full" else None)
-            rows.append(self._folder_row(run.label, "arrow" if run.method == "arrow" else f"merge ({run.of})", tag,
-                                         folder, reference, trained=0, stored=stored, seconds=round(own + merge_s, 1),
+            models = tuned.lora if run.of == "lora" else tuned.full
+            folder, merge_s = self._merge(run, [models[d] for d in cfg.experts], tuned.base,
+                                          self.out / "merges" / run.label)
+            own = sum(tuned.seconds[d if run.of == "full" else f"{d}-lora"] for d in cfg.experts)
+            stored = None if run.method == "arrow" else (tuned.base_params if run.of == "full" else None)
+            rows.append(self._folder_row(run.label, "arrow" if run.method == "arrow" else f"merge ({run.of})",
+                                         self._tag(), folder, tuned.reference, trained=0, stored=stored,
+                                         seconds=round(own + merge_s, 1), method=run.method, merge_seconds=merge_s))
+        return rows
+
+    def _distill_rows(self, tuned: FineTunes) -> list[dict]:
+        """The student distilled from every expert, and its control: joint training on the same windows'
+        real tokens (alpha 0), both continued from the base."""
+        out, tag, reference, teachers = self.out, self._tag(), tuned.reference, tuned.experts
+        joint = self._distill(out / "joint-continued", teachers, self._tokens(), 0.0, tuned.base)
+        rows = [self._folder_row("joint training (continued from the base, real data)", "joint", tag, joint, reference)]
+        student = self._distill(out / "distilled", teachers, self._tokens(), self.cfg.distill.alpha, tuned.base,
+                                self.cfg.distill.temperature)
+        record = RunFolder(student).record()
+        rows.append(self._folder_row("distilled student (continued from the base)", "distill", tag, student,
+                                     reference, seconds=round(record["train_seconds"] + self._expert_seconds(tuned), 1)))
+        return rows
+
+    def _mixed_base_rows(self, tuned: FineTunes) -> list[dict]:
+        """The mixed base (trained from scratch on every domain), its fine-tune per expert domain, and the
+        merges of the full fine-tunes over it."""
+        cfg, out, reference, tag = self.cfg, self.out, tuned.reference, "mixed base"
+        # the experts give only their data and tokenizer: alpha 0 asks no teacher
+        mix = self._distill(out / "mix" / "base", tuned.experts, cfg.base_tokens, 0.0, None)
+        rows = [self._folder_row("mixed base (every domain, from scratch)", "joint", tag, mix, reference)]
+        mix_ft = {d: self._distill(out / "mix" / f"{d}-full_ft", {d: tuned.full[d]}, cfg.expert_tokens, 0.0, mix)
+                  for d in cfg.experts}
+        for d in cfg.experts:
+            rows.append(self._folder_row(f"{d} fine-tune of the mixed base", "expert", tag, mix_ft[d], reference))
+        mix_s = sum(RunFolder(f).record()["train_seconds"] for f in mix_ft.values())
+        for run in (r for r in cfg.merges if r.of == "full"):
+            folder, merge_s = self._merge(run, [mix_ft[d] for d in cfg.experts], mix, out / "mix" / "merges" / run.label)
+            rows.append(self._folder_row(f"{run.label} (mixed base)", "merge (full)", tag, folder, reference,
+                                         trained=0, stored=tuned.base_params, seconds=round(mix_s + merge_s, 1),
                                          method=run.method, merge_seconds=merge_s))
-
-        # distillation, and its control: joint training on the same windows' real tokens
-        if cfg.distill is not None:
-            teachers = {cfg.base_domain: base, **full}
-            joint = self._distill(out / "joint-continued", teachers, self._tokens(), 0.0, base)
-            rows.append(self._folder_row("joint training (continued from the base, real data)", "joint", tag, joint,
-                                         reference))
-            student = self._distill(out / "distilled", teachers, self._tokens(), cfg.distill.alpha, base,
-                                    cfg.distill.temperature)
-            record = RunFolder(student).record()
-            rows.append(self._folder_row("distilled student (continued from the base)", "distill", tag, student,
-                                         reference, seconds=round(record["train_seconds"] + expert_seconds, 1)))
-
-        # the mixed base: trained from scratch on every domain, then fine-tuned per expert domain
-        if cfg.mix_base:
-            mix_tag = "mixed base"
-            teachers = {cfg.base_domain: base, **full}  # only their data and tokenizer: alpha 0 asks no teacher
-            mix = self._distill(out / "mix" / "base", teachers, cfg.base_tokens, 0.0, None)
-            rows.append(self._folder_row("mixed base (every domain, from scratch)", "joint", mix_tag, mix, reference))
-            mix_ft = {d: self._distill(out / "mix" / f"{d}-full_ft", {d: full[d]}, cfg.expert_tokens, 0.0, mix)
-                      for d in cfg.experts}
-            for d in cfg.experts:
-                rows.append(self._folder_row(f"{d} fine-tune of the mixed base", "expert", mix_tag, mix_ft[d], reference))
-            mix_s = sum(RunFolder(f).record()["train_seconds"] for f in mix_ft.values())
-            for run in (r for r in cfg.merges if r.of == "full"):
-                folder, merge_s = self._merge(run, [mix_ft[d] for d in cfg.experts], mix, out / "mix" / "merges" / run.label)
-                rows.append(self._folder_row(f"{run.label} (mixed base)", "merge (full)", mix_tag, folder, reference,
-                                             trained=0, stored=base_params, seconds=round(mix_s + merge_s, 1),
-                                             method=run.method, merge_seconds=merge_s))
-        results = {"config": dataclasses.asdict(cfg), "versions": versions(), "reference": reference,
-                   "domains": cfg.domains, "models": rows, "seconds": round(time.time() - started, 1)}
-        write_json(out / "results.json", results)
-        write_combine_report(out, results)
-        return results
+        return rows

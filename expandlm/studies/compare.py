@@ -2,10 +2,10 @@
 
 For each seed: train the old domain's expert (the base) and the new domain's scratch expert (the
 reference), adapt the base with every strategy of the config at equal training tokens on the new
-domain, then run the evaluation suite (docs/DESIGN.md, "Metrics") on every model. Optionally a tokenizer study
-(per-domain BPE vs shared BPE vs GPT-2 vs bytes, equal model and tokens). Every stage writes its own
-folder and is reused when finished (resumed when interrupted), so a killed study continues where it
-stopped. Writes `results.json`, `report.md`, plots and sample generations.
+domain, then run the evaluation suite (stages.py; docs/DESIGN.md, "Metrics") on every model.
+Optionally a tokenizer study (per-domain BPE vs shared BPE vs GPT-2 vs bytes, equal model and tokens).
+Every stage writes its own folder and is reused when finished (resumed when interrupted), so a killed
+study continues where it stopped. Writes `results.json`, `report.md`, plots and sample generations.
 
 With `grow` (a growth study), every strategy adds the new domain, then each domain of `grow` in turn,
 each step adapting the previous step's model of the same strategy; every domain gets a scratch expert
@@ -18,25 +18,17 @@ import functools
 import time
 from pathlib import Path
 
-from ..adapt.run import AdaptSpec, adapt
-from ..atomic import read_json, write_json
-from ..config import arg, build, config, load_yaml
-from ..data.corpus import default_data_dir, load_corpus, load_train_val
+from ..adapt import method_class
+from ..config import arg, build, config
+from ..data.corpus import load_train_val
+from ..data.tokenizer import load_tokenizer, train_bpe
 from ..domains import get_domain, is_spec_path
 from ..errors import UserError
-from ..evaluation.bpb import evaluate_bpb
-from ..training.expert import ExpertSpec, log, train_expert
-from ..inference.generate import SamplingConfig, generate
-from .report import write_growth_report, write_study_report
-from ..run_folder import SUITE, RunFolder, versions
-from ..formats.served import context_length, load_served, tokenizer_folder
-from ..data.shards import build_shard
-from ..adapt import method_class
 from ..formats import FORMATS
-from ..routing.classifier import DomainClassifier
-from ..evaluation.suite import domain_control_accuracy, text_health, validity, validity_ceiling
-from ..data.tokenizer import load_tokenizer, train_bpe
+from ..run_folder import RunFolder
 from ..training.loop import TrainConfig
+from .report import write_growth_report, write_study_report
+from .stages import EvalConfig, Stages
 
 
 @config
@@ -52,14 +44,6 @@ class StrategyRun:
     @property
     def key(self) -> str:
         return self.label or self.name
-
-
-@config
-class EvalConfig:
-    samples: int = arg(50, "generated samples per domain (control accuracy, validity, health)")
-    max_new_tokens: int | None = arg(None, "tokens per sample (default: fill the context)")
-    temperature: float = arg(0.8, "sampling temperature of the samples")
-    classifier_docs: int = arg(3000, "real training documents per domain for the held-out classifier")
 
 
 @config
@@ -111,9 +95,8 @@ def budget_label(tokens: int) -> str:
     return f"{tokens / 1e6:g}M"
 
 
-def load_config(path: str | Path):
-    """A study config: the two-domain (or growth) study."""
-    data = load_yaml(path)
+def load_config(data: dict, path: str | Path) -> StudyConfig:
+    """The two-domain (or growth) study's config from `data`, the YAML read from `path` without its `study` key."""
     cfg = build(StudyConfig, data, str(path))
     # one label is one curve: entries may share it to run it at different seeds per budget, never twice
     # at the same point, and always as the same strategy
@@ -147,6 +130,22 @@ def load_config(path: str | Path):
     return cfg
 
 
+def against_base(bpb: dict, old: str, new: str, before: float, reference: float, forgetting: bool = True) -> dict:
+    """A two-domain row's comparisons: the old domain's bpb change since the base (None where the model never
+    served the old domain: the new domain's scratch expert) and the new domain's gap to its scratch expert."""
+    return {"forgetting": bpb[old] - before if forgetting else None,
+            "forgetting_rel": (bpb[old] - before) / before if forgetting else None,
+            "new_domain_gap": bpb[new] / reference - 1}
+
+
+def against_steps(bpb: dict, added_at: dict, reference: dict) -> dict:
+    """A growth row's comparisons: each domain's bpb change since the step that added it (`added_at`: its bpb
+    then), and each domain's gap to its scratch expert (`reference`: their bpb)."""
+    return {"forgetting": {d: bpb[d] - v for d, v in added_at.items() if d in bpb},
+            "forgetting_rel": {d: (bpb[d] - v) / v for d, v in added_at.items() if d in bpb},
+            "gap": {d: v / reference[d] - 1 for d, v in bpb.items()}}
+
+
 def check_growth(cfg: StudyConfig, path) -> None:
     if not cfg.grow:
         raise UserError(f"{path}: 'grow' lists no domain; name the domains to add after new_domain, or drop the key")
@@ -162,148 +161,71 @@ def check_growth(cfg: StudyConfig, path) -> None:
                             "cannot grow ('grow'); drop it from this study")
 
 
-class Study:
+class Study(Stages):
+    """The two-domain study, or with `grow` the growth study (see the module's docstring)."""
+
     def __init__(self, cfg: StudyConfig, out: Path, progress: bool = True):
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-        self.sources = {}
-        for name in cfg.domains:
-            self.sources[name] = get_domain(name).local_files(data_dir)
-        self.cache = str(self.out / "cache")
-        self._classifier = None
-        self._val = {}
+        super().__init__(cfg, out, progress, served_bpb_only=bool(cfg.grow))
+        self.cfg = cfg
 
-    def val_corpus(self, name: str):
-        """A domain's validation documents (read once per study)."""
-        if name not in self._val:  # the validation file, or the slice the runs held out when there is none
-            (train, val), domain = self.sources[name], get_domain(name)
-            self._val[name] = (load_corpus(val, domain, "validation", self.cfg.val_limit) if val else
-                               load_train_val(train, domain, None, self.cfg.limit, self.cfg.val_limit)[1])
-        return self._val[name]
+    def _adapted(self, run: StrategyRun, base: Path, folder: Path, seed: int, tokens: int, domain: str) -> Path:
+        train = self.train_config(seed, tokens, run.train, f"strategy '{run.key}': train")
+        return self.adapted(base, folder, domain, run.name, train, run.options, run.expand_vocab, label=run.key)
 
-    # -- training stages (each reused when done, resumed when interrupted) --------------------------
-    def _train_cfg(self, seed: int, tokens: int, run: StrategyRun | None = None) -> TrainConfig:
-        merged = {**dataclasses.asdict(self.cfg.train), **(run.train if run else {}),
-                  "max_tokens": tokens, "seed": seed, "progress": self.progress}
-        return build(TrainConfig, merged, f"strategy '{run.key}': train" if run else "train")
-
-    def expert(self, domain: str, folder: Path, seed: int, tokens: int, tokenizer: str | None = None) -> Path:
-        state = RunFolder(folder).auto()
-        if state == "done":
-            return folder
-        data, val = self.sources[domain]
-        log(f"== {folder.relative_to(self.out)}: {domain} expert ({state})")
-        spec = ExpertSpec(domain=domain, data=data, val_data=val, out=str(folder), preset=self.cfg.preset,
-                          tokenizer=tokenizer, limit=self.cfg.limit, val_limit=self.cfg.val_limit, cache_dir=self.cache,
-                          train=self._train_cfg(seed, tokens))
-        train_expert(spec, resume=state == "resume")
-        return folder
-
-    def adapted(self, run: StrategyRun, base: Path, folder: Path, seed: int, tokens: int, domain: str | None = None) -> Path:
-        state = RunFolder(folder).auto()
-        if state == "done":
-            return folder
-        domain = domain or self.cfg.new_domain
-        data, val = self.sources[domain]
-        log(f"== {folder.relative_to(self.out)}: {run.key} +{domain} ({state})")
-        spec = AdaptSpec(base=str(base), strategy=run.name, domain=domain, data=data, val_data=val,
-                         out=str(folder), options=run.options, expand_vocab=run.expand_vocab, limit=self.cfg.limit,
-                         val_limit=self.cfg.val_limit, cache_dir=self.cache,
-                         train=self._train_cfg(seed, tokens, run))
-        adapt(spec, resume=state == "resume")
-        return folder
-
-    # -- evaluation suite ---------------------------------------------------------------------------
-    def classifier(self) -> DomainClassifier:
-        """The held-out judge: trained on real training text of both domains, never on generated text."""
-        path = self.out / "classifier.joblib"
-        if self._classifier is None:
-            if path.exists():
-                self._classifier = DomainClassifier.load(path)
-            else:
-                docs = self.cfg.evaluation.classifier_docs
-                texts = {name: load_corpus(data, get_domain(name), limit=docs).documents
-                         for name, (data, _) in self.sources.items()}
-                self._classifier = DomainClassifier().fit(texts, seed=0)
-                self._classifier.save(path)
-        return self._classifier
-
-    def suite(self, folder: Path) -> dict:
-        """bpb on every domain of the study, and for every domain the model serves: samples, control
-        accuracy, structural validity (domains with a check), text health. Cached in `folder/suite.json`."""
-        cached = folder / SUITE
-        if cached.exists():
-            return read_json(cached)
-        served = load_served(folder)
-        known = RunFolder(folder).record()["bpb"]  # the run measured its own domains on the same sets
-        result = {"bpb": {}, "samples": {}, "validity": {}, "health": {}}
-        # a growth study measures the domains a model serves; a domain not added yet is not one of them
-        for name in (served.domains if self.cfg.grow else self.sources):
-            if name in known:
-                result["bpb"][name] = known[name]
-                continue
-            model = served.for_domain(name) if name in served.domains else served.model
-            shard = build_shard(self.val_corpus(name), served.tokenizer_for(name), self.cache,
-                                foreign=name not in served.domains)
-            result["bpb"][name] = evaluate_bpb(model, shard)["bpb"]
-        ev = self.cfg.evaluation
-        sampling = SamplingConfig(temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=0)
-        for name in served.domains:
-            domain = get_domain(name)
-            drawn = generate(served.decode_model(name), served.tokenizer_for(name), domain, "", ev.samples, sampling)
-            result["samples"][name] = [{"text": s.text, "finished": s.finished} for s in drawn]
-            if domain.check is not None:
-                result["validity"][name] = validity(domain, [(s.text, s.finished) for s in drawn])
-            result["health"][name] = text_health([(s.text, s.finished) for s in drawn])
-        texts = {d: [s["text"] for s in v] for d, v in result["samples"].items()}
-        result["domain_accuracy"] = domain_control_accuracy(self.classifier(), texts) if texts else {}
-        write_json(cached, result)
-        return result
-
-    # -- the study ----------------------------------------------------------------------------------
     def run(self) -> dict:
         if self.cfg.grow:
             return self.run_growth()
-        started = time.time()
-        cfg, old, new = self.cfg, self.cfg.old_domain, self.cfg.new_domain
+        started, cfg = time.time(), self.cfg
         rows = []
         # budget by budget, so the smaller (cheaper) points of every seed come first
         for tokens in cfg.budgets:
             for seed in cfg.seeds:
                 runs = cfg.runs_at(seed, tokens)
-                if not runs and tokens != cfg.budgets[0]:
-                    continue
-                root = self.out / f"seed{seed}"
-                where = root if len(cfg.budgets) == 1 else root / budget_label(tokens)
-                base = self.expert(old, root / f"expert-{old}", seed, cfg.base_tokens)
-                scratch = self.expert(new, where / f"expert-{new}", seed, tokens)
-                adapted = {run.key: self.adapted(run, base, where / run.key, seed, tokens) for run in runs}
-                base_suite, scratch_suite = self.suite(base), self.suite(scratch)
-                before, reference = base_suite["bpb"][old], scratch_suite["bpb"][new]
-                row = functools.partial(self._row, seed=seed, before=before, reference=reference, tokens=tokens)
-                if tokens == cfg.budgets[0]:
-                    rows.append(row("base", f"{old} expert (before)", base, base_suite))
-                rows.append(row("scratch", f"{new} expert (reference)", scratch, scratch_suite, forgetting=False))
-                rows += [row(run.name, run.key, adapted[run.key], self.suite(adapted[run.key])) for run in runs]
+                if runs or tokens == cfg.budgets[0]:
+                    rows += self._budget_point(seed, tokens, runs)
         return self._finish(rows, started, write_study_report)
+
+    def _budget_point(self, seed: int, tokens: int, runs: list[StrategyRun]) -> list[dict]:
+        """The rows of one seed at one budget: the base (at the first budget only), the new domain's scratch
+        expert, and every strategy's run, each compared with the base and the scratch expert."""
+        cfg, old, new = self.cfg, self.cfg.old_domain, self.cfg.new_domain
+        root = self.out / f"seed{seed}"
+        where = root if len(cfg.budgets) == 1 else root / budget_label(tokens)
+        base = self.expert(old, root / f"expert-{old}", seed, cfg.base_tokens)
+        scratch = self.expert(new, where / f"expert-{new}", seed, tokens)
+        adapted = {run.key: self._adapted(run, base, where / run.key, seed, tokens, new) for run in runs}
+        before, reference = self.suite(base)["bpb"][old], self.suite(scratch)["bpb"][new]
+
+        def row(strategy, label, folder, forgetting=True):
+            compared = functools.partial(against_base, old=old, new=new, before=before, reference=reference,
+                                         forgetting=forgetting)
+            return self._row(strategy, label, folder, seed, {"adapt_tokens": tokens}, compared)
+
+        rows = [row("base", f"{old} expert (before)", base)] if tokens == cfg.budgets[0] else []
+        rows.append(row("scratch", f"{new} expert (reference)", scratch, forgetting=False))
+        return rows + [row(run.name, run.key, adapted[run.key]) for run in runs]
 
     def run_growth(self) -> dict:
         """Every strategy adds the domains one after another; each step is evaluated on every domain it serves."""
-        started = time.time()
-        cfg, old, tokens = self.cfg, self.cfg.old_domain, self.cfg.budgets[0]
+        started, cfg, old, tokens = time.time(), self.cfg, self.cfg.old_domain, self.cfg.budgets[0]
         rows = []
         for seed in cfg.seeds:
             root = self.out / f"seed{seed}"
             experts = {old: self.expert(old, root / f"expert-{old}", seed, cfg.base_tokens),
                        **{d: self.expert(d, root / f"expert-{d}", seed, tokens) for d in cfg.added}}
             reference = {d: self.suite(folder)["bpb"][d] for d, folder in experts.items()}
-            row = functools.partial(self._growth_row, seed=seed, reference=reference)
+
+            def row(strategy, label, folder, step, added_at):
+                position = {"step": step, "added": (RunFolder(folder).card().domains or [None])[-1]}
+                compared = functools.partial(against_steps, added_at=added_at, reference=reference)
+                return self._row(strategy, label, folder, seed, position, compared)
+
             rows.append(row("base", f"{old} expert (step 0)", experts[old], step=0, added_at={}))
             rows += [row("scratch", f"{d} expert (reference)", experts[d], step=None, added_at={}) for d in cfg.added]
             for run in cfg.runs_at(seed, tokens):
                 base, added_at = experts[old], {old: reference[old]}
                 for step, domain in enumerate(cfg.added, 1):
-                    base = self.adapted(run, base, root / run.key / f"{step}-{domain}", seed, tokens, domain)
+                    base = self._adapted(run, base, root / run.key / f"{step}-{domain}", seed, tokens, domain)
                     rows.append(row(run.name, run.key, base, step=step, added_at=added_at))
                     added_at[domain] = rows[-1]["bpb"][domain]
         return self._finish(rows, started, write_growth_report)
@@ -311,55 +233,21 @@ class Study:
     def _finish(self, rows: list[dict], started: float, write_report) -> dict:
         """The tokenizer study (if asked), then `results.json` and the report of a finished study."""
         tokenizer_rows = self.tokenizer_study(self.cfg.seeds[0]) if self.cfg.tokenizer_study else []
-        results = {"config": dataclasses.asdict(self.cfg), "versions": versions(), "models": rows,
-                   "tokenizer_study": tokenizer_rows, "seconds": round(time.time() - started, 1)}
-        write_json(self.out / "results.json", results)
-        write_report(self.out, results)
-        return results
+        return self.finish({"models": rows, "tokenizer_study": tokenizer_rows}, started, write_report)
 
-    def _growth_row(self, strategy, label, folder, seed, step, reference, added_at) -> dict:
-        """One model of a growth study: bpb per domain it serves, forgetting of each domain against its bpb
-        at the step that added it, and the gap of each against its scratch expert."""
+    def _row(self, strategy, label, folder: Path, seed: int, position: dict, compared) -> dict:
+        """One model of the study: where it stands (`position`: its budget, or its growth step), its bpb on
+        every domain measured, `compared(bpb)` (its forgetting and gap, as the study defines them), and the
+        suite's other measures (validity ceilings for every measured domain with a check)."""
         record, suite = RunFolder(folder).record(), self.suite(folder)
         bpb = suite["bpb"]
         params = record.get("total_params", record.get("params"))
         return {
-            "strategy": strategy, "label": label, "seed": seed, "step": step,
-            "added": (RunFolder(folder).card().domains or [None])[-1], "model": str(folder.relative_to(self.out)),
-            "bpb": bpb,
-            "forgetting": {d: bpb[d] - v for d, v in added_at.items() if d in bpb},
-            "forgetting_rel": {d: (bpb[d] - v) / v for d, v in added_at.items() if d in bpb},
-            "gap": {d: v / reference[d] - 1 for d, v in bpb.items()},
+            "strategy": strategy, "label": label, "seed": seed, **position, "model": self.relative(folder),
+            "bpb": bpb, **compared(bpb),
             "domain_accuracy": suite.get("domain_accuracy", {}),
             "validity": suite.get("validity", {}),
             "validity_ceiling": {d: self.validity_ceiling(folder, d) for d in bpb if get_domain(d).check is not None},
-            "health": suite.get("health", {}),
-            "trainable_params": record.get("trainable_params", params), "total_params": params,
-            "tokens": record.get("tokens"), "seconds": record.get("train_seconds"),
-        }
-
-    def validity_ceiling(self, folder: Path, name: str) -> float:
-        """`suite.validity_ceiling` of `name`'s validation documents with the model's tokenizer."""
-        run = RunFolder(folder)
-        tok = load_tokenizer(tokenizer_folder(run, run.card(), name))
-        return validity_ceiling(get_domain(name), self.val_corpus(name).documents, tok, context_length(folder))
-
-    def _row(self, strategy, label, folder, suite, seed, before, reference, tokens, forgetting=True) -> dict:
-        record = RunFolder(folder).record()
-        old, new = self.cfg.old_domain, self.cfg.new_domain
-        bpb = suite["bpb"]
-        params = record.get("total_params", record.get("params"))
-        return {
-            "strategy": strategy, "label": label, "seed": seed, "adapt_tokens": tokens,
-            "model": str(folder.relative_to(self.out)),
-            "bpb": bpb,
-            "forgetting": bpb[old] - before if forgetting else None,
-            "forgetting_rel": (bpb[old] - before) / before if forgetting else None,
-            "new_domain_gap": bpb[new] / reference - 1,
-            "domain_accuracy": suite.get("domain_accuracy", {}),
-            "validity": suite.get("validity", {}),
-            "validity_ceiling": {d: self.validity_ceiling(folder, d) for d in self.sources
-                                 if get_domain(d).check is not None},
             "health": suite.get("health", {}),
             "trainable_params": record.get("trainable_params", params), "total_params": params,
             "tokens": record.get("tokens"), "seconds": record.get("train_seconds"),

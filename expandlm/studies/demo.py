@@ -109,21 +109,47 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise UserError(f"strategy '{method.name}' adds one domain to an expert; it cannot add a third yet")
     out, started = Path(cfg.out), time.time()
     sources = {name: _sources(cfg, name) for name in cfg.domains}
-    first, *added = cfg.domains
+    stages, records = _train_stages(cfg, method.name, sources, out)
+    domains, answers, samples = _measure_domains(cfg, sources, stages, records[-1]["bpb"])
+    stage_rows = [{"stage": f.path.name, "strategy": r.get("strategy", "scratch"),
+                   "trainable": r.get("trainable_params", r.get("params")), "total": r.get("total_params", r.get("params")),
+                   "tokens": r["tokens"], "minutes": round(r["train_seconds"] / 60, 2)} for f, r in zip(stages, records)]
 
+    results = {"config": dataclasses.asdict(cfg), "versions": versions(), "stages": stage_rows, "domains": domains,
+               "answers": answers, "samples": samples, "seconds": round(time.time() - started, 1)}
+    write_json(out / "results.json", results)
+    plot_curves({f.path.name: f.metrics() for f in stages}, out / "learning_curves.png",
+                title=f"{cfg.preset}: {cfg.domains[0]} expert, then each domain added")
+    write_text(out / "report.md", _report(cfg, results))
+    print("\n" + markdown_table(stage_rows, list(stage_rows[0])) + "\n\n" + markdown_table(domains, list(domains[0])))
+    for a in answers:
+        print(f"\n--- {a['request']!r} → {a['domain']} ({a['confidence']:.0%}; {a['reason']})"
+              f"{'' if a['finished'] else ' (hit the length limit)'}\n{a['text']}")
+    print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}")
+    return results
+
+
+def _train_stages(cfg: DemoConfig, method: str, sources: dict, out: Path) -> tuple[list[RunFolder], list[dict]]:
+    """The first domain's expert, then each further domain added to the previous stage's model by `method`:
+    the stage folders and their run records."""
+    first, *added = cfg.domains
     stages = [RunFolder(out / first)]
     records = [_stage(stages[0], f"{first} expert", lambda resume: train_expert(ExpertSpec(
         domain=first, data=sources[first][0], val_data=sources[first][1], out=str(stages[0].path),
         preset=cfg.preset, limit=cfg.limit, train=cfg.train), resume=resume))]
     for name in added:
         base, folder = stages[-1], RunFolder(out / f"+{name}")
-        records.append(_stage(folder, f"+{name} ({method.name})", lambda resume: adapt(AdaptSpec(
+        records.append(_stage(folder, f"+{name} ({method})", lambda resume: adapt(AdaptSpec(
             base=str(base.path), strategy=cfg.strategy, domain=name, data=sources[name][0], val_data=sources[name][1],
             out=str(folder.path), options=cfg.options, limit=cfg.limit, train=cfg.train), resume=resume)))
         stages.append(folder)
+    return stages, records
 
+
+def _measure_domains(cfg: DemoConfig, sources: dict, stages: list[RunFolder], bpb: dict) -> tuple[list, list, dict]:
+    """Per domain, from the final model: its answer to the domain's request (routed), its samples, and the
+    report's line (bpb, same outputs as the expert's for the first domain, validity, health)."""
     served, expert = load_served(stages[-1].path, device="cpu"), load_served(stages[0].path, device="cpu")
-    bpb = records[-1]["bpb"]
     sampling = SamplingConfig(seed=cfg.train.seed)
     domains, answers, samples = [], [], {}
     for name in cfg.domains:
@@ -142,27 +168,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         domains.append({
             "domain": name, "bpb": round(bpb[name], 4),
             "same as its expert": (_same_outputs(expert.model, served.for_domain(name), tokenizer,
-                                                 val_docs[:CHECK_DOCS]) if name == first else None),
+                                                 val_docs[:CHECK_DOCS]) if name == cfg.domains[0] else None),
             "valid": validity(domain, pairs),
             "valid ceiling": validity_ceiling(domain, val_docs, tokenizer, context_length(served.path)),
             "ended": health["finished_share"], "distinct-2": round(health["distinct_2"], 3),
             "repeated 4-grams": round(health["repeated_4gram_rate"], 3)})
-    stage_rows = [{"stage": f.path.name, "strategy": r.get("strategy", "scratch"),
-                   "trainable": r.get("trainable_params", r.get("params")), "total": r.get("total_params", r.get("params")),
-                   "tokens": r["tokens"], "minutes": round(r["train_seconds"] / 60, 2)} for f, r in zip(stages, records)]
-
-    results = {"config": dataclasses.asdict(cfg), "versions": versions(), "stages": stage_rows, "domains": domains,
-               "answers": answers, "samples": samples, "seconds": round(time.time() - started, 1)}
-    write_json(out / "results.json", results)
-    plot_curves({f.path.name: f.metrics() for f in stages}, out / "learning_curves.png",
-                title=f"{cfg.preset}: {first} expert, then each domain added")
-    write_text(out / "report.md", _report(cfg, results))
-    print("\n" + markdown_table(stage_rows, list(stage_rows[0])) + "\n\n" + markdown_table(domains, list(domains[0])))
-    for a in answers:
-        print(f"\n--- {a['request']!r} → {a['domain']} ({a['confidence']:.0%}; {a['reason']})"
-              f"{'' if a['finished'] else ' (hit the length limit)'}\n{a['text']}")
-    print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}")
-    return results
+    return domains, answers, samples
 
 
 def _report(cfg: DemoConfig, results: dict) -> str:

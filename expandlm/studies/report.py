@@ -127,14 +127,6 @@ def _gap_curve(out: Path, rows: list[dict], new: str) -> list[str]:
 
 def write_study_report(out: Path, results: dict) -> None:
     """`report.md` with the strategy table, the plots, the tokenizer study and sample generations."""
-    import json
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..run_folder import RunFolder
-
     cfg, rows = results["config"], results["models"]
     old, new = cfg["old_domain"], cfg["new_domain"]
     budgets = sorted({r["adapt_tokens"] for r in rows if r["strategy"] != "base"})
@@ -142,31 +134,67 @@ def write_study_report(out: Path, results: dict) -> None:
     # the plots of one study point: the first seed at the budget where it ran the most strategies
     shown = max(budgets, key=lambda t: (sum(r["adapt_tokens"] == t for r in first), t))
     seed0 = [r for r in first if r["strategy"] == "base" or r["adapt_tokens"] == shown]
-    labels = [r["label"] for r in seed0]
+    _plot_bpb_and_forgetting(seed0, old, new, out / "bpb_and_forgetting.png")
+    _plot_learning_curves(out, seed0, new, f"{shown:,} tokens, seed {cfg['seeds'][0]}", out / "learning_curves.png")
+    curve_lines = _gap_curve(out, rows, new) if len(budgets) > 1 else []
+    table = _study_table(rows, [old, new])
+    lines = [f"# expandlm study: {old} → {new} ({cfg['preset']} preset)", "",
+             f"Base: a {old} expert trained on {cfg['base_tokens']:,} tokens. Every strategy then trains on "
+             f"{' / '.join(f'{t:,}' for t in budgets)} tokens of {new} (the {new} scratch expert too, at each budget: "
+             "the reference of the new-domain gap). "
+             "bpb: bits per byte on each domain's validation set. forgetting: relative change of the old "
+             "domain's bpb. ctrl acc: share of samples requested for a domain that a held-out classifier "
+             "(trained on real text only) assigns to it. valid: share of generated samples that pass the domain's "
+             "structural check and ended before the context limit; (fit ceiling): the same share of the real "
+             "validation documents that fit the context with the model's tokenizer, the most a perfect model "
+             "could score. ended, distinct-2: text health of the samples.", "",
+             *curve_lines, markdown_table(table, list(table[0])), "",
+             "![bpb and forgetting](bpb_and_forgetting.png)", "", "![learning curves](learning_curves.png)", ""]
+    if results.get("tokenizer_study"):
+        lines += _tokenizer_section(results["tokenizer_study"], out / "tokenizer_study.png")
+    lines += _samples_section(out, seed0)
+    write_text(out / "report.md", "\n".join(lines))
 
+
+def _plot_bpb_and_forgetting(shown: list[dict], old: str, new: str, path: Path) -> None:
+    """Both domains' bpb of every model shown, and the old domain's change after each adaptation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in shown]
     fig, (ax_bpb, ax_forget) = plt.subplots(1, 2, figsize=(14, 4.5))
-    _bars(ax_bpb, labels, {f"{old} bpb": [r["bpb"][old] for r in seed0], f"{new} bpb": [r["bpb"][new] for r in seed0]},
+    _bars(ax_bpb, labels, {f"{old} bpb": [r["bpb"][old] for r in shown], f"{new} bpb": [r["bpb"][new] for r in shown]},
           "validation bits per byte", "bpb on both domains (lower is better)")
-    before = next(r["bpb"][old] for r in seed0 if r["strategy"] == "base")
+    before = next(r["bpb"][old] for r in shown if r["strategy"] == "base")
     ax_bpb.axhline(before, color="C0", ls="--", lw=0.8)
-    forget = [r for r in seed0 if r["forgetting"] is not None and r["strategy"] != "base"]
+    forget = [r for r in shown if r["forgetting"] is not None and r["strategy"] != "base"]
     _bars(ax_forget, [r["label"] for r in forget], {"forgetting": [100 * r["forgetting_rel"] for r in forget]},
           f"{old} bpb change after adaptation (%)", f"forgetting of {old}")
-    _save(fig, out / "bpb_and_forgetting.png")
+    _save(fig, path)
+
+
+def _plot_learning_curves(out: Path, shown: list[dict], new: str, point: str, path: Path) -> None:
+    """The new domain's validation bpb over training of every model shown but the base (`point`: which)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..run_folder import RunFolder
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, r in enumerate(r for r in seed0 if r["strategy"] != "base"):
+    for i, r in enumerate(r for r in shown if r["strategy"] != "base"):
         curve = [m for m in RunFolder(out / r["model"]).metrics() if "val_bpb" in m]
         ax.plot([m["tokens"] for m in curve], [m["val_bpb"] for m in curve], marker=".", label=r["label"],
                 color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--")
-    ax.set(xlabel="training tokens", ylabel=f"{new} validation bpb",
-           title=f"learning curves on {new} ({shown:,} tokens, seed {cfg['seeds'][0]})")
+    ax.set(xlabel="training tokens", ylabel=f"{new} validation bpb", title=f"learning curves on {new} ({point})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, out / "learning_curves.png")
+    _save(fig, path)
 
-    curve_lines = _gap_curve(out, rows, new) if len(budgets) > 1 else []
-    domains = [old, new]
+
+def _study_table(rows: list[dict], domains: list[str]) -> list[dict]:
+    """The report's table of a two-domain study: one line per model."""
     table = []
     for r in rows:
         acc = r["domain_accuracy"] or {}
@@ -184,31 +212,32 @@ def write_study_report(out: Path, results: dict) -> None:
         row.update({"trainable": r["trainable_params"], "total": r["total_params"], "tokens": r["tokens"],
                     "minutes": None if r["seconds"] is None else round(r["seconds"] / 60, 2)})
         table.append(row)
-    lines = [f"# expandlm study: {old} → {new} ({cfg['preset']} preset)", "",
-             f"Base: a {old} expert trained on {cfg['base_tokens']:,} tokens. Every strategy then trains on "
-             f"{' / '.join(f'{t:,}' for t in budgets)} tokens of {new} (the {new} scratch expert too, at each budget: "
-             "the reference of the new-domain gap). "
-             "bpb: bits per byte on each domain's validation set. forgetting: relative change of the old "
-             "domain's bpb. ctrl acc: share of samples requested for a domain that a held-out classifier "
-             "(trained on real text only) assigns to it. valid: share of generated samples that pass the domain's "
-             "structural check and ended before the context limit; (fit ceiling): the same share of the real "
-             "validation documents that fit the context with the model's tokenizer, the most a perfect model "
-             "could score. ended, distinct-2: text health of the samples.", "",
-             *curve_lines, markdown_table(table, list(table[0])), "",
-             "![bpb and forgetting](bpb_and_forgetting.png)", "", "![learning curves](learning_curves.png)", ""]
-    if results.get("tokenizer_study"):
-        tok_rows = results["tokenizer_study"]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        kinds = list(dict.fromkeys(r["tokenizer"] for r in tok_rows))
-        domains = list(dict.fromkeys(r["domain"] for r in tok_rows))
-        _bars(ax, kinds, {d: [next((r["bpb"] for r in tok_rows if r["domain"] == d and r["tokenizer"] == k), None)
-                              for k in kinds] for d in domains}, "validation bpb", "tokenizer study (equal tokens)")
-        _save(fig, out / "tokenizer_study.png")
-        lines += ["## Tokenizer study", "", markdown_table(tok_rows, list(tok_rows[0])), "",
-                  "![tokenizer study](tokenizer_study.png)", ""]
-    lines += ["## Samples", "", "Two samples per model and domain; all of them are in `samples.json`.", ""]
+    return table
+
+
+def _tokenizer_section(tok_rows: list[dict], path: Path) -> list[str]:
+    """The report's lines of the tokenizer study, and its plot in `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    kinds = list(dict.fromkeys(r["tokenizer"] for r in tok_rows))
+    domains = list(dict.fromkeys(r["domain"] for r in tok_rows))
+    _bars(ax, kinds, {d: [next((r["bpb"] for r in tok_rows if r["domain"] == d and r["tokenizer"] == k), None)
+                          for k in kinds] for d in domains}, "validation bpb", "tokenizer study (equal tokens)")
+    _save(fig, path)
+    return ["## Tokenizer study", "", markdown_table(tok_rows, list(tok_rows[0])), "",
+            f"![tokenizer study]({path.name})", ""]
+
+
+def _samples_section(out: Path, shown: list[dict]) -> list[str]:
+    """The report's lines with two samples per model shown and domain; every sample in `samples.json`."""
+    import json
+
+    lines = ["## Samples", "", "Two samples per model and domain; all of them are in `samples.json`.", ""]
     samples = {}
-    for r in seed0:
+    for r in shown:
         suite = read_json(out / r["model"] / SUITE)
         samples[r["label"]] = suite.get("samples", {})
         for domain, drawn in suite.get("samples", {}).items():
@@ -216,7 +245,7 @@ def write_study_report(out: Path, results: dict) -> None:
                 lines += [f"### {r['label']}: {domain} {i}{'' if s['finished'] else ' (hit the length limit)'}",
                           "", "```", s["text"], "```", ""]
     write_text(out / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False))
-    write_text(out / "report.md", "\n".join(lines))
+    return lines
 
 
 def plot_growth(rows: list[dict], domains: list[str], path: Path) -> Path:
