@@ -71,7 +71,7 @@ class RunFolder:
         """"done" (a finished run), "resume" (an unfinished run: from its checkpoint, or from the start
         when it was stopped before its first one) or "new"."""
         if (self.path / RUN_RECORD).exists():
-            return "done" if self.record().get("status") == "done" else "resume"
+            return "done" if read_json(self.path / RUN_RECORD, "run record").get("status") == "done" else "resume"
         return "resume" if (self.checkpoint / TRAIN_STATE).exists() else "new"
 
     def begin(self, resume: bool) -> None:
@@ -104,11 +104,8 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
 
     # -- records ----------------------------------------------------------------------------------
-    def record(self) -> dict:
-        return read_json(self.path / RUN_RECORD, "run record")
-
-    def run_record(self) -> RunRecord:
-        return RunRecord.from_json(self.record(), str(self.path / RUN_RECORD))
+    def record(self) -> RunRecord:
+        return RunRecord.from_json(read_json(self.path / RUN_RECORD, "run record"), str(self.path / RUN_RECORD))
 
     def write_record(self, record: RunRecord) -> None:
         if is_main_process():

@@ -56,10 +56,10 @@ def test_adapt_resume_after_kill_reproduces_the_uninterrupted_run(base, tmp_path
     resumed = subprocess.run([sys.executable, "-m", "expandlm", "adapt", "--resume", "--out", str(tmp_path / "b")],
                              env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    record = RunFolder(tmp_path / "b").record()
+    record = RunFolder(tmp_path / "b").record().to_json()
     assert record["status"] == "done" and record["resumed_from"] == [killed_at] and record["steps"] == 150
     assert _curve(tmp_path / "b") == _curve(tmp_path / "a")
-    assert record["bpb"] == RunFolder(tmp_path / "a").record()["bpb"]
+    assert record["bpb"] == RunFolder(tmp_path / "a").record().to_json()["bpb"]
 
 
 @pytest.mark.slow
@@ -69,7 +69,7 @@ def test_adapt_under_two_processes_writes_one_folder(base, tmp_path):
     done = subprocess.run(_adapt_cmd(base, out, "--max-steps", "6", launcher=launcher), env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    record = RunFolder(out).record()
+    record = RunFolder(out).record().to_json()
     assert record["status"] == "done" and record["steps"] == 6
     assert record["tokens"] == 6 * 4 * 128 * 2  # both processes' samples
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp leftovers
@@ -147,9 +147,9 @@ def test_a_branch_chain_keeps_every_old_domain_bit_identical_served_and_exported
         assert (generate(second.for_domain(domain), *args, engine="hf")[0].text
                 == generate(second.decode_model(domain), *args)[0].text)
         assert main(["generate", "--model", str(root / "branch2"), "--domain", domain, "--max-new-tokens", "8"]) == 0
-    record = RunFolder(root / "branch2").record()
+    record = RunFolder(root / "branch2").record().to_json()
     assert record["forgetting"] == {"stories": 0.0, "recipes": 0.0}
-    assert record["bpb_before"] == {d: RunFolder(root / "branch1").record()["bpb"][d] for d in ("stories", "recipes")}
+    assert record["bpb_before"] == {d: RunFolder(root / "branch1").record().to_json()["bpb"][d] for d in ("stories", "recipes")}
 
 
 def test_old_domains_data_resolves_two_folders_down_a_moved_chain(chain, tmp_path):
@@ -165,7 +165,7 @@ def test_old_domains_data_resolves_two_folders_down_a_moved_chain(chain, tmp_pat
 
 def test_a_whole_model_strategy_over_two_additions_records_forgetting_per_old_domain(chain):
     root, grow = chain
-    first, second = RunFolder(root / "replay1").record(), RunFolder(root / "replay2").record()
+    first, second = RunFolder(root / "replay1").record().to_json(), RunFolder(root / "replay2").record().to_json()
     assert set(second["bpb"]) == {"stories", "recipes", "code"}
     assert set(second["forgetting"]) == {"stories", "recipes"}
     for d in ("stories", "recipes"):

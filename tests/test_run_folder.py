@@ -22,7 +22,7 @@ def test_state_follows_what_the_folder_holds(tmp_path):
     write_json(folder.checkpoint / TRAIN_STATE, {"step": 3})
     assert folder.state == "resume"
     folder.write_record(_record())
-    assert folder.state == "resume" and folder.record()["versions"]["torch"]
+    assert folder.state == "resume" and folder.record().to_json()["versions"]["torch"]
     folder.write_record(_record("done"))
     assert folder.state == "done"
 

@@ -30,7 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..config import arg, config
 from ..errors import UserError
-from ..training.expert import log
+from ..process import log
 from ..model.llama import count_params
 from ..data.tokenizer import train_bpe
 from .method import AdaptContext, Adapted, Method, freeze

@@ -101,7 +101,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                              strategy=method.name, card=card.to_json(), trainable_params=trainable, total_params=total))
     trained, state = run.train(adapted.model, batches, val_shard=val_shards[domain.name],
                                loss_fn=functools.partial(method.loss, adapted))
-    before = served.folder.run_record().bpb
+    before = served.folder.record().bpb
     return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains))
 
 

@@ -99,7 +99,7 @@ class ServedModel:
         """Where each served domain's training data came from (paths usable from here)."""
         if not (self.folder / RUN_RECORD).exists():
             return {}
-        return {d: s.usable_from(self.folder) for d, s in self.folder.run_record().domain_data.items()}
+        return {d: s.usable_from(self.folder) for d, s in self.folder.record().domain_data.items()}
 
 
 def tokenizer_folder(folder: RunFolder, card: ModelCard, name: str) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import load_yaml
 from ..errors import UserError
-from ..training.expert import log
+from ..process import log
 from .combine import CombineStudy, CombineStudyConfig, load_combine_config
 from .compare import Study, StudyConfig, load_config
 

@@ -36,7 +36,7 @@ from ..merge.run import METHODS, MergeConfig, MergeModel, MergeParameters, merge
 from ..routing.router import route, router_from_data
 from ..run_folder import RUN_RECORD, RunFolder
 from ..training.distill import DistillSpec, Teacher, distill
-from ..training.expert import log
+from ..process import log
 from ..training.loop import TrainConfig
 from .report import write_combine_report
 from .stages import EvalConfig, Stages
@@ -181,11 +181,11 @@ class CombineStudy(Stages):
     def _folder_row(self, label, family, base, folder, reference, trained=None, stored=None, seconds=None, **extra):
         suite, record = self.suite(folder), RunFolder(folder).record()
         if trained is None:
-            trained = record.get("trainable_params", 0)
+            trained = record.trainable_params or 0  # a merge trains nothing
         if stored is None:
             stored = stored_params(folder)
         if seconds is None:
-            seconds = record.get("train_seconds")
+            seconds = record.train_seconds
         return self._row(label, family, base, suite["bpb"], suite.get("domain_accuracy", {}), trained, stored, seconds,
                          reference, samples=suite.get("samples", {}), folder=self.relative(folder), **extra)
 
@@ -234,7 +234,7 @@ class CombineStudy(Stages):
         return FineTunes(base=base, full=full, lora=lora, experts=experts,
                          reference={d: self.suite(f)["bpb"][d] for d, f in experts.items()},
                          base_params=stored_params(base),
-                         seconds={d: RunFolder(f).record().get("train_seconds") or 0 for d, f in trained.items()})
+                         seconds={d: RunFolder(f).record().train_seconds or 0 for d, f in trained.items()})
 
     def _tag(self) -> str:
         return f"{self.cfg.base_domain} expert"
@@ -273,7 +273,7 @@ class CombineStudy(Stages):
                               expert_seconds, reference, routing_accuracy=routed["routing_accuracy"]))
         if tuned.lora:
             lora_suites = {d: self.suite(f) for d, f in tuned.lora.items()}
-            adapters = sum(RunFolder(f).record()["trainable_params"] for f in tuned.lora.values())
+            adapters = sum(RunFolder(f).record().trainable_params for f in tuned.lora.values())
             rows.append(self._row("oracle routing (LoRA experts)", "routing", tag,
                                   {cfg.base_domain: reference[cfg.base_domain],
                                    **{d: s["bpb"][d] for d, s in lora_suites.items()}},
@@ -307,7 +307,7 @@ class CombineStudy(Stages):
                                 self.cfg.distill.temperature)
         record = RunFolder(student).record()
         rows.append(self._folder_row("distilled student (continued from the base)", "distill", tag, student,
-                                     reference, seconds=round(record["train_seconds"] + self._expert_seconds(tuned), 1)))
+                                     reference, seconds=round(record.train_seconds + self._expert_seconds(tuned), 1)))
         return rows
 
     def _mixed_base_rows(self, tuned: FineTunes) -> list[dict]:
@@ -321,7 +321,7 @@ class CombineStudy(Stages):
                   for d in cfg.experts}
         for d in cfg.experts:
             rows.append(self._folder_row(f"{d} fine-tune of the mixed base", "expert", tag, mix_ft[d], reference))
-        mix_s = sum(RunFolder(f).record()["train_seconds"] for f in mix_ft.values())
+        mix_s = sum(RunFolder(f).record().train_seconds for f in mix_ft.values())
         for run in (r for r in cfg.merges if r.of == "full"):
             folder, merge_s = self._merge(run, [mix_ft[d] for d in cfg.experts], mix, out / "mix" / "merges" / run.label)
             rows.append(self._folder_row(f"{run.label} (mixed base)", "merge (full)", tag, folder, reference,

@@ -241,7 +241,6 @@ class Study(Stages):
         suite's other measures (validity ceilings for every measured domain with a check)."""
         record, suite = RunFolder(folder).record(), self.suite(folder)
         bpb = suite["bpb"]
-        params = record.get("total_params", record.get("params"))
         return {
             "strategy": strategy, "label": label, "seed": seed, **position, "model": self.relative(folder),
             "bpb": bpb, **compared(bpb),
@@ -249,8 +248,8 @@ class Study(Stages):
             "validity": suite.get("validity", {}),
             "validity_ceiling": {d: self.validity_ceiling(folder, d) for d in bpb if get_domain(d).check is not None},
             "health": suite.get("health", {}),
-            "trainable_params": record.get("trainable_params", params), "total_params": params,
-            "tokens": record.get("tokens"), "seconds": record.get("train_seconds"),
+            "trainable_params": record.trainable_params, "total_params": record.total_params,
+            "tokens": record.tokens, "seconds": record.train_seconds,
         }
 
     def tokenizer_study(self, seed: int) -> list[dict]:
@@ -271,9 +270,8 @@ class Study(Stages):
                 folder = self.out / "tokenizer-study" / f"{name}-{kind}"
                 self.expert(name, folder, seed, study.tokens, tokenizer=spec)
                 record = RunFolder(folder).record()
-                tok = load_tokenizer(folder)
-                rows.append({"domain": name, "tokenizer": kind, "vocab": len(tok), "params": record["params"],
-                             "tokens": record["tokens"], "bytes_per_token": round(
-                                 record["data"]["train"]["bytes"] / record["data"]["train"]["tokens"], 3),
-                             "bpb": record["val_bpb"], "seconds": record["train_seconds"]})
+                tok, data = load_tokenizer(folder), record.details["data"]["train"]
+                rows.append({"domain": name, "tokenizer": kind, "vocab": len(tok), "params": record.total_params,
+                             "tokens": record.tokens, "bytes_per_token": round(data["bytes"] / data["tokens"], 3),
+                             "bpb": record.bpb[name], "seconds": record.train_seconds})
         return rows

@@ -21,10 +21,12 @@ from ..config import arg, config
 from ..data.corpus import default_data_dir, load_corpus
 from ..domains import get_domain
 from ..errors import UserError
-from ..training.expert import ExpertSpec, log, train_expert
+from ..process import log
+from ..training.expert import ExpertSpec, train_expert
 from ..inference.generate import SamplingConfig, generate
 from .report import markdown_table, plot_curves
 from ..routing.router import route_request
+from ..records import RunRecord
 from ..run_folder import RunFolder, versions
 from ..formats.served import context_length, load_served
 from ..adapt import DEFAULT_METHOD, make_method
@@ -79,14 +81,14 @@ def _sources(cfg: DemoConfig, domain_name: str) -> tuple[str, str | None]:
     return domain.local_files(Path(cfg.data_dir) if cfg.data_dir else default_data_dir())
 
 
-def _stage(folder: RunFolder, what: str, run) -> dict:
+def _stage(folder: RunFolder, what: str, run) -> RunRecord:
     """A finished stage is reused, an interrupted one resumed; `run(resume)` trains it."""
     state = folder.auto()
     if state == "done":
         log(f"== {what}: reusing the finished run in {folder.path}")
         return folder.record()
     log(f"== {what}: {'resuming' if state == 'resume' else 'training'} in {folder.path}")
-    return run(state == "resume").to_json()
+    return run(state == "resume")
 
 
 @torch.no_grad()
@@ -110,10 +112,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     out, started = Path(cfg.out), time.time()
     sources = {name: _sources(cfg, name) for name in cfg.domains}
     stages, records = _train_stages(cfg, method.name, sources, out)
-    domains, answers, samples = _measure_domains(cfg, sources, stages, records[-1]["bpb"])
-    stage_rows = [{"stage": f.path.name, "strategy": r.get("strategy", "scratch"),
-                   "trainable": r.get("trainable_params", r.get("params")), "total": r.get("total_params", r.get("params")),
-                   "tokens": r["tokens"], "minutes": round(r["train_seconds"] / 60, 2)} for f, r in zip(stages, records)]
+    domains, answers, samples = _measure_domains(cfg, sources, stages, records[-1].bpb)
+    stage_rows = [{"stage": f.path.name, "strategy": r.strategy or "scratch", "trainable": r.trainable_params,
+                   "total": r.total_params, "tokens": r.tokens, "minutes": round(r.train_seconds / 60, 2)}
+                  for f, r in zip(stages, records)]
 
     results = {"config": dataclasses.asdict(cfg), "versions": versions(), "stages": stage_rows, "domains": domains,
                "answers": answers, "samples": samples, "seconds": round(time.time() - started, 1)}

@@ -24,7 +24,8 @@ from ..formats.served import context_length, load_served, tokenizer_folder
 from ..inference.generate import SamplingConfig, generate
 from ..routing.classifier import DomainClassifier
 from ..run_folder import SUITE, RunFolder, versions
-from ..training.expert import ExpertSpec, log, train_expert
+from ..process import log
+from ..training.expert import ExpertSpec, train_expert
 from ..training.loop import TrainConfig
 
 
@@ -149,7 +150,7 @@ class Stages:
 
     def _bpb(self, folder: Path, served) -> dict:
         """bpb of a served folder on each measured domain; its run already measured its own domains."""
-        known = RunFolder(folder).record()["bpb"]  # on the same validation sets
+        known = RunFolder(folder).record().bpb  # on the same validation sets
         bpb = {}
         for name in (served.domains if self.served_bpb_only else self.sources):
             if name in known:

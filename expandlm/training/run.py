@@ -34,7 +34,7 @@ def stored_spec(spec, folder: RunFolder) -> dict:
 def saved_spec(folder: RunFolder, spec_cls, progress: bool = True):
     """The spec a run was started with, its paths usable from here: a resumed run continues with
     exactly that (only the progress bar follows the new command line)."""
-    data = dict(folder.run_record().spec)
+    data = dict(folder.record().spec)
     for name in path_fields(spec_cls):
         data[name] = folder.resolve(data[name]) if name != "out" else str(folder.path)
     if "train" in data:
@@ -83,7 +83,7 @@ class Run:
 
     def begin(self, record: RunRecord) -> RunRecord:
         """Write the record of a running run (a resumed run keeps the one it started with)."""
-        self.record = dataclasses.replace(self.folder.run_record(), status="running") if self.resume else record
+        self.record = dataclasses.replace(self.folder.record(), status="running") if self.resume else record
         self.folder.write_record(self.record)
         return self.record
 
