@@ -6,6 +6,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_study(config, out: Path) -> dict:
+    """`expandlm compare CONFIG --out OUT` (a path, or a config of configs/ by name); its results.json."""
+    from expandlm.cli import main
+    path = config if Path(config).suffix else REPO / "configs" / f"{config}.yaml"
+    assert main(["compare", str(path), "--out", str(out), "--no-progress"]) == 0
+    return json.loads((Path(out) / "results.json").read_text())
 SHARED_DATA = Path(os.environ.get("EXPANDLM_DATA", REPO.parent / "shared" / "data"))
 
 STORIES = [

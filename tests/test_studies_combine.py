@@ -1,21 +1,18 @@
 """The combination study (expandlm.studies.combine): every row, its columns, reuse of finished stages, config errors."""
-import json
 
 import pytest
 import yaml
 
-from expandlm.cli import main
 from expandlm.studies import load_study
 from expandlm.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import run_study
 
 
 @pytest.mark.slow
 def test_smoke_combination_study_measures_every_way_of_combining(tmp_path, shared_data, monkeypatch, capsys):
     monkeypatch.setenv("EXPANDLM_DATA", str(shared_data))
     out = tmp_path / "combine"
-    assert main(["compare", str(REPO / "configs" / "combine-smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = run_study("combine-smoke", out)
     rows = {r["label"]: r for r in results["models"]}
     domains = ["stories", "recipes", "code"]
     assert results["domains"] == domains
@@ -41,7 +38,7 @@ def test_smoke_combination_study_measures_every_way_of_combining(tmp_path, share
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
     capsys.readouterr()
-    assert main(["compare", str(REPO / "configs" / "combine-smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
+    run_study("combine-smoke", out)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("run.json")} == stamps  # nothing retrained or re-merged
 
 

@@ -4,13 +4,12 @@ import shutil
 import pytest
 import yaml
 
-from expandlm.cli import main
 from expandlm.studies import load_study
 from expandlm.studies.combine import CombineStudy
 from expandlm.studies.compare import Study
 from expandlm.errors import UserError
 from expandlm.adapt import DEFAULT_METHOD
-from tests.conftest import REPO
+from tests.conftest import REPO, run_study
 
 
 def expansion_config(path):
@@ -28,8 +27,7 @@ REQUIRED = {"strategy", "bpb", "forgetting", "new_domain_gap", "domain_accuracy"
 def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, shared_data, capsys, monkeypatch):
     monkeypatch.setenv("EXPANDLM_DATA", str(shared_data))
     out = tmp_path / "study"
-    assert main(["compare", str(REPO / "configs" / "smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = run_study("smoke", out)
     models = results["models"]
     assert {m["strategy"] for m in models} == {"base", "scratch", "full_ft", "lora", "joint", "replay", "ewc",
                                                "expand", "expand_paths", "expand_branch"}
@@ -52,14 +50,14 @@ def test_smoke_study_runs_every_strategy_and_reuses_finished_stages(tmp_path, sh
     # a second run reuses every stage: nothing is retrained
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed0/*/run.json")}
     capsys.readouterr()
-    assert main(["compare", str(REPO / "configs" / "smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
+    run_study("smoke", out)
     assert {p: p.stat().st_mtime_ns for p in out.glob("seed0/*/run.json")} == stamps
     assert "expert (" not in capsys.readouterr().out
 
     # a stage lost mid-way is redone, the rest kept
     shutil.rmtree(out / "seed0" / "replay")
     (out / "seed0" / "full_ft" / "suite.json").unlink()
-    assert main(["compare", str(REPO / "configs" / "smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
+    run_study("smoke", out)
     assert (out / "seed0" / "replay" / "run.json").exists() and (out / "seed0" / "full_ft" / "suite.json").exists()
 
 
@@ -166,8 +164,7 @@ def test_a_learning_curve_study_runs_each_strategy_at_its_budgets_and_seeds(tmp_
         "  - {name: full_ft, seeds: [0], adapt_tokens: [8000]}\n"
         "evaluation: {samples: 2, max_new_tokens: 16, classifier_docs: 50}\n")
     out = tmp_path / "curve"
-    assert main(["compare", str(config), "--out", str(out), "--no-progress"]) == 0
-    rows = json.loads((out / "results.json").read_text())["models"]
+    rows = run_study(config, out)["models"]
     points = sorted((r["label"], r["seed"], r["adapt_tokens"]) for r in rows if r["strategy"] != "base")
     assert points == sorted([("expand_branch", s, t) for s in (0, 1) for t in (4000, 8000)]
                             + [("full_ft", 0, 8000)]
@@ -199,8 +196,7 @@ def test_per_run_seeds_and_budgets_must_be_the_studys(tmp_path):
 def test_a_growth_study_adds_the_domains_one_at_a_time_per_strategy(tmp_path, shared_data, monkeypatch):
     monkeypatch.setenv("EXPANDLM_DATA", str(shared_data))
     out = tmp_path / "grow"
-    assert main(["compare", str(REPO / "configs" / "grow-smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
-    rows = json.loads((out / "results.json").read_text())["models"]
+    rows = run_study("grow-smoke", out)["models"]
     runs = [(r["label"], r["step"], r["added"]) for r in rows if r["step"]]
     assert runs == [(s, step, d) for s in ("expand_branch", "replay", "joint", "full_ft")
                     for step, d in ((1, "recipes"), (2, "code"))]
@@ -258,8 +254,7 @@ def test_a_study_of_user_written_domains_runs_end_to_end(tmp_path):
         "tokenizer_study: {tokenizers: [custom, shared, bytes], tokens: 1000}\n"
         "evaluation: {samples: 2, max_new_tokens: 8, classifier_docs: 20}\n")
     out = tmp_path / "study"
-    assert main(["compare", str(config), "--out", str(out), "--no-progress"]) == 0
-    rows = json.loads((out / "results.json").read_text())["models"]
+    rows = run_study(config, out)["models"]
     assert [r["strategy"] for r in rows] == ["base", "scratch", "expand_branch"]
     for r in rows:
         assert set(r["bpb"]) == {"tales", "dishes"} and all(v > 0 for v in r["bpb"].values()), r["label"]
