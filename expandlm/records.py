@@ -1,5 +1,11 @@
-"""The model card (`expandlm.json`): which domains a model folder serves, in which folder format, made by
-which training method. One typed record that every reader uses."""
+"""The records a run folder keeps, typed, so that every reader uses one shape (and an older file is
+mapped to it once, here):
+
+    ModelCard      `expandlm.json`: which domains a model folder serves, in which folder format, made by
+                   which training method
+    RunRecord      `run.json`: what one run was asked, what it used and what it measured
+    DomainSource   where a domain's training data came from
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +17,7 @@ MODEL_CARD = "expandlm.json"
 # folders written before formats and methods were apart named one "strategy" for both (745b37b and
 # earlier): the format that strategy stored its folder in
 LEGACY_FORMATS = {"lora": "adapter", "expand_paths": "paths", "expand_branch": "branch", "arrow": "arrow"}
-FIELDS = ("domains", "format", "method", "options", "base", "preset", "vocab")
+CARD_FIELDS = ("domains", "format", "method", "options", "base", "preset", "vocab")
 
 
 @dataclass
@@ -34,7 +40,7 @@ class ModelCard:
         if "strategy" in data and "format" not in data:  # an older folder
             strategy = data.pop("strategy")
             data["format"], data["method"] = LEGACY_FORMATS.get(strategy, "checkpoint"), strategy
-        known = {k: data.pop(k) for k in FIELDS if k in data}
+        known = {k: data.pop(k) for k in CARD_FIELDS if k in data}
         for key, kind in (("domains", list), ("format", str), ("method", str), ("options", dict)):
             if key in known and not isinstance(known[key], kind):
                 raise UserError(f"{where}: field '{key}' must be a {kind.__name__}, got {known[key]!r}")
