@@ -28,6 +28,7 @@ def _quiet_libraries() -> None:
 
 
 DOMAIN_HELP = "a domain name, or the path of a domain spec (YAML)"
+MODEL_HELP = "a model folder (from expandlm, or any checkpoint transformers saved), or a hub id such as Qwen/Qwen2.5-0.5B"
 
 
 def _positive_int(text: str) -> int:
@@ -141,16 +142,17 @@ def cmd_eval(args) -> None:
     from .formats.served import load_served
     from .data.shards import build_shard
 
-    served = load_served(args.model)
-    domain = served.domain(args.domain)
-    data = args.data or domain.local_files(default_data_dir())[1]
+    served = load_served(args.model, base_domain=args.base_domain)
+    domain = served.requested(args.domain)
+    # a domain with no files of its own (a pretrained model's, unless named after one) needs --data
+    data = args.data or (domain.local_files(default_data_dir())[1] if domain.spec.data.train else None)
     if data is None:
         raise UserError(f"domain '{domain.name}' names no validation file in its spec; pass --data")
     corpus = load_corpus(data, domain, split=args.split, limit=args.max_docs)
     shard = build_shard(corpus, served.tokenizer_for(domain.name), args.cache_dir)
     result = {"model": str(args.model), "domain": domain.name, "data": str(data),
               **evaluate_bpb(served.for_domain(domain.name), shard)}
-    out = Path(args.out) if args.out else Path(args.model) / f"eval-{domain.name}.json"
+    out = Path(args.out) if args.out else served.path / f"eval-{domain.name}.json"
     write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"bpb {result['bpb']:.4f} on {result['documents']} {domain.name} documents → {out}", file=sys.stderr)
@@ -162,12 +164,14 @@ def cmd_generate(args) -> None:
     from .routing.router import route_request
     from .formats.served import load_served
 
-    if (args.domain is None) == (args.request is None):
-        raise UserError("generate needs exactly one of --domain (with an optional --prompt) or --request")
+    if args.domain is not None and args.request is not None:
+        raise UserError("generate takes one of --domain (with an optional --prompt) or --request, not both")
     sampling = build(SamplingConfig, given(args, SamplingConfig), "sampling flags")
-    served = load_served(args.model)
-    domain_name, prompt, routed = args.domain and served.domain(args.domain).name, args.prompt, None
-    if args.request is not None:
+    served = load_served(args.model, base_domain=args.base_domain)
+    prompt, routed = args.prompt, None
+    if args.request is None:
+        domain_name = served.requested(args.domain).name
+    else:
         routed = route_request(args.request, served)
         domain_name, prompt = routed.domain, routed.prompt
         if not routed.fits:  # still answered by the best guess: say so before the text
@@ -197,12 +201,14 @@ def cmd_export(args) -> None:
     from .formats.served import load_served
 
 
-    served = load_served(args.model, device="cpu")
-    args.domain = served.domain(args.domain).name
+    served = load_served(args.model, device="cpu", base_domain=args.base_domain)
+    args.domain = served.requested(args.domain).name
     if args.format == "gguf":
         path = served.export_gguf(args.domain, args.out)
+        start = "a text, as its tokenizer starts one" if args.domain in served.card.plain else \
+            "the token ids of <|bos|><|domain|>"
         print(f"{args.domain} of {args.model} ({served.card.format}) → {path} (a GGUF file llama.cpp runs; "
-              "start from the token ids of <|bos|><|domain|>)")
+              f"start from {start})")
         return
     folder = served.export(args.domain, args.out)
     print(f"{args.domain} of {args.model} ({served.card.format}) → {folder.path} "
@@ -213,7 +219,7 @@ def cmd_serve(args) -> None:
     from .serve.app import serve
 
     serve(args.models, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
-          max_waiting=args.max_waiting, threads=args.threads)
+          max_waiting=args.max_waiting, threads=args.threads, base_domain=args.base_domain)
 
 
 def cmd_compare(args) -> None:
@@ -235,6 +241,14 @@ def _engine_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
                    help="fast: expandlm's decode loop with its C step (default); torch: the same loop in PyTorch only; "
                         "hf: transformers' generate (the same greedy tokens)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """What the read-side commands (eval, generate, export, serve) say of the model they read."""
+    from .formats.checkpoint import BASE_DOMAIN
+    p.add_argument("--base-domain", default=BASE_DOMAIN, metavar="NAME",
+                   help="the name of a pretrained checkpoint's own behaviour (a folder transformers saved, with no "
+                        f"expandlm.json): its one domain, requested with no tag (default: {BASE_DOMAIN})")
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
@@ -300,8 +314,9 @@ def _add_distill_command(sub) -> None:
 
 def _add_eval_command(sub) -> None:
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
-    e.add_argument("--model", required=True)
-    e.add_argument("--domain", required=True, help=DOMAIN_HELP)
+    e.add_argument("--model", required=True, help=MODEL_HELP)
+    e.add_argument("--domain", help=DOMAIN_HELP + " (default: the model's one domain)")
+    _model_flags(e)
     e.add_argument("--data", help="validation data (default: the domain spec's validation file)")
     e.add_argument("--split", default="validation", help="split, for a hub dataset id")
     e.add_argument("--max-docs", type=_positive_int)
@@ -315,8 +330,10 @@ def _add_generate_command(sub) -> None:
     from .inference.generate import SamplingConfig
 
     g = sub.add_parser("generate", help="write text of a domain on request")
-    g.add_argument("--model", required=True)
-    g.add_argument("--domain", help="the domain to write (its tag starts the text): " + DOMAIN_HELP)
+    g.add_argument("--model", required=True, help=MODEL_HELP)
+    g.add_argument("--domain", help="the domain to write (its tag starts the text): " + DOMAIN_HELP
+                   + " (default: the model's one domain)")
+    _model_flags(g)
     g.add_argument("--prompt", default="", help="a story opening, a recipe title, ...")
     g.add_argument("--request", help="free text such as 'write a recipe for banana bread': routed to a domain")
     g.add_argument("--num-samples", type=_positive_int, default=1)
@@ -328,8 +345,9 @@ def _add_generate_command(sub) -> None:
 
 def _add_export_command(sub) -> None:
     x = sub.add_parser("export", help="write one domain of a model as a standard checkpoint or a GGUF file")
-    x.add_argument("model", help="a model folder (from train or adapt)")
-    x.add_argument("--domain", required=True, help="the domain whose model to write")
+    x.add_argument("model", help=MODEL_HELP)
+    x.add_argument("--domain", help="the domain whose model to write (default: the model's one domain)")
+    _model_flags(x)
     x.add_argument("--format", choices=("checkpoint", "gguf"), default="checkpoint",
                    help="checkpoint: a transformers folder (default); gguf: one file for llama.cpp")
     x.add_argument("--out", required=True, help="the checkpoint folder (or with --format gguf, the file) to write")
@@ -338,7 +356,9 @@ def _add_export_command(sub) -> None:
 
 def _add_serve_command(sub) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible API and a web page over model folders")
-    s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders; every domain of each is a model id")
+    s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders (or hub ids); every domain of each "
+                   "is a model id")
+    _model_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000)
     _engine_flag(s)

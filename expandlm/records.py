@@ -17,12 +17,15 @@ MODEL_CARD = "expandlm.json"
 # folders written before formats and methods were apart named one "strategy" for both (745b37b and
 # earlier): the format that strategy stored its folder in
 LEGACY_FORMATS = {"lora": "adapter", "expand_paths": "paths", "expand_branch": "branch", "arrow": "arrow"}
-CARD_FIELDS = ("domains", "format", "method", "options", "base", "preset", "vocab")
+CARD_FIELDS = ("domains", "plain", "format", "method", "options", "base", "preset", "vocab")
 
 
 @dataclass
 class ModelCard:
-    domains: list[str] = field(default_factory=list)  # empty: a plain checkpoint that serves its whole model
+    domains: list[str] = field(default_factory=list)
+    # domains requested with no tag token: a pretrained model's own behaviour, asked for as its own
+    # tokenizer starts a text (`data/tokenizer.py`, `request_prefix`)
+    plain: list[str] = field(default_factory=list)
     format: str = "checkpoint"     # how the folder is stored and served (`formats/`)
     method: str = "scratch"        # how it was made: a training method (`adapt/`), or scratch, merge, distill, export
     options: dict = field(default_factory=dict)  # the method's options
@@ -41,13 +44,15 @@ class ModelCard:
             strategy = data.pop("strategy")
             data["format"], data["method"] = LEGACY_FORMATS.get(strategy, "checkpoint"), strategy
         known = {k: data.pop(k) for k in CARD_FIELDS if k in data}
-        for key, kind in (("domains", list), ("format", str), ("method", str), ("options", dict)):
+        for key, kind in (("domains", list), ("plain", list), ("format", str), ("method", str), ("options", dict)):
             if key in known and not isinstance(known[key], kind):
                 raise UserError(f"{where}: field '{key}' must be a {kind.__name__}, got {known[key]!r}")
         return cls(**known, details=data, where=where)
 
     def to_json(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("details", "where") and v is not None}
+        if not self.plain:  # cards of expandlm's own models stay as they were
+            del out["plain"]
         return {**out, **self.details}
 
     def detail(self, key: str):

@@ -77,7 +77,7 @@ def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_
     (["train", "--domain", "stories", "--data", "missing.jsonl", "--out", "o"], "missing.jsonl: no such file"),
     (["train", "--resume", "--out", "nowhere"], "nothing to resume"),
     (["generate", "--model", "nowhere", "--domain", "stories"], "nowhere: no such model folder"),
-    (["generate", "--model", "nowhere"], "exactly one of --domain"),
+    (["generate", "--model", "nowhere", "--domain", "stories", "--request", "a story"], "not both"),
     (["adapt", "--out", "o"], "adapt needs --base"),
     (["compare", "missing.yaml", "--out", "o"], "missing.yaml: no such config file"),
 ])

@@ -1,11 +1,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from expandlm.data.corpus import Corpus
 from expandlm.domains import get_domain
-from expandlm.evaluation.bpb import PREFIX, _windows, evaluate_bpb
+from expandlm.evaluation.bpb import evaluate_bpb, score_windows
 from expandlm.model.llama import PRESETS, build_model
 from expandlm.data.shards import build_shard
 from expandlm.data.tokenizer import bytes_tokenizer
@@ -19,16 +20,17 @@ def _setup(tmp_path, docs=DOCS):
     return tok, shard
 
 
-def test_windows_score_every_target_once():
+@pytest.mark.parametrize("prefix", [2, 1])  # <|bos|><|domain|>; a plain domain's BOS
+def test_windows_score_every_target_once(prefix):
     for length in (5, 16, 17, 40, 100):
         doc = np.arange(length)
         scored = []
-        for window, first in _windows(doc, context=16):
+        for window, first in score_windows(doc, 16, prefix):
             assert len(window) <= 16
             start = int(window[0])
             scored += list(range(start + first, start + len(window)))
             assert first >= 8 or start == 0  # at least half a context before each later target
-        assert scored == list(range(PREFIX, length))
+        assert scored == list(range(prefix, length))
 
 
 def test_uniform_model_gives_log_vocab_bits_per_token(tmp_path):
@@ -52,7 +54,7 @@ def test_bpb_matches_direct_computation(tmp_path):
     for doc in shard.documents():
         ids = torch.from_numpy(doc)[None]
         logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-        nats += -logp[torch.arange(PREFIX - 1, len(doc) - 1), ids[0, PREFIX:]].sum().item()
+        nats += -logp[torch.arange(1, len(doc) - 1), ids[0, 2:]].sum().item()  # given <|bos|><|domain|>
     n_bytes = sum(len(d.encode()) for d in short)
     assert math.isclose(result["bpb"], nats / math.log(2) / n_bytes, rel_tol=1e-5)
     assert evaluate_bpb(model, shard, max_docs=1)["documents"] == 1

@@ -2,8 +2,9 @@
 
 A shard folder holds `tokens.bin` (uint16 when the vocabulary fits, else uint32), `doc_starts.npy`
 (offset of each document's `<|bos|>`, plus the end) and `meta.json` (documents, tokens, UTF-8 bytes,
-tokenizer hash). Documents are stored as `<|bos|><|domain|>text<|eos|>` (docs/DESIGN.md, "Pipeline and
-layout").
+tokenizer hash, and `prefix`, the request tokens each document starts with). Documents are stored as
+`<|bos|><|domain|>text<|eos|>`, a plain domain's as its tokenizer starts a text, then text and EOS
+(`request_prefix`; docs/DESIGN.md, "Pipeline and layout").
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from ..atomic import atomic_path
 from .corpus import Corpus
 from ..errors import UserError
-from .tokenizer import require_tag, text_encoder, tokenizer_hash
+from .tokenizer import request_prefix, text_encoder, tokenizer_hash
 
 FORMAT_VERSION = 1
 ENCODE_BATCH = 4096  # documents per encode_batch call: bounds memory on hub-sized corpora
@@ -43,12 +44,18 @@ class TokenShard:
         return np.load(self.path / "doc_starts.npy")
 
     @property
+    def prefix(self) -> int:
+        """How many tokens each document starts with that are given, not scored (shards cached before
+        plain domains were: `<|bos|><|domain|>`)."""
+        return self.meta.get("prefix", 2)
+
+    @property
     def doc_bytes(self) -> np.ndarray:
         """UTF-8 bytes of each document's text (the denominator of bits per byte)."""
         return np.load(self.path / "doc_bytes.npy")
 
     def documents(self, limit: int | None = None):
-        """Token ids of each document, `<|bos|>` to `<|eos|>` inclusive."""
+        """Token ids of each document, its request prefix to `<|eos|>` inclusive."""
         tokens, starts = self.tokens, self.doc_starts[: None if limit is None else limit + 1]
         for a, b in zip(starts[:-1], starts[1:]):
             yield np.asarray(tokens[a:b], dtype=np.int64)
@@ -67,14 +74,15 @@ def build_shard(corpus: Corpus, tokenizer, cache_dir: Path | None = None, foreig
     special token the model never saw as input, as it never saw an untrained built-in domain's tag."""
     cache_dir = Path(cache_dir or default_cache_dir())
     tok_hash = tokenizer_hash(tokenizer)
-    stand_in = foreign and corpus.domain.tag not in tokenizer.get_vocab()
-    key = shard_key(corpus, tok_hash) + ("-pad-tag" if stand_in else "")
+    stand_in = foreign and not corpus.domain.plain and corpus.domain.tag not in tokenizer.get_vocab()
+    # a plain domain's documents start otherwise than a tagged one's of the same name and tokenizer
+    key = shard_key(corpus, tok_hash) + ("-pad-tag" if stand_in else "-plain" if corpus.domain.plain else "")
     folder = cache_dir / "shards" / f"{corpus.domain.name}-{key}"
     if (folder / "meta.json").exists():
         return TokenShard(folder, json.loads((folder / "meta.json").read_text()))
 
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    tag = tokenizer.pad_token_id if stand_in else require_tag(tokenizer, corpus.domain)
+    eos = tokenizer.eos_token_id
+    prefix = [tokenizer.bos_token_id, tokenizer.pad_token_id] if stand_in else request_prefix(tokenizer, corpus.domain)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     encoder = text_encoder(tokenizer)
     with atomic_path(folder, folder=True) as tmp:  # readers see a complete shard or none
@@ -83,7 +91,7 @@ def build_shard(corpus: Corpus, tokenizer, cache_dir: Path | None = None, foreig
             for i in range(0, len(corpus.documents), ENCODE_BATCH):
                 batch = corpus.documents[i:i + ENCODE_BATCH]
                 for enc in encoder.encode_batch(batch, add_special_tokens=False):
-                    ids = np.asarray([bos, tag, *enc.ids, eos], dtype=dtype)
+                    ids = np.asarray([*prefix, *enc.ids, eos], dtype=dtype)
                     out.write(ids.tobytes())
                     total += len(ids)
                     starts.append(total)
@@ -92,7 +100,7 @@ def build_shard(corpus: Corpus, tokenizer, cache_dir: Path | None = None, foreig
         meta = {"format": FORMAT_VERSION, "domain": corpus.domain.name, "source": corpus.source,
                 "fingerprint": corpus.fingerprint, "tokenizer_hash": tok_hash, "dtype": np.dtype(dtype).name,
                 "documents": len(corpus.documents), "tokens": total, "bytes": corpus.num_bytes,
-                "vocab_size": len(tokenizer)}
+                "vocab_size": len(tokenizer), "prefix": len(prefix)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return TokenShard(folder, json.loads((folder / "meta.json").read_text()))
 

@@ -115,6 +115,32 @@ def require_tag(tokenizer: PreTrainedTokenizerFast, domain: Domain, source: str 
     return tid
 
 
+def request_prefix(tokenizer: PreTrainedTokenizerFast, domain: Domain) -> list[int]:
+    """The tokens every text of `domain` starts from, given and never scored: `<|bos|><|domain|>`, or for
+    a plain domain (a pretrained model's own behaviour) what its tokenizer puts before a text. Training
+    documents, bpb, requests, routing and serving all start here (docs/DESIGN.md, "Pipeline and layout")."""
+    if domain.plain:
+        return start_tokens(tokenizer)
+    return [tokenizer.bos_token_id, require_tag(tokenizer, domain)]
+
+
+def start_tokens(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """What the tokenizer itself adds before a text (Llama's and Mistral's BOS). One that adds nothing
+    (Qwen2's) still needs a token to predict the first one from: its BOS, else its EOS, the token a
+    text follows in its pretraining stream (lm-evaluation-harness starts such models from it too)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    text = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(text) + 1):
+        if with_special[start:start + len(text)] == text:
+            if start:
+                return with_special[:start]
+            break
+    first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if first is None:
+        raise UserError("the tokenizer has no BOS or EOS token to start a text from")
+    return [first]
+
+
 def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 

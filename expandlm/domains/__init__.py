@@ -161,6 +161,9 @@ TEMPLATE = _Template()
 class Domain:
     spec: DomainSpec    # a user's spec has its data paths made absolute when it is read
     builtin: bool = False
+    # requested with no tag: a pretrained model's own behaviour (a card's `plain` domains), whose text
+    # starts as its own tokenizer starts a text (`data/tokenizer.py`, `request_prefix`)
+    plain: bool = False
 
     @property
     def name(self) -> str:
@@ -322,6 +325,19 @@ def get_domain(name: str, known: Mapping[str, Domain] | None = None) -> Domain:
         names = sorted({*DOMAINS, *(known or {})})
         raise UserError(f"unknown domain '{name}' (known: {', '.join(names)}; or give the path "
                         "of a domain spec file, e.g. poems.yaml)") from None
+
+
+def plain_domain(name: str, known: Mapping[str, Domain] | None = None) -> Domain:
+    """A pretrained model's own behaviour as a domain called `name` (`--base-domain`), requested with no
+    tag. A name that is already a domain (`stories`, a spec file) keeps its spec, so its data, text and
+    check still apply; any other name reads the `text` field of a record."""
+    if is_spec_path(name) or name in (known or {}) or name in DOMAINS:
+        return dataclasses.replace(get_domain(name, known), plain=True)
+    try:
+        spec = DomainSpec(name=name, description="the model's own behaviour (a pretrained checkpoint)")
+    except ValueError as e:
+        raise UserError(f"--base-domain {name!r}: {e}") from None
+    return Domain(spec, plain=True)
 
 
 def builtin_tags() -> list[str]:

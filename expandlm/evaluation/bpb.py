@@ -1,7 +1,8 @@
 """Evaluation: bits per byte of a domain's validation documents (docs/DESIGN.md, "Metrics").
 
 bpb = total next-token NLL (nats) of each document's text tokens and its `<|eos|>`, given the request
-prefix `<|bos|><|domain|>`, / ln 2 / total UTF-8 bytes of the documents' text. It is comparable
+prefix `<|bos|><|domain|>` (a plain domain's: what its tokenizer starts a text with), / ln 2 / total
+UTF-8 bytes of the documents' text. It is comparable
 across tokenizers, unlike per-token loss. A document longer than the context is scored in windows
 that overlap by half a context, so every token is scored once with at least half a context before it.
 """
@@ -16,16 +17,14 @@ import torch.nn.functional as F
 
 from ..data.shards import TokenShard
 
-PREFIX = 2  # <|bos|><|domain|>: given, not scored
-
-
-def _windows(doc: np.ndarray, context: int):
-    """(window tokens, index within the window of the first target to score)."""
+def score_windows(doc: np.ndarray, context: int, prefix: int):
+    """(window tokens, index within the window of the first target to score); the `prefix` request
+    tokens are given, not scored."""
     if len(doc) <= context:
-        yield doc, PREFIX
+        yield doc, prefix
         return
-    stride, scored_to = context // 2, context  # the first window scores targets 2..context-1
-    yield doc[:context], PREFIX
+    stride, scored_to = context // 2, context  # the first window scores targets prefix..context-1
+    yield doc[:context], prefix
     start = stride
     while scored_to < len(doc):
         end = min(start + context, len(doc))
@@ -49,7 +48,7 @@ def evaluate_bpb(model, shard: TokenShard, max_docs: int | None = None, batch_to
     pad = model.config.pad_token_id or 0
     was_training = model.training
     model.eval()
-    windows = [w for doc in shard.documents(max_docs) for w in _windows(doc, context)]
+    windows = [w for doc in shard.documents(max_docs) for w in score_windows(doc, context, shard.prefix)]
     windows.sort(key=lambda w: len(w[0]))  # batch windows of similar length: less padding
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     nats, scored, i = 0.0, 0, 0

@@ -34,7 +34,8 @@ class Format:
     def load(self, folder, card: ModelCard, open_base: Callable) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
         if not (folder / "config.json").exists():
-            raise UserError(f"{folder.path}: no config.json; expected a model folder written by expandlm")
+            raise UserError(f"{folder.path}: no config.json; expected a model folder (written by expandlm, or any "
+                            "checkpoint transformers saved)")
         return AutoModelForCausalLM.from_pretrained(folder.path)
 
     def serve(self, model, card: ModelCard, domain: str):

@@ -6,7 +6,9 @@ then uses `token_embd` for the output as well. wq and wk go in Meta's rotary lay
 converter does the same permutation). The byte-level BPE tokenizer becomes a `gpt2` vocabulary with
 its merges, pre-tokenizer `gpt-2` (the GPT-2 split regex, which is the one `tokenizers`' ByteLevel
 pre-tokenizer applies), the special tokens as control tokens, and no BOS added by llama.cpp: a request
-starts with `<|bos|><|domain|>`, given as token ids like every other expandlm request.
+starts with `<|bos|><|domain|>`, given as token ids like every other expandlm request. A plain domain
+(a pretrained model's own) starts as its tokenizer starts a text, so llama.cpp adds the BOS where the
+tokenizer does.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import torch
 
 from ..atomic import atomic_path
+from ..data.tokenizer import start_tokens
 from ..errors import UserError
 
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 regex split (llama-vocab.cpp)
@@ -52,9 +55,10 @@ def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[
     return tokens, types, merges
 
 
-def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm", vocab_size: int | None = None) -> None:
+def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm", vocab_size: int | None = None,
+               plain: bool = False) -> None:
     """`model` (a standard LlamaForCausalLM: what `ServedModel.export` gives) and its tokenizer as one
-    float32 GGUF file, written atomically."""
+    float32 GGUF file, written atomically. `plain`: the model's domain has no tag (see the module)."""
     import gguf
 
     cfg = model.config
@@ -64,6 +68,7 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm",
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"GGUF export supports plain RoPE, not {rope.get('rope_type')!r}")
     vocab_size = vocab_size or cfg.vocab_size
+    vocabulary = _vocabulary(tokenizer, vocab_size)  # a tokenizer it cannot hold is refused before the file is begun
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     with atomic_path(out) as tmp:
@@ -80,37 +85,45 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm",
         w.add_rope_dimension_count(head_dim)
         w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
         w.add_vocab_size(vocab_size)
-        tokens, types, merges = _vocabulary(tokenizer, vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(PRE_TOKENIZER)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tokenizer.bos_token_id)
-        w.add_eos_token_id(tokenizer.eos_token_id)
-        w.add_pad_token_id(tokenizer.pad_token_id)
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-
-        def add(name_, tensor):
-            w.add_tensor(name_, tensor.detach().float().cpu().contiguous().numpy())
-
-        add("token_embd.weight", model.model.embed_tokens.weight)
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not model.model.embed_tokens.weight:
-            add("output.weight", head.weight)  # an untied head; tied: llama.cpp reuses token_embd
-        for i, b in enumerate(model.model.layers):
-            add(f"blk.{i}.attn_norm.weight", b.input_layernorm.weight)
-            add(f"blk.{i}.attn_q.weight", meta_rotary(b.self_attn.q_proj.weight, heads))
-            add(f"blk.{i}.attn_k.weight", meta_rotary(b.self_attn.k_proj.weight, kv_heads))
-            add(f"blk.{i}.attn_v.weight", b.self_attn.v_proj.weight)
-            add(f"blk.{i}.attn_output.weight", b.self_attn.o_proj.weight)
-            add(f"blk.{i}.ffn_norm.weight", b.post_attention_layernorm.weight)
-            add(f"blk.{i}.ffn_gate.weight", b.mlp.gate_proj.weight)
-            add(f"blk.{i}.ffn_up.weight", b.mlp.up_proj.weight)
-            add(f"blk.{i}.ffn_down.weight", b.mlp.down_proj.weight)
-        add("output_norm.weight", model.model.norm.weight)
+        _write_vocabulary(w, tokenizer, vocabulary, plain)
+        _write_tensors(w, model, heads, kv_heads)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+
+
+def _write_vocabulary(w, tokenizer, vocabulary: tuple[list[str], list[int], list[str]], plain: bool) -> None:
+    tokens, types, merges = vocabulary
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(PRE_TOKENIZER)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for add_id, token_id in ((w.add_bos_token_id, tokenizer.bos_token_id), (w.add_eos_token_id, tokenizer.eos_token_id),
+                             (w.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:  # a pretrained tokenizer may lack one (Qwen2's has no BOS or pad)
+            add_id(token_id)
+    w.add_add_bos_token(plain and start_tokens(tokenizer) == [tokenizer.bos_token_id])
+    w.add_add_eos_token(False)
+
+
+def _write_tensors(w, model, heads: int, kv_heads: int) -> None:
+    def add(name_, tensor):
+        w.add_tensor(name_, tensor.detach().float().cpu().contiguous().numpy())
+
+    add("token_embd.weight", model.model.embed_tokens.weight)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.model.embed_tokens.weight:
+        add("output.weight", head.weight)  # an untied head; tied: llama.cpp reuses token_embd
+    for i, b in enumerate(model.model.layers):
+        add(f"blk.{i}.attn_norm.weight", b.input_layernorm.weight)
+        add(f"blk.{i}.attn_q.weight", meta_rotary(b.self_attn.q_proj.weight, heads))
+        add(f"blk.{i}.attn_k.weight", meta_rotary(b.self_attn.k_proj.weight, kv_heads))
+        add(f"blk.{i}.attn_v.weight", b.self_attn.v_proj.weight)
+        add(f"blk.{i}.attn_output.weight", b.self_attn.o_proj.weight)
+        add(f"blk.{i}.ffn_norm.weight", b.post_attention_layernorm.weight)
+        add(f"blk.{i}.ffn_gate.weight", b.mlp.gate_proj.weight)
+        add(f"blk.{i}.ffn_up.weight", b.mlp.up_proj.weight)
+        add(f"blk.{i}.ffn_down.weight", b.mlp.down_proj.weight)
+    add("output_norm.weight", model.model.norm.weight)

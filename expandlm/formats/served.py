@@ -2,11 +2,13 @@
 
 `expandlm.json` beside the weights names the folder's format (`formats/`); the format loads the folder
 and gives, per domain, a view of the shared model (`Format.serve`) or one standard transformers model
-(`Format.export`).
+(`Format.export`). A folder without one is a checkpoint that transformers saved, whose own behaviour
+is one plain domain (`checkpoint.pretrained_card`); a hub id that is no folder here is downloaded first.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..atomic import read_json
-from ..domains import Domain, folder_domains, get_domain
+from ..domains import Domain, folder_domains, get_domain, plain_domain
 from ..errors import UserError
-from ..records import DomainSource, ModelCard
+from ..records import MODEL_CARD, DomainSource, ModelCard
 from ..run_folder import CHECKPOINT, RUN_RECORD, RunFolder
 from . import Format, format_of
+from .checkpoint import BASE_DOMAIN, pretrained_card
 from ..data.tokenizer import load_tokenizer
 
 
@@ -53,6 +56,15 @@ class ServedModel:
         if self.domains and name not in self.domains:
             raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
 
+    def requested(self, name: str | None) -> Domain:
+        """The domain `name`, or with none the one domain the model serves."""
+        if name is not None:
+            return self.domain(name)
+        if len(self.domains) != 1:
+            raise UserError(f"{self.path} serves {', '.join(self.domains) or 'no declared domain'}; "
+                            "name one with --domain")
+        return self.domain(self.domains[0])
+
     def tokenizer_for(self, name: str):
         """The tokenizer of `name`'s text (see `tokenizer_folder`)."""
         path = tokenizer_folder(self.folder, self.card, name)
@@ -83,7 +95,8 @@ class ServedModel:
         folder = RunFolder(out)
         folder.save(model.save_pretrained)
         folder.save(self.tokenizer_for(name).save_pretrained)
-        folder.write_card(ModelCard(domains=[name], method="export", preset=self.card.preset,
+        folder.write_card(ModelCard(domains=[name], plain=[name] if name in self.card.plain else [],
+                                    method="export", preset=self.card.preset,
                                     details={"exported_from": folder.portable(self.path)}))
         return folder
 
@@ -92,7 +105,7 @@ class ServedModel:
         from .gguf import write_gguf
 
         write_gguf(self.export_model(name), self.tokenizer_for(name), out,
-                   name=f"{self.path.name}/{name}")
+                   name=f"{self.path.name}/{name}", plain=name in self.card.plain)
         return Path(out)
 
     def domain_data(self) -> dict[str, DomainSource]:
@@ -137,12 +150,31 @@ def damaged_weights(folder: RunFolder, card: ModelCard) -> str | None:
     return None
 
 
-def load_served(path: str | os.PathLike, device: str | torch.device | None = None) -> ServedModel:
-    """A model folder ready to serve, on `device` (default: the GPU when there is one)."""
-    folder = RunFolder(path)
-    if not folder.path.is_dir():
-        raise UserError(f"{folder.path}: no such model folder")
-    card = folder.card()
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]  # config, weights, tokenizer: no code, no .bin pickles
+
+
+def model_folder(model: str | os.PathLike) -> Path:
+    """The folder of `model`: a path, or a Hugging Face hub id that is no folder here, downloaded (or found
+    in the hub's cache) as transformers' `from_pretrained` would."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists() or not re.fullmatch(r"[\w][\w.-]*(/[\w][\w.-]*)?", str(model)):
+        raise UserError(f"{path}: no such model folder")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown id, gated: each is one line naming both readings of the name
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{model}: no such model folder, and not downloadable as a hub model id ({why})") from None
+
+
+def load_served(path: str | os.PathLike, device: str | torch.device | None = None,
+                base_domain: str = BASE_DOMAIN) -> ServedModel:
+    """A model folder (or hub id) ready to serve, on `device` (default: the GPU when there is one).
+    `base_domain` names the one domain of a folder without a model card (a pretrained checkpoint)."""
+    folder = RunFolder(model_folder(path))
+    card = folder.card() if (folder / MODEL_CARD).exists() else pretrained_card(base_domain)
     fmt = format_of(card)
     try:
         model = fmt.load(folder, card, open_base=lambda base: load_served(base, "cpu"))
@@ -150,4 +182,6 @@ def load_served(path: str | os.PathLike, device: str | torch.device | None = Non
         raise UserError(damaged_weights(folder, card) or f"{folder.path}: cannot load the model ({e})") from None
     model = model.to(device or default_device())
     model.eval()
-    return ServedModel(folder, model, load_tokenizer(folder.path), card, fmt, folder_domains(folder.path))
+    known = folder_domains(folder.path)
+    known.update({name: plain_domain(name, known) for name in card.plain})
+    return ServedModel(folder, model, load_tokenizer(folder.path), card, fmt, known)

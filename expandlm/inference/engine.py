@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -43,6 +44,9 @@ from ..errors import UserError
 
 # `generate` and `serve`: the engine with its C decode step, the engine's PyTorch loop only, transformers'
 ENGINES = ("fast", "torch", "hf")
+# architectures laid out as Llama's weights (Mistral adds a sliding window, Qwen2 q/k/v biases); what
+# the loop does not compute (biases, a window that bites, scaled RoPE) goes to transformers (`supported`)
+LLAMA_SHAPED = ("llama", "mistral", "qwen2")
 KERNEL_SOURCE = Path(__file__).with_name("decode_kernel.c")
 _kernel_lock = threading.Lock()
 _kernel_lib: list = []  # the loaded library, once per process ([None]: no compiler here)
@@ -117,11 +121,33 @@ def supported(model) -> str | None:
     if not isinstance(model, torch.nn.Module):
         return "a view of a model shared by several domains (give it one domain's export)"
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "llama":
-        return f"model type {getattr(cfg, 'model_type', type(model).__name__)!r} (expected 'llama')"
-    if cfg.hidden_act != "silu" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return "activation other than silu or biased projections"
+    kind = getattr(cfg, "model_type", None)
+    if kind not in LLAMA_SHAPED:
+        return f"model type {kind or type(model).__name__!r} (it runs {', '.join(LLAMA_SHAPED)})"
+    if cfg.hidden_act != "silu":
+        return f"activation {cfg.hidden_act!r} (it runs silu)"
+    first = model.model.layers[0] if len(model.model.layers) else None
+    projections = [first.self_attn.q_proj, first.self_attn.k_proj, first.self_attn.v_proj, first.self_attn.o_proj,
+                   first.mlp.gate_proj, first.mlp.up_proj, first.mlp.down_proj] if first is not None else []
+    if any(p.bias is not None for p in projections):
+        return f"biased projections ({kind}'s attention biases)" if kind == "qwen2" else "biased projections"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < cfg.max_position_embeddings:
+        return f"sliding-window attention ({window} of {cfg.max_position_embeddings} positions)"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}"
     return None
+
+
+def engine_to_run(name: str, model) -> str:
+    """`name`, or "hf" (transformers' generate) where the lean loop cannot run `model`: said in one line
+    on stderr, where `generate --json` keeps its stdout clean."""
+    why = None if name == "hf" else supported(model)
+    if why is None:
+        return name
+    print(f"[engine {name}: cannot run this model ({why}); generating with transformers]", file=sys.stderr)
+    return "hf"
 
 
 class DecodeEngine:
@@ -353,7 +379,7 @@ def make_engine(name: str, model, slots: int = 1):
     """The engine called `name` (one of ENGINES) over `model` with `slots` sequences."""
     if name not in ENGINES:
         raise UserError(f"unknown engine '{name}' (known: {', '.join(ENGINES)})")
-    if name == "hf" or supported(model) is not None:  # what the lean loop cannot run, transformers' generate does
+    if engine_to_run(name, model) == "hf":
         return TransformersEngine(model, slots)
     return DecodeEngine(model, slots, kernel=name == "fast")
 

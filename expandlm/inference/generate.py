@@ -1,4 +1,5 @@
-"""Generation: ask a model for a domain by starting from `<|bos|><|domain|>` plus an optional prompt."""
+"""Generation: ask a model for a domain by starting from `<|bos|><|domain|>` (a plain domain: from its
+tokenizer's own start) plus an optional prompt."""
 from __future__ import annotations
 
 import sys
@@ -11,9 +12,9 @@ from transformers import TextStreamer, set_seed
 
 from ..config import arg, config
 from ..domains import Domain
-from .engine import Sampler, make_engine, run_batch, supported
+from .engine import Sampler, engine_to_run, make_engine, run_batch
 from ..errors import UserError
-from ..data.tokenizer import encode_texts, require_tag
+from ..data.tokenizer import encode_texts, request_prefix
 
 
 @config
@@ -26,8 +27,9 @@ class SamplingConfig:
 
 
 def request_ids(tokenizer, domain: Domain, prompt: str = "") -> list[int]:
-    """`<|bos|><|domain|>` + the prompt's tokens (special-token strings in the prompt stay plain text)."""
-    ids = [tokenizer.bos_token_id, require_tag(tokenizer, domain)]
+    """The domain's request prefix (`request_prefix`) + the prompt's tokens (special-token strings in the
+    prompt stay plain text)."""
+    ids = request_prefix(tokenizer, domain)
     if prompt:
         ids += encode_texts(tokenizer, [prompt])[0]
     return ids
@@ -79,12 +81,13 @@ def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: in
     `engine`: "fast" (expandlm.engine, the default), "torch" (its PyTorch loop only) or "hf"
     (transformers' `generate`); greedy decoding gives the same tokens with each."""
     ids = request_ids(tokenizer, domain, prompt)
+    prompt_ids = ids[len(request_prefix(tokenizer, domain)):]
     context = model.config.max_position_embeddings
     check_length(ids, context)
     max_new = min(sampling.max_new_tokens or context, context - len(ids))
-    if engine != "hf" and supported(model) is None:  # what the lean loop cannot run, transformers' generate does
-        return _generate_fast(make_engine(engine, model, num_samples), tokenizer, ids, prompt, sampling, max_new,
-                              stream)
+    if engine_to_run(engine, model) != "hf":
+        return _generate_fast(make_engine(engine, model, num_samples), tokenizer, ids, prompt_ids, prompt, sampling,
+                              max_new, stream)
     set_seed(sampling.seed)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
@@ -100,18 +103,18 @@ def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: in
         top_p=sampling.top_p if sampling.temperature > 0 else None,
         max_new_tokens=max_new, num_return_sequences=num_samples, streamer=streamer,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return [_sample(tokenizer, ids, seq[len(ids):]) for seq in out.tolist()]
+    return [_sample(tokenizer, prompt_ids, seq[len(ids):]) for seq in out.tolist()]
 
 
-def _sample(tokenizer, ids: list[int], new: list[int]) -> Sample:
-    """A sample from the request `ids` and the tokens generated after it (up to `<|eos|>`, or
+def _sample(tokenizer, prompt_ids: list[int], new: list[int]) -> Sample:
+    """A sample from the prompt's tokens and the tokens generated after them (up to `<|eos|>`, or
     padding after it)."""
     ended = tokenizer.eos_token_id in new
-    body = ids[2:] + (new[:new.index(tokenizer.eos_token_id)] if ended else new)
+    body = prompt_ids + (new[:new.index(tokenizer.eos_token_id)] if ended else new)
     return Sample(tokenizer.decode(body, skip_special_tokens=True), ended, len(new))
 
 
-def _generate_fast(engine, tokenizer, ids, prompt, sampling, max_new, stream) -> list[Sample]:
+def _generate_fast(engine, tokenizer, ids, prompt_ids, prompt, sampling, max_new, stream) -> list[Sample]:
     num_samples = engine.slots
     new = [[] for _ in range(num_samples)]
     shown = TextStream(tokenizer) if stream and num_samples == 1 else None
@@ -123,4 +126,4 @@ def _generate_fast(engine, tokenizer, ids, prompt, sampling, max_new, stream) ->
             if shown and token != tokenizer.eos_token_id:
                 sys.stdout.write(shown.add(token))
                 sys.stdout.flush()
-    return [_sample(tokenizer, ids, tokens) for tokens in new]
+    return [_sample(tokenizer, prompt_ids, tokens) for tokens in new]

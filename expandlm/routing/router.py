@@ -333,18 +333,19 @@ class LikelihoodRouter:
 
     def bpb(self, request: str) -> dict[str, float]:
         import torch
+        from ..data.tokenizer import request_prefix
         from ..inference.generate import request_ids
         topic = split_request(request, [self.served.domain(d) for d in self.domains]).topic
         out = {}
         for d in self.domains:
-            domain = self.served.domain(d)
+            domain, tokenizer = self.served.domain(d), self.served.tokenizer_for(d)
             prompt = domain.prompt(topic) or topic or request
-            ids = request_ids(self.served.tokenizer_for(d), domain, prompt)
+            ids, given = request_ids(tokenizer, domain, prompt), len(request_prefix(tokenizer, domain))
             model = self.served.for_domain(d)
             device = next(model.parameters()).device
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, 1:-1].float()
-            nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[2:], device=device), reduction="sum")
+            with torch.no_grad():  # the prompt's tokens, each given what precedes it
+                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, given - 1:-1].float()
+            nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[given:], device=device), reduction="sum")
             out[d] = float(nats) / math.log(2) / max(1, len(prompt.encode()))
         return out
 

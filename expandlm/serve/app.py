@@ -45,6 +45,7 @@ from ..errors import UserError
 from ..inference.generate import TextStream, request_ids
 from ..routing.router import Route, load_router, route_request, split_request
 from ..routing import router as routing
+from ..formats.checkpoint import BASE_DOMAIN
 from ..formats.served import ServedModel, load_served
 
 STATIC = Path(__file__).parent / "static"
@@ -492,7 +493,7 @@ def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
     context = endpoint.context
     if len(ids) >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt is {len(ids)} "
-                       "tokens (with the request's 2 control tokens)", param=param, code="context_length_exceeded")
+                       "tokens (with the request's start tokens)", param=param, code="context_length_exceeded")
     asked = req.max_completion_tokens or req.max_tokens
     room = context - len(ids)
     if asked is not None and asked > room:
@@ -736,10 +737,10 @@ async def _stream(jobs, head, prefix, chat, stream_options):
 
 
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, engine: str = "fast", max_batch: int = 8,
-          max_waiting: int = 64, threads: int | None = None) -> None:
+          max_waiting: int = 64, threads: int | None = None, base_domain: str = BASE_DOMAIN) -> None:
     import uvicorn
 
-    catalog = Catalog([load_served(p) for p in paths])
+    catalog = Catalog([load_served(p, base_domain=base_domain) for p in paths])
     scheduler = Scheduler(engine, max_batch, max_waiting, threads)
     scheduler.prepare(catalog.endpoints.values())
     scheduler.start()
