@@ -120,16 +120,8 @@ class ExpandBranch(Method):
                 layers[i].load_state_dict(layers[max(o for o in old if o < i)].state_dict())
             elif self.options.init == "random":
                 self._fresh_block(model, layers[i], generator)
-        shared = self.options.embedding_init == "shared_tokens"
-        old_embedding = model.get_input_embeddings().weight.detach().clone() if shared else None
+        self._new_vocabulary(model, ctx, generator)
         tok = ctx.tokenizer
-        model.resize_token_embeddings(len(tok), mean_resizing=False)  # re-ties the head, sets vocab_size
-        embedding = model.get_input_embeddings().weight
-        with torch.no_grad():  # a fresh embedding for a new vocabulary: the init of a new model
-            embedding.normal_(0.0, model.config.initializer_range, generator=generator)
-            if shared:
-                for new_id, old_id in shared_tokens(ctx.old_tokenizer, tok):
-                    embedding[new_id] = old_embedding[old_id]
         for cfg in (model.config, model.generation_config):
             cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         if self.options.lora_r:  # PEFT freezes everything but the adapters: unfreeze the rest below
@@ -148,8 +140,28 @@ class ExpandBranch(Method):
                 layers[i].input_layernorm.requires_grad_(True)
                 layers[i].post_attention_layernorm.requires_grad_(True)
         trained.get_input_embeddings().weight.requires_grad_(True)
+        trained.get_output_embeddings().weight.requires_grad_(True)  # the same tensor, or an untied head
         trained.model.norm.requires_grad_(self.options.train_norm)
         return Adapted(model, {"old_layers": old, "new_layers": new, "trunk": trunk})
+
+    def _new_vocabulary(self, model, ctx: AdaptContext, generator) -> None:
+        """The embedding (and an untied head: a pretrained model's may be) for the new tokenizer: fresh, the
+        init of a new model, with the old rows copied where a token's string is in both (`shared_tokens`)."""
+        old = [m.weight.detach().clone() for m in self._vocabulary_matrices(model)]
+        model.resize_token_embeddings(len(ctx.tokenizer), mean_resizing=False)  # re-ties a tied head, sets vocab_size
+        copied = self.options.embedding_init == "shared_tokens"
+        shared = shared_tokens(ctx.old_tokenizer, ctx.tokenizer) if copied else []
+        with torch.no_grad():
+            for matrix, old_rows in zip(self._vocabulary_matrices(model), old):
+                matrix.weight.normal_(0.0, model.config.initializer_range, generator=generator)
+                for new_id, old_id in shared:
+                    matrix.weight[new_id] = old_rows[old_id]
+
+    @staticmethod
+    def _vocabulary_matrices(model) -> list[torch.nn.Module]:
+        """The input embedding, and the output head when it is not tied to it."""
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        return [embedding] if head is None or head.weight is embedding.weight else [embedding, head]
 
     @staticmethod
     def _fresh_block(model, block, generator):
