@@ -34,6 +34,7 @@ def diagonal_fisher(model, batches: list[torch.Tensor], normalize: bool = True) 
 
 class EWC(Method):
     name = "ewc"
+    needs_old_data = True
 
     @config
     class Options:

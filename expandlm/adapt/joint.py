@@ -10,6 +10,7 @@ from .method import AdaptContext, Adapted, Method, mix
 
 class Joint(Method):
     name = "joint"
+    needs_old_data = True
 
     @config
     class Options:

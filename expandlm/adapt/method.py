@@ -11,7 +11,8 @@ new domain; how the result is stored and served is its folder format's (`formats
     card(adapted, ctx)            what its format must find in `expandlm.json` to serve each domain
 
 and declares what it can do: `supports_vocab_expansion`, `keeps_old_domains` (old domains' outputs
-stay bit-identical), `own_tokenizer` (the new domain gets its own tokenizer: `ctx.tokenizer` is then
+stay bit-identical), `needs_old_data` (it trains on the old domains' data, so it cannot grow a checkpoint
+whose data is unknown), `own_tokenizer` (the new domain gets its own tokenizer: `ctx.tokenizer` is then
 the new domain's). Each hook has a default for a method that trains one set of weights on the new domain.
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Method:
     format: ClassVar[str] = "checkpoint"  # the folder format it produces (`formats/`)
     supports_vocab_expansion: ClassVar[bool] = True
     keeps_old_domains: ClassVar[bool] = False
+    needs_old_data: ClassVar[bool] = False  # its mixture or loss reads `ctx.old_shards`
     own_tokenizer: ClassVar[bool] = False   # the new domain gets a tokenizer of its own (adapt trains it)
 
     def __init__(self, options=None):

@@ -10,6 +10,7 @@ from .method import AdaptContext, Method, mix
 
 class Replay(Method):
     name = "replay"
+    needs_old_data = True
 
     @config
     class Options:

@@ -57,11 +57,11 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     if spec.expand_vocab and not method.supports_vocab_expansion:
         raise UserError(f"--expand-vocab is not supported by the {method.name} strategy")
     served = load_served(spec.base, device="cpu")  # accelerate places the model for training
-    old_domains, old_data = _old_domains(served, domain)
+    old_domains, old_data = _old_domains(served, domain, method, spec.expand_vocab)
     model, base_tokenizer = _starting_model(served, method, fmt, old_domains)
     new_train, new_val = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
     old_corpora = {d: load_train_val(old_data[d].train, served.domain(d), old_data[d].val, old_data[d].limit,
-                                     old_data[d].val_limit) for d in old_domains}
+                                     old_data[d].val_limit) for d in old_domains if d in old_data}
     needs_tag = _needs_tag(served, method, spec, base_tokenizer, domain)
     with run.dist.main_process_first():  # one process writes the tokenizer and the shards
         tokenizer = _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag)
@@ -90,31 +90,51 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     ctx.budget_tokens = planned_tokens(spec.train, step_tokens(spec.train, batches, run.dist.num_processes),
                                        batches.tokens_per_epoch)
     adapted = method.build(model, ctx)
-    card = ModelCard(domains=ctx.domains, format=method.format, method=method.name,
+    card = ModelCard(domains=ctx.domains, plain=served.card.plain, format=method.format, method=method.name,
                      options=dataclasses.asdict(method.options), base=run.folder.portable(served.path),
-                     preset=ctx.preset, vocab={"base": ctx.base_vocab, "size": len(tokenizer)},
-                     details=method.card(adapted, ctx))
+                     preset=served.card.preset if served.card.plain else ctx.preset,  # a foreign base has none
+                     vocab={"base": ctx.base_vocab, "size": len(tokenizer)}, details=method.card(adapted, ctx))
     trainable, total = _parameters(adapted, spec, model, ctx.base_vocab)
     log(f"strategy {method.name}: {trainable:,} of {total:,} parameters trainable")
-    run.begin(run.new_record("adapt", spec.train.seed, {**{d: old_data[d] for d in old_domains},
+    run.begin(run.new_record("adapt", spec.train.seed, {**{d: old_data[d] for d in old_domains if d in old_data},
                                                           domain.name: domain_source(spec)},
                              strategy=method.name, card=card.to_json(), trainable_params=trainable, total_params=total))
     trained, state = run.train(adapted.model, batches, val_shard=val_shards[domain.name],
                                loss_fn=functools.partial(method.loss, adapted))
-    before = served.folder.record().bpb
+    before = served.folder.record().bpb if (served.folder / RUN_RECORD).exists() else {}  # a foreign base: unknown
     return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains))
 
 
-def _old_domains(served, domain) -> tuple[list[str], dict]:
-    """The domains the base serves, and where each one's data is (its run record says)."""
+def _old_domains(served, domain, method, expand_vocab: int) -> tuple[list[str], dict]:
+    """The domains the base serves, and where each one's data is (its run record says; a plain domain, a
+    checkpoint's that expandlm did not train, has none: only a method that needs neither its data nor its
+    tokenizer grows it)."""
     old_data = served.domain_data()
     old_domains = served.domains or list(old_data)
     if domain.name in old_domains:
         raise UserError(f"{served.path} already serves '{domain.name}'; adapt it to a domain it does not serve")
-    missing = [d for d in old_domains if d not in old_data]
+    missing = [d for d in old_domains if d not in old_data and d not in served.card.plain]
     if missing:
         raise UserError(f"{served.folder / RUN_RECORD}: field 'domain_data' has no entry for {', '.join(missing)}")
+    unknown = [d for d in old_domains if d not in old_data]
+    if unknown:
+        _check_grows_foreign(served, domain, method, expand_vocab, unknown)
     return old_domains, old_data
+
+
+def _check_grows_foreign(served, domain, method, expand_vocab: int, unknown: list[str]) -> None:
+    """Refuse, in one line, a method that cannot grow a model with domains whose data is `unknown`."""
+    which = f"{', '.join(unknown)} (a checkpoint's own, which expandlm did not train)"
+    if method.needs_old_data:
+        why = f"it trains on the old domains' data, and there is none of {which}"
+    elif expand_vocab and not method.own_tokenizer:
+        why = f"--expand-vocab keeps the old tokenization exact only on old texts, and there are none of {which}"
+    elif not method.own_tokenizer and domain.tag not in served.tokenizer.get_vocab():
+        why = f"it trains {domain.name} in the checkpoint's own tokenizer, which has no tag {domain.tag}"
+    else:
+        return
+    raise UserError(f"{served.path}: strategy '{method.name}' cannot grow this model: {why}; adapt it with "
+                    f"expand_branch (the default: {domain.name} gets a tokenizer of its own over its blocks)")
 
 
 def _starting_model(served, method, fmt, old_domains):
