@@ -68,6 +68,8 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
         if not resume:
             run.folder.save(tokenizer.save_pretrained)
             save_specs(run.folder.path, [*map(served.domain, old_domains), domain])
+        if tokenizer is not base_tokenizer:  # train on the text as the folder serves it (see `load_tokenizer`)
+            tokenizer = load_tokenizer(run.folder.path, model_config=model.config)
         old_tokenizer = base_tokenizer if method.own_tokenizer else tokenizer
         new_shard = build_shard(new_train, tokenizer, spec.cache_dir)
         val_shards = {domain.name: build_shard(new_val, tokenizer, spec.cache_dir)}

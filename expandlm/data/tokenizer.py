@@ -91,10 +91,12 @@ def gpt2_tokenizer(files_dir: Path | None, extra_tags: Iterable[str] = ()) -> Pr
     return wrap(Tokenizer.from_str(hub.backend_tokenizer.to_str()), special_tokens(extra_tags))
 
 
-def load_tokenizer(spec: str | os.PathLike, data_dir: Path | None = None,
-                   extra_tags: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+def load_tokenizer(spec: str | os.PathLike, data_dir: Path | None = None, extra_tags: Iterable[str] = (),
+                   model_config=None) -> PreTrainedTokenizerFast:
     """A saved tokenizer folder, or a generic baseline by name (`gpt2`, `bytes`; with `extra_tags`, the
-    tags of a user's domains, as `train_bpe`)."""
+    tags of a user's domains, as `train_bpe`). `model_config`: the config of the model the folder will hold,
+    when its config.json is not written yet; transformers picks the tokenizer class by the model type (a
+    Qwen2 model's folder loads as `Qwen2Tokenizer`, which splits text with Qwen's own pre-tokenizer)."""
     spec = str(spec)
     if spec == "bytes":
         return bytes_tokenizer(extra_tags)
@@ -104,7 +106,7 @@ def load_tokenizer(spec: str | os.PathLike, data_dir: Path | None = None,
     if not (path / "tokenizer.json").exists():
         raise UserError(f"{path}: no tokenizer.json here; expected a folder written by "
                         f"`expandlm tokenizer` or `expandlm train`, or one of {', '.join(GENERIC)}")
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, config=model_config)
 
 
 def require_tag(tokenizer: PreTrainedTokenizerFast, domain: Domain, source: str = "the tokenizer") -> int:
