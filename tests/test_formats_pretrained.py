@@ -50,17 +50,22 @@ def byte_level_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def checkpoint(request, tmp_path_factory):
-    """(folder, architecture name): a checkpoint as transformers saves it, and nothing of expandlm's."""
-    config_cls, model_cls, extra, _ = ARCHITECTURES[request.param]
-    tok = byte_level_tokenizer(adds_bos=not request.param.startswith("qwen2"))
+def save_checkpoint(folder, name: str) -> None:
+    """A tiny random checkpoint of architecture `name` as transformers saves it, and nothing of expandlm's."""
+    config_cls, model_cls, extra, _ = ARCHITECTURES[name]
+    tok = byte_level_tokenizer(adds_bos=not name.startswith("qwen2"))
     torch.manual_seed(0)
     config = config_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         **SHAPE, **extra)
-    folder = tmp_path_factory.mktemp(request.param)
     model_cls(config).save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def checkpoint(request, tmp_path_factory):
+    """(folder, architecture name): a checkpoint of each architecture."""
+    folder = tmp_path_factory.mktemp(request.param)
+    save_checkpoint(folder, request.param)
     return folder, request.param
 
 
