@@ -49,14 +49,11 @@ class Format:
 
     def base_folder(self, folder, card: ModelCard) -> Path:
         """The folder this one is built on (formats with a base), checked to exist."""
-        base = folder.path / _base(folder, card)
+        if not card.base:
+            raise UserError(f"{folder.path / 'expandlm.json'}: field 'base' is missing (a folder of this format is "
+                            "built on a base folder)")
+        base = folder.path / card.base
         if not (base / "config.json").exists() and not (base / "expandlm.json").exists():
             raise UserError(f"{folder.path}: its base model {base.resolve()} is missing (it is built on it)")
         return base
 
-
-def _base(folder, card: ModelCard) -> str:
-    if not card.base:
-        raise UserError(f"{folder.path / 'expandlm.json'}: field 'base' is missing (a folder of this format is built "
-                        "on a base folder)")
-    return card.base

@@ -80,8 +80,8 @@ def generate(model, tokenizer, domain: Domain, prompt: str = "", num_samples: in
     With `stream`, the first sample's tokens are printed as they are produced (one sample only).
     `engine`: "fast" (expandlm.engine, the default), "torch" (its PyTorch loop only) or "hf"
     (transformers' `generate`); greedy decoding gives the same tokens with each."""
-    ids = request_ids(tokenizer, domain, prompt)
-    prompt_ids = ids[len(request_prefix(tokenizer, domain)):]
+    prompt_ids = encode_texts(tokenizer, [prompt])[0] if prompt else []
+    ids = request_prefix(tokenizer, domain) + prompt_ids  # = request_ids(tokenizer, domain, prompt)
     context = model.config.max_position_embeddings
     check_length(ids, context)
     max_new = min(sampling.max_new_tokens or context, context - len(ids))

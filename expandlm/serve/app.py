@@ -128,7 +128,7 @@ class Catalog:
             for d in served.domains:
                 if d not in data and d in known:
                     data[d] = known[d]
-                    declared.setdefault(d, served.domain(d))
+                    declared[d] = served.domain(d)
         missing = [d for d in domains if d not in data]
         if missing:
             raise UserError(f"cannot route 'auto' over {', '.join(domains)}: no recorded training data for "
