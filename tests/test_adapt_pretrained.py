@@ -65,7 +65,7 @@ def test_the_branch_copies_the_untied_head_rows_of_shared_tokens(grown):
     base, out, _ = grown
     original, old_tok, new_tok = (AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base),
                                   AutoTokenizer.from_pretrained(out))
-    saved = AutoModelForCausalLM.from_pretrained(out)
+    saved = load_served(out, device="cpu").export_model("recipes")
     assert not saved.config.tie_word_embeddings and saved.config.num_key_value_heads == 2  # untied, GQA kept
     ctx = AdaptContext(old_domains=["base"], new_domain=get_domain("recipes"), new_shard=None, old_shards={},
                        tokenizer=new_tok, old_tokenizer=old_tok, base_vocab=len(old_tok), preset="tiny",

@@ -104,7 +104,8 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     trained, state = run.train(adapted.model, batches, val_shard=val_shards[domain.name],
                                loss_fn=functools.partial(method.loss, adapted))
     before = served.folder.record().bpb if (served.folder / RUN_RECORD).exists() else {}  # a foreign base: unknown
-    return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains))
+    return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains),
+                      start=model)
 
 
 def _old_domains(served, domain, method, expand_vocab: int) -> tuple[list[str], dict]:

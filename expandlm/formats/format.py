@@ -1,6 +1,7 @@
 """A folder format: how a model folder is stored and served, whatever training made it.
 
-    save(model, folder)                      write the trained model
+    save(model, folder, card, start) → card  write the trained model (`start`: the model training began
+                                             from, for formats that store only what differs from it)
     load(folder, card, open_base) → model    the saved model, ready to serve (`open_base` opens the folder it
                                              is built on, as a served model, for formats that need one)
     serve(model, card, domain)               the model as `domain` sees it (a view: the shared model never changes)
@@ -28,8 +29,9 @@ class Format:
     serves_old_from_base: ClassVar[bool] = False
     exportable: ClassVar[bool] = True
 
-    def save(self, model: torch.nn.Module, folder) -> None:
+    def save(self, model: torch.nn.Module, folder, card: ModelCard, start: torch.nn.Module | None = None) -> ModelCard:
         folder.save(model.save_pretrained)
+        return card
 
     def load(self, folder, card: ModelCard, open_base: Callable) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM

@@ -170,17 +170,34 @@ def model_folder(model: str | os.PathLike) -> Path:
 
 
 def load_served(path: str | os.PathLike, device: str | torch.device | None = None,
-                base_domain: str = BASE_DOMAIN) -> ServedModel:
+                base_domain: str = BASE_DOMAIN, opened: dict | None = None) -> ServedModel:
     """A model folder (or hub id) ready to serve, on `device` (default: the GPU when there is one).
-    `base_domain` names the one domain of a folder without a model card (a pretrained checkpoint)."""
+    `base_domain` names the one domain of a folder without a model card (a pretrained checkpoint).
+    `opened`: the folders already loaded, by path, shared with the caller's other loads (several folders
+    built on one base load it, and hold its weights, once)."""
+    served = _opened(path, base_domain, {} if opened is None else opened)
+    served.model.to(device or default_device())
+    return served
+
+
+def _opened(path, base_domain: str, opened: dict) -> ServedModel:
+    """The folder from `opened`, or loaded into it (where transformers puts it: the caller moves it)."""
     folder = RunFolder(model_folder(path))
+    key = (folder.path.resolve(), base_domain)
+    if key not in opened:
+        opened[key] = _load(folder, base_domain, opened)
+    return opened[key]
+
+
+def _load(folder: RunFolder, base_domain: str, opened: dict) -> ServedModel:
     card = folder.card() if (folder / MODEL_CARD).exists() else pretrained_card(base_domain)
     fmt = format_of(card)
+    # a base is named by what its child serves first: its first domain (a checkpoint's own has no card)
+    open_base = lambda base: _opened(base, card.domains[0], opened)  # noqa: E731
     try:
-        model = fmt.load(folder, card, open_base=lambda base: load_served(base, "cpu"))
+        model = fmt.load(folder, card, open_base=open_base)
     except (SafetensorError, OSError) as e:
         raise UserError(damaged_weights(folder, card) or f"{folder.path}: cannot load the model ({e})") from None
-    model = model.to(device or default_device())
     model.eval()
     known = folder_domains(folder.path)
     known.update({name: plain_domain(name, known) for name in card.plain})

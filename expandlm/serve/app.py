@@ -740,7 +740,8 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, engine: s
           max_waiting: int = 64, threads: int | None = None, base_domain: str = BASE_DOMAIN) -> None:
     import uvicorn
 
-    catalog = Catalog([load_served(p, base_domain=base_domain) for p in paths])
+    opened = {}  # folders built on one base share it: its weights are held once
+    catalog = Catalog([load_served(p, base_domain=base_domain, opened=opened) for p in paths])
     scheduler = Scheduler(engine, max_batch, max_waiting, threads)
     scheduler.prepare(catalog.endpoints.values())
     scheduler.start()

@@ -14,6 +14,8 @@ import dataclasses
 import time
 from typing import Callable
 
+import torch
+
 from ..config import build, path_fields
 from ..data.corpus import default_data_dir
 from ..domains import Domain, folder_domains, get_domain
@@ -91,12 +93,14 @@ class Run:
         self.prep_seconds = time.time() - self.started
         return train(model, batches, self.folder, self.spec.train, resume=self.resume, **kwargs)
 
-    def finish(self, model, fmt, card: ModelCard, state, measure: Callable[[], dict]) -> RunRecord:
+    def finish(self, model, fmt, card: ModelCard, state, measure: Callable[[], dict],
+               start: torch.nn.Module | None = None) -> RunRecord:
         """The model in its format and its card, then the record finished with what `measure()` returns
-        (`bpb` per domain, and any further fields of the record)."""
+        (`bpb` per domain, and any further fields of the record). `start`: the model training began from
+        (a format may store only what differs from it)."""
         if self.is_main:
             if model is not None:
-                fmt.save(model, self.folder)
+                card = fmt.save(model, self.folder, card, start)
             self.folder.write_card(card)
             found = measure()
             r = self.record
