@@ -12,8 +12,9 @@ new domain; how the result is stored and served is its folder format's (`formats
 
 and declares what it can do: `supports_vocab_expansion`, `keeps_old_domains` (old domains' outputs
 stay bit-identical), `needs_old_data` (it trains on the old domains' data, so it grows a checkpoint whose
-data is unknown only from `--base-data`), `own_tokenizer` (the new domain gets its own tokenizer: `ctx.tokenizer` is then
-the new domain's). Each hook has a default for a method that trains one set of weights on the new domain.
+data is unknown only from `--base-data`), `own_tokenizer` (the new domain gets its own tokenizer:
+`ctx.tokenizer` is then the new domain's). Each hook has a default for a method that trains one set of
+weights on the new domain.
 """
 from __future__ import annotations
 

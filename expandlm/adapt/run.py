@@ -102,8 +102,8 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                                        batches.tokens_per_epoch)
     adapted = method.build(model, ctx)
     card = ModelCard(domains=ctx.domains, plain=[*served.card.plain, *[domain.name] * domain.plain],
-                     format=method.format, method=method.name,
-                     options=dataclasses.asdict(method.options), base=run.folder.portable(served.path), preset=ctx.preset,
+                     format=method.format, method=method.name, options=dataclasses.asdict(method.options),
+                     base=run.folder.portable(served.path), preset=ctx.preset,
                      vocab={"base": ctx.base_vocab, "size": len(tokenizer)}, details=method.card(adapted, ctx))
     trainable, total = _parameters(adapted, spec, model, ctx.base_vocab)
     log(f"strategy {method.name}: {trainable:,} of {total:,} parameters trainable")
