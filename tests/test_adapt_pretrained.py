@@ -1,8 +1,10 @@
-"""`expandlm adapt` grows a checkpoint that transformers saved (no run.json, no expandlm.json) with the
-default method, expand_branch: the new domain gets a branch of its own, and the checkpoint's own
-domain stays bit for bit the original, served and exported. Methods that need the old domains' data
-or one tokenizer for old and new refuse such a base in one line. Tiny random Llama, Mistral and Qwen2
-checkpoints (GQA, untied heads; Qwen2's attention biases), built as in test_formats_pretrained."""
+"""`expandlm adapt` grows a checkpoint that transformers saved (no run.json, no expandlm.json) with every
+method. The default, expand_branch, gives the new domain a branch of its own; lora and expand_paths make it
+a plain domain; the rest append its tag. Where the method keeps old domains (expand_branch, lora,
+expand_paths) the checkpoint's own domain stays bit for bit the original, served and exported; replay,
+joint and ewc train on its text from --base-data and refuse in one line without it. Tiny random Llama,
+Mistral and Qwen2 checkpoints (GQA, untied heads; Qwen2's attention biases and no BOS), built as in
+test_formats_pretrained."""
 import json
 import math
 
@@ -105,17 +107,107 @@ def test_a_grown_checkpoint_grows_again_and_keeps_both_domains(grown, tmp_path):
     assert torch.equal(_logits(chained, ids), _logits(AutoModelForCausalLM.from_pretrained(base).eval(), ids))
 
 
+# Every other method over a pretrained base: lora and expand_paths pick the weights by domain, so the new
+# domain is plain and the base stays exact; the rest append a tag and change what serves the base.
+KEEPS_BASE = ["lora", "expand_paths"]
+CHANGES_BASE = ["full_ft", "expand", "replay", "joint", "ewc"]
+FAST = {"ewc": ["--option", "fisher_batches=2"]}
+FEW = [*TRAIN[:2], "--max-steps", "2", *TRAIN[4:]]
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "stories.jsonl", [{"text": t} for t in STORIES])
+
+
+@pytest.fixture(scope="module")
+def grown_by(tmp_path_factory, recipes, stories):
+    """(architecture, method) → (the original checkpoint, the folder it grew into with recipes, --base-data
+    being a sample of the base's text); each made once."""
+    made = {}
+
+    def grow(arch: str, method: str):
+        if (arch, method) not in made:
+            root = tmp_path_factory.mktemp(f"{arch}-{method}")
+            save_checkpoint(root / "base", arch)
+            from expandlm.cli import main
+            assert main(["adapt", "--base", str(root / "base"), "--domain", "recipes", "--data", str(recipes),
+                         "--strategy", method, "--base-data", str(stories), "--out", str(root / "out"),
+                         *FAST.get(method, []), *FEW]) == 0
+            made[arch, method] = root / "base", root / "out"
+        return made[arch, method]
+    return grow
+
+
+EVERY = [(arch, method) for method in KEEPS_BASE + CHANGES_BASE for arch in ("llama", "qwen2")]
+
+
+@pytest.mark.parametrize("arch, method", EVERY)
+def test_every_method_grows_a_pretrained_checkpoint_and_measures_the_base_with_base_data(arch, method, grown_by):
+    _, out = grown_by(arch, method)
+    card = json.loads((out / "expandlm.json").read_text())
+    assert card["domains"] == ["base", "recipes"] and card["method"] == method
+    assert card["plain"] == (["base", "recipes"] if method in KEEPS_BASE else ["base"])
+    record = json.loads((out / "run.json").read_text())
+    assert record["domain_data"]["base"]["train"].endswith("stories.jsonl")
+    assert math.isfinite(record["bpb"]["recipes"]) and math.isfinite(record["bpb"]["base"])
+    if method in KEEPS_BASE:  # the base is measured before and after: exactly no change
+        assert record["forgetting"] == {"base": 0.0}
+    else:
+        assert record["forgetting"]["base"] != 0.0 and len(AutoTokenizer.from_pretrained(out)) == 321  # + <|recipes|>
+
+
+@pytest.mark.parametrize("arch, method", [(a, m) for a, m in EVERY if m in KEEPS_BASE])
+def test_the_base_stays_the_original_served_and_exported_where_the_method_keeps_it(arch, method, grown_by,
+                                                                                   capsys, tmp_path):
+    base, out = grown_by(arch, method)
+    ids = plain_ids(AutoTokenizer.from_pretrained(base), PROMPT)
+    original = _logits(AutoModelForCausalLM.from_pretrained(base).eval(), ids)
+    assert torch.equal(_logits(load_served(out, device="cpu").for_domain("base"), ids), original)
+    code, _, err = run(capsys, "export", out, "--domain", "base", "--out", tmp_path / "exported")
+    assert code == 0, err
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval(), ids), original)
+
+
+@pytest.mark.parametrize("arch, method", EVERY)
+def test_generate_answers_the_new_domain_of_every_method(arch, method, grown_by, capsys):
+    _, out = grown_by(arch, method)
+    code, text, err = run(capsys, "generate", "--model", out, "--domain", "recipes", "--prompt", "Banana",
+                          "--temperature", "0", "--max-new-tokens", "6", "--json")
+    assert code == 0, err
+    assert json.loads(text)["samples"][0]["text"].startswith("Banana")
+
+
+def test_base_domain_names_the_checkpoints_own_domain_in_the_card(recipes, capsys, tmp_path):
+    save_checkpoint(tmp_path / "base", "llama")
+    code, _, err = run(capsys, "adapt", "--base", tmp_path / "base", "--base-domain", "general", "--domain",
+                       "recipes", "--data", recipes, "--strategy", "expand_paths", "--out", tmp_path / "out", *FEW)
+    assert code == 0, err
+    card = json.loads((tmp_path / "out" / "expandlm.json").read_text())
+    assert card["domains"] == ["general", "recipes"] and card["plain"] == ["general", "recipes"]
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert list(record["bpb"]) == ["recipes"] and record["forgetting"] == {}  # no --base-data: the base unmeasured
+    assert load_served(tmp_path / "out", device="cpu").domain("general").plain
+
+
 @pytest.mark.parametrize("method, extra, why", [
-    ("replay", [], "old domains' data, and there is none of base"), ("joint", [], "old domains' data"),
-    ("ewc", [], "old domains' data"),
-    ("lora", [], "has no tag <|recipes|>"), ("expand", [], "has no tag <|recipes|>"),
-    ("expand_paths", [], "has no tag <|recipes|>"), ("full_ft", [], "has no tag <|recipes|>"),
-    ("full_ft", ["--expand-vocab", "8"], "--expand-vocab keeps the old tokenization exact only on old texts"),
+    ("replay", [], "none of base (a checkpoint's own, which expandlm did not train); give a sample of its text with "
+                   "--base-data FILE"),
+    ("joint", [], "give a sample of its text with --base-data FILE"), ("ewc", [], "--base-data FILE"),
+    ("full_ft", ["--expand-vocab", "8"], "--expand-vocab rebuilds the tokenizer with expandlm's own BOS, EOS"),
 ])
-def test_a_method_that_cannot_grow_a_pretrained_checkpoint_refuses_in_one_line(method, extra, why, recipes,
-                                                                               capsys, tmp_path):
+def test_what_cannot_grow_a_pretrained_checkpoint_refuses_in_one_line(method, extra, why, recipes, capsys, tmp_path):
     save_checkpoint(tmp_path / "base", "llama")
     code, _, err = run(capsys, "adapt", "--base", tmp_path / "base", "--domain", "recipes", "--data", recipes,
                        "--strategy", method, "--out", tmp_path / "out", *extra, *TRAIN)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"strategy '{method}'" in err and why in err and "adapt it with expand_branch" in err
+    assert why in err
+
+
+def test_base_data_for_a_model_whose_data_is_recorded_is_refused_in_one_line(grown_by, recipes, stories, capsys,
+                                                                             tmp_path):
+    _, out = grown_by("llama", "replay")  # its run.json records base's data and recipes'
+    code, _, err = run(capsys, "adapt", "--base", out, "--domain", "stories", "--base-data", stories,
+                       "--out", tmp_path / "out", *TRAIN)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("expandlm: error: --base-data:") and "records the data of every domain" in err

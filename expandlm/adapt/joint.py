@@ -1,6 +1,7 @@
 """joint: one model trained on the old and new domains mixed, from scratch or continued from the base."""
 from typing import Annotated
 
+import torch
 from pydantic import Field
 
 from ..config import arg, config
@@ -20,7 +21,11 @@ class Joint(Method):
     def build(self, base, ctx: AdaptContext):
         if not self.options.from_scratch:
             return Adapted(base)
-        # Same architecture and tokenizer as the base, fresh weights: the "combined model" of the paper.
+        # Same architecture and tokenizer as the base, fresh weights: the "combined model" of the paper. A
+        # checkpoint expandlm did not train has no preset: its own config (Qwen2, Mistral, ...) is the architecture.
+        if ctx.preset is None:
+            torch.manual_seed(ctx.seed)
+            return Adapted(type(base)(base.config))
         return Adapted(build_model(get_preset(ctx.preset), ctx.tokenizer, seed=ctx.seed))
 
     def mixture(self, ctx: AdaptContext):

@@ -11,9 +11,10 @@ new domain; how the result is stored and served is its folder format's (`formats
     card(adapted, ctx)            what its format must find in `expandlm.json` to serve each domain
 
 and declares what it can do: `supports_vocab_expansion`, `keeps_old_domains` (old domains' outputs
-stay bit-identical), `needs_old_data` (it trains on the old domains' data, so it cannot grow a checkpoint
-whose data is unknown), `own_tokenizer` (the new domain gets its own tokenizer: `ctx.tokenizer` is then
-the new domain's). Each hook has a default for a method that trains one set of weights on the new domain.
+stay bit-identical), `needs_old_data` (it trains on the old domains' data, so it grows a checkpoint whose
+data is unknown only from `--base-data`), `own_tokenizer` (the new domain gets its own tokenizer:
+`ctx.tokenizer` is then the new domain's). Each hook has a default for a method that trains one set of
+weights on the new domain.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class AdaptContext:
     tokenizer: object             # the new domain's text's
     old_tokenizer: object         # the old domains' text's (the same one unless the method is own_tokenizer)
     base_vocab: int               # the old tokenizer's size (rows below it are the old embedding rows)
-    preset: str
+    preset: str | None            # None: a checkpoint that expandlm did not train (its own architecture)
     seed: int = 0
     budget_tokens: int | None = None  # the tokens training will see, when known before it starts (not under --minutes)
 

@@ -18,10 +18,11 @@ from ..domains import save_specs
 from ..errors import UserError
 from ..evaluation.bpb import evaluate_bpb
 from ..formats import FORMATS
+from ..formats.checkpoint import BASE_DOMAIN
 from ..formats.served import load_served
 from ..model.llama import count_params
 from ..process import log
-from ..records import ModelCard, RunRecord
+from ..records import DomainSource, ModelCard, RunRecord
 from ..run_folder import RUN_RECORD
 from ..training.loop import TrainConfig, planned_tokens, step_tokens
 from ..training.run import Run, domain_source, with_domain_data
@@ -32,7 +33,8 @@ KEEP_TEXTS = 2000  # old-domain documents whose tokenization vocabulary expansio
 
 @config
 class AdaptSpec:
-    base: str = arg(help="the model folder to adapt (an expert from `train`, or an adapted model)", path=True)
+    base: str = arg(help="the model folder to adapt (an expert from `train`, an adapted model, or any checkpoint "
+                    "transformers saved)", path=True)
     domain: str = arg(help="the new domain: a name, or the path of a domain spec (YAML)")
     out: str = arg(help="the run folder to write", path=True)
     data: str | None = arg(None, "the new domain's training corpus: a file or hub dataset id (default: the domain "
@@ -40,6 +42,10 @@ class AdaptSpec:
     strategy: str = arg(DEFAULT_METHOD, "expand_branch | expand_paths | expand | lora | replay | ewc | joint | full_ft")
     options: dict = arg(help="the strategy's own options (--option KEY=VALUE, repeatable)", factory=dict, flag=False)
     val_data: str | None = arg(None, "validation corpus (default: hold out 1% of --data)", path=True)
+    base_domain: str = arg(BASE_DOMAIN, "the name of a checkpoint's own domain when --base has no expandlm.json")
+    base_data: str | None = arg(None, "text of that checkpoint's own domain (any corpus format; --limit and "
+                                "--val-limit apply): replay, joint and ewc train on it; every method then measures "
+                                "its bpb before and after", path=True)
     expand_vocab: int = arg(0, "append N tokens learned from the new domain (old tokenization kept)")
     limit: int | None = arg(None, "use only the first N training documents")
     val_limit: int | None = arg(None, "use only the first N validation documents")
@@ -56,8 +62,9 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     fmt = FORMATS[method.format]()
     if spec.expand_vocab and not method.supports_vocab_expansion:
         raise UserError(f"--expand-vocab is not supported by the {method.name} strategy")
-    served = load_served(spec.base, device="cpu")  # accelerate places the model for training
-    old_domains, old_data = _old_domains(served, domain, method, spec.expand_vocab)
+    served = load_served(spec.base, device="cpu", base_domain=spec.base_domain)  # accelerate places it for training
+    old_domains, old_data = _old_domains(served, domain, method, spec)
+    domain = _new_domain(served, method, domain)
     model, base_tokenizer = _starting_model(served, method, fmt, old_domains)
     new_train, new_val = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
     old_corpora = {d: load_train_val(old_data[d].train, served.domain(d), old_data[d].val, old_data[d].limit,
@@ -79,12 +86,14 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
             old_shards[d] = build_shard(train_c, tok, spec.cache_dir)
             val_shards[d] = build_shard(val_c, tok, spec.cache_dir)
 
+    before = _bpb_before(served, val_shards)
     model.train()
     if spec.expand_vocab or needs_tag:
         grow_embeddings(model, len(tokenizer))
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
                        tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=len(base_tokenizer),
-                       preset=served.card.preset or "tiny", seed=spec.train.seed)
+                       preset=served.card.preset if served.card.plain else served.card.preset or "tiny",
+                       seed=spec.train.seed)  # a checkpoint expandlm did not train has no preset
     mixture = method.mixture(ctx)
     weights = [w for _, w in mixture] if len(mixture) > 1 else None
     batches = PackedBatches([s for s, _ in mixture], model.config.max_position_embeddings, spec.train.batch_size,
@@ -92,9 +101,9 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     ctx.budget_tokens = planned_tokens(spec.train, step_tokens(spec.train, batches, run.dist.num_processes),
                                        batches.tokens_per_epoch)
     adapted = method.build(model, ctx)
-    card = ModelCard(domains=ctx.domains, plain=served.card.plain, format=method.format, method=method.name,
-                     options=dataclasses.asdict(method.options), base=run.folder.portable(served.path),
-                     preset=served.card.preset if served.card.plain else ctx.preset,  # a foreign base has none
+    card = ModelCard(domains=ctx.domains, plain=[*served.card.plain, *[domain.name] * domain.plain],
+                     format=method.format, method=method.name, options=dataclasses.asdict(method.options),
+                     base=run.folder.portable(served.path), preset=ctx.preset,
                      vocab={"base": ctx.base_vocab, "size": len(tokenizer)}, details=method.card(adapted, ctx))
     trainable, total = _parameters(adapted, spec, model, ctx.base_vocab)
     log(f"strategy {method.name}: {trainable:,} of {total:,} parameters trainable")
@@ -103,15 +112,13 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                              strategy=method.name, card=card.to_json(), trainable_params=trainable, total_params=total))
     trained, state = run.train(adapted.model, batches, val_shard=val_shards[domain.name],
                                loss_fn=functools.partial(method.loss, adapted))
-    before = served.folder.record().bpb if (served.folder / RUN_RECORD).exists() else {}  # a foreign base: unknown
     return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains),
                       start=model)
 
 
-def _old_domains(served, domain, method, expand_vocab: int) -> tuple[list[str], dict]:
+def _old_domains(served, domain, method, spec) -> tuple[list[str], dict]:
     """The domains the base serves, and where each one's data is (its run record says; a plain domain, a
-    checkpoint's that expandlm did not train, has none: only a method that needs neither its data nor its
-    tokenizer grows it)."""
+    checkpoint's that expandlm did not train, has none unless --base-data gives it)."""
     old_data = served.domain_data()
     old_domains = served.domains or list(old_data)
     if domain.name in old_domains:
@@ -120,24 +127,49 @@ def _old_domains(served, domain, method, expand_vocab: int) -> tuple[list[str], 
     if missing:
         raise UserError(f"{served.folder / RUN_RECORD}: field 'domain_data' has no entry for {', '.join(missing)}")
     unknown = [d for d in old_domains if d not in old_data]
-    if unknown:
-        _check_grows_foreign(served, domain, method, expand_vocab, unknown)
+    if spec.base_data:
+        old_data, unknown = {**old_data, **_base_data(served, spec, unknown)}, []
+    _check_grows_foreign(served, method, spec.expand_vocab, unknown)
     return old_domains, old_data
 
 
-def _check_grows_foreign(served, domain, method, expand_vocab: int, unknown: list[str]) -> None:
-    """Refuse, in one line, a method that cannot grow a model with domains whose data is `unknown`."""
-    which = f"{', '.join(unknown)} (a checkpoint's own, which expandlm did not train)"
-    if method.needs_old_data:
-        why = f"it trains on the old domains' data, and there is none of {which}"
-    elif expand_vocab and not method.own_tokenizer:
-        why = f"--expand-vocab keeps the old tokenization exact only on old texts, and there are none of {which}"
-    elif not method.own_tokenizer and domain.tag not in served.tokenizer.get_vocab():
-        why = f"it trains {domain.name} in the checkpoint's own tokenizer, which has no tag {domain.tag}"
-    else:
-        return
-    raise UserError(f"{served.path}: strategy '{method.name}' cannot grow this model: {why}; adapt it with "
-                    f"expand_branch (the default: {domain.name} gets a tokenizer of its own over its blocks)")
+def _base_data(served, spec, unknown: list[str]) -> dict[str, DomainSource]:
+    """--base-data as the data of the one domain the base has none of (a checkpoint's own)."""
+    if len(unknown) != 1:
+        has = (f"has {len(unknown)} domains without data ({', '.join(unknown)})" if unknown
+               else "records the data of every domain it serves (run.json)")
+        raise UserError(f"--base-data: {served.path} {has}; --base-data gives the text of the one domain of a "
+                        "checkpoint that expandlm did not train")
+    return {unknown[0]: DomainSource(spec.base_data, None, spec.limit, spec.val_limit)}
+
+
+def _check_grows_foreign(served, method, expand_vocab: int, unknown: list[str]) -> None:
+    """Refuse, in one line, what cannot grow a checkpoint expandlm did not train (its domains `plain`, those
+    of them whose data is `unknown`)."""
+    plain = ", ".join(served.card.plain)
+    if expand_vocab and served.card.plain:
+        raise UserError(f"{served.path}: --expand-vocab rebuilds the tokenizer with expandlm's own BOS, EOS and PAD "
+                        f"tokens, so the text of {plain} (a checkpoint's own) would not start and end as before; "
+                        "adapt without it (the new domain then gets a tag, or its own tokenizer with expand_branch)")
+    if unknown and method.needs_old_data:
+        raise UserError(f"{served.path}: strategy '{method.name}' trains on the old domains' data, and there is none "
+                        f"of {', '.join(unknown)} (a checkpoint's own, which expandlm did not train); give a sample "
+                        "of its text with --base-data FILE, or adapt it with expand_branch (the default)")
+
+
+def _new_domain(served, method, domain):
+    """The new domain as it will be requested. Over a checkpoint expandlm did not train, a method whose format
+    picks the weights per domain (lora, expand_paths) makes it plain: a tag would grow the vocabulary, and
+    with it the base domain's softmax, which those methods keep exact. The others append its tag."""
+    plain = (served.card.plain and method.keeps_old_domains and not method.own_tokenizer
+             and domain.tag not in served.tokenizer.get_vocab())
+    if plain:
+        log(f"{domain.name}: a plain domain like {', '.join(served.card.plain)} (no tag; {method.name}'s format "
+            "picks its weights by domain)")
+    elif served.card.plain and not method.keeps_old_domains:
+        log(f"{', '.join(served.card.plain)}: {method.name} changes the weights it is served by, so it is not kept "
+            "exact (--base-data measures by how much)")
+    return dataclasses.replace(domain, plain=True) if plain else domain
 
 
 def _starting_model(served, method, fmt, old_domains):
@@ -154,7 +186,8 @@ def _starting_model(served, method, fmt, old_domains):
 
 def _needs_tag(served, method, spec, base_tokenizer, domain) -> bool:
     """Whether the old tokenizer lacks the new domain's tag (a user's domain, or code on an older model)."""
-    needs_tag = not method.own_tokenizer and not spec.expand_vocab and domain.tag not in base_tokenizer.get_vocab()
+    needs_tag = (not method.own_tokenizer and not spec.expand_vocab and not domain.plain
+                 and domain.tag not in base_tokenizer.get_vocab())
     if needs_tag and method.keeps_old_domains:
         raise UserError(f"{served.path}: its tokenizer has no tag {domain.tag}, and {method.name} keeps the old "
                         "domains bit-identical only over the old vocabulary; adapt with expand_branch (the default: "
@@ -189,6 +222,14 @@ def _parameters(adapted, spec, model, base_vocab) -> tuple[int, int]:
         train_only_new_rows(adapted.model, base_vocab)
         frozen_rows = base_vocab * adapted.model.config.hidden_size
     return count_params(adapted.model, trainable_only=True) - frozen_rows, count_params(adapted.model)
+
+
+def _bpb_before(served, val_shards) -> dict:
+    """Each old domain's bpb before adapting: its run record's; a checkpoint's own domain has none, and is
+    measured now on the base as served when --base-data gives its text."""
+    before = served.folder.record().bpb if (served.folder / RUN_RECORD).exists() else {}
+    measured = [d for d in served.card.plain if d not in before and d in val_shards]
+    return {**before, **{d: evaluate_bpb(served.for_domain(d), val_shards[d])["bpb"] for d in measured}}
 
 
 def _measure(folder, method, val_shards, before: dict, old_domains) -> dict:

@@ -120,10 +120,12 @@ def require_tag(tokenizer: PreTrainedTokenizerFast, domain: Domain, source: str 
 def request_prefix(tokenizer: PreTrainedTokenizerFast, domain: Domain) -> list[int]:
     """The tokens every text of `domain` starts from, given and never scored: `<|bos|><|domain|>`, or for
     a plain domain (a pretrained model's own behaviour) what its tokenizer puts before a text. Training
-    documents, bpb, requests, routing and serving all start here (docs/DESIGN.md, "Pipeline and layout")."""
+    documents, bpb, requests, routing and serving all start here (docs/DESIGN.md, "Pipeline and layout").
+    A tag appended to a pretrained tokenizer follows what that tokenizer starts a text with (Qwen2's has
+    no BOS); for expandlm's own tokenizers that is their `<|bos|>`."""
     if domain.plain:
         return start_tokens(tokenizer)
-    return [tokenizer.bos_token_id, require_tag(tokenizer, domain)]
+    return [*start_tokens(tokenizer), require_tag(tokenizer, domain)]
 
 
 def start_tokens(tokenizer: PreTrainedTokenizerFast) -> list[int]:

@@ -150,8 +150,11 @@ def expand_tokenizer(old: PreTrainedTokenizerFast, new_texts: list[str], num_new
 
 
 def with_tag(tokenizer: PreTrainedTokenizerFast, tag: str) -> PreTrainedTokenizerFast:
-    """The tokenizer with one more special token (a domain's tag) at the next id; all else as it was."""
-    return wrap(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), [*tokenizer.all_special_tokens, tag])
+    """The tokenizer with one more special token (a domain's tag) at the next id; all else as it was (a
+    pretrained tokenizer keeps its own BOS, EOS and class, which re-wrapping it as expandlm's would not)."""
+    grown = copy.deepcopy(tokenizer)
+    grown.add_special_tokens({"additional_special_tokens": [tag]}, replace_extra_special_tokens=False)
+    return grown
 
 
 def grow_embeddings(model, new_vocab_size: int) -> int:
