@@ -15,8 +15,11 @@ depend on how long a branch trained). Then, each in a fresh process on the CPU:
 - copies, no sharing: the whole-stored folders each loaded on its own, as `serve` loaded them before
   (each branch opened its base again).
 
-Memory is the resident set (VmRSS) after loading less that before, and the peak (VmHWM) less the
-same; load time is the wall time of the loads.
+Memory, after every domain of every folder answered once (so every weight served was read): the
+weights held (the bytes of every distinct tensor storage of the loaded models: what a GPU would hold),
+and the growth of the resident set (VmRSS), split into anonymous memory and file-backed pages
+(transformers maps a checkpoint's safetensors file; a file mapped twice counts twice in VmRSS, once in
+the page cache). Load time is the wall time of the loads.
 
     python benchmarks/branch_storage.py                          # ~90M-parameter base, ~3 minutes on 2 cores
     python benchmarks/branch_storage.py --hidden 256 --layers 4  # quick
@@ -48,8 +51,9 @@ def make_base(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     from expandlm.data.corpus import default_data_dir, load_corpus
     from expandlm.data.tokenizer import train_bpe
     from expandlm.domains import get_domain
-    texts = [d for name in DOMAINS for d in load_corpus(default_data_dir() / f"{name}.jsonl.gz",
-                                                          get_domain(name)).documents[:300]]
+    texts = [d for name in DOMAINS
+             for d in load_corpus(get_domain(name).data_file("train", default_data_dir()), get_domain(name),
+                                  limit=300).documents]
     tok = train_bpe(texts, vocab, [])
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
@@ -91,18 +95,24 @@ def status(key):
     return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
 import torch, transformers
 from expandlm.formats.served import load_served
-torch.manual_seed(0)
-before, peak_before = status('VmRSS:'), status('VmHWM:')
+before = {k: status(k) for k in ('VmRSS:', 'RssAnon:', 'RssFile:')}
 folders, share = json.loads(sys.argv[1]), sys.argv[2] == 'share'
 opened = {}
 start = time.perf_counter()
 served = [load_served(f, device='cpu', opened=opened if share else None) for f in folders]
 seconds = time.perf_counter() - start
-gc.collect()
-with torch.no_grad():  # every domain answers, from the folders just loaded
+storages = {}  # every distinct tensor storage the loaded models hold: the weights held in memory
+for s in served:
+    for t in [*s.model.parameters(), *s.model.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+with torch.no_grad():  # every domain of every folder answers once, so every weight it serves is read
     for s in served:
-        s.for_domain(s.domains[-1])(input_ids=torch.tensor([[1, 2, 3]]))
-print(json.dumps({"rss": status('VmRSS:') - before, "peak": status('VmHWM:') - peak_before, "seconds": seconds}))
+        for d in s.domains:
+            s.for_domain(d)(input_ids=torch.tensor([[1, 2, 3]]))
+gc.collect()
+print(json.dumps({"weights": sum(storages.values()), "rss": status('VmRSS:') - before['VmRSS:'],
+                  "anon": status('RssAnon:') - before['RssAnon:'], "file": status('RssFile:') - before['RssFile:'],
+                  "seconds": seconds}))
 """
 
 
@@ -125,9 +135,11 @@ def report(result: dict, out: Path) -> str:
         rows.append(f"| {name} | {mib(size['now'])} | {mib(size['whole'])} | {size['whole'] / size['now']:.2f}x |")
     total_now, total_whole = (sum(s[k] for s in result["disk"].values()) for k in ("now", "whole"))
     rows += [f"| **all four** | **{mib(total_now)}** | **{mib(total_whole)}** | **{total_whole / total_now:.2f}x** |",
-             "", "| loaded (base + 3 domains, CPU) | resident | peak | load time |", "|---|---:|---:|---:|"]
+             "", "| loaded (base + 3 domains, CPU) | weights held | resident | of it anonymous | of it file-backed "
+             "| load time |", "|---|---:|---:|---:|---:|---:|"]
     for name, m in result["memory"].items():
-        rows.append(f"| {name}: {SETUPS[name]} | {mib(m['rss'])} | {mib(m['peak'])} | {m['seconds']:.1f} s |")
+        rows.append(f"| {name}: {SETUPS[name]} | {mib(m['weights'])} | {mib(m['rss'])} | {mib(m['anon'])} | "
+                    f"{mib(m['file'])} | {m['seconds']:.1f} s |")
     write_text(out.with_suffix(".md"), "# Branch storage: only what a branch trained, the trunk shared\n\n"
                + "\n".join(rows) + "\n")
     return "\n".join(rows)
@@ -148,8 +160,12 @@ def plot(result: dict, path: Path) -> None:
     disk.set_title("folder weights")
     disk.legend()
     setups = list(result["memory"])
-    memory.bar(setups, [result["memory"][s]["rss"] / 2**20 for s in setups], color=["C0", "C1", "C3"])
-    memory.set_ylabel("MiB resident")
+    for k, (key, label) in enumerate((("weights", "weights held"), ("rss", "resident"))):
+        memory.bar([i + (k - 0.5) * width for i in range(len(setups))],
+                   [result["memory"][s][key] / 2**20 for s in setups], width, label=label)
+    memory.set_xticks(range(len(setups)), [s.replace(", ", ",\n") for s in setups])
+    memory.set_ylabel("MiB")
+    memory.legend()
     memory.set_title("base + 3 domains loaded")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

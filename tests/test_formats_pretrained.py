@@ -196,3 +196,31 @@ def test_a_hub_id_unreachable_offline_is_one_line():
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert "nobody/no-such-model: no such model folder, and not downloadable as a hub model id" in result.stderr
+
+
+def test_a_hub_id_is_downloaded_without_code_or_pickles_and_served(monkeypatch, capsys, tmp_path):
+    """The hub path as it runs online, with the download replaced by a copy (no network here): the id goes
+    to `snapshot_download` with patterns that fetch config, safetensors and tokenizer files only."""
+    import fnmatch
+    import huggingface_hub
+    folder = tmp_path / "hub-side"
+    save_checkpoint(folder, "llama")
+    (folder / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append(repo_id)
+        snapshot = tmp_path / "snapshot"
+        snapshot.mkdir(exist_ok=True)
+        for f in folder.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                (snapshot / f.name).write_bytes(f.read_bytes())
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "generate", "--model", "someone/tiny-model", "--prompt", PROMPT, "--temperature", "0",
+                         "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    assert asked == ["someone/tiny-model"] and not (tmp_path / "snapshot" / "modeling_evil.py").exists()
+    assert json.loads(out)["samples"][0]["text"] == transformers_greedy(folder, PROMPT, 4)[0]
