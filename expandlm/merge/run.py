@@ -285,6 +285,25 @@ def shared_base(adapters: list[ServedModel]) -> str:
     return next(iter(bases))
 
 
+def svd_rank(model: torch.nn.Module, rank: int, given: int | None) -> int:
+    """The rank TIES/DARE's SVD returns the merged adapter to: at most what the narrowest adapted layer holds
+    (min of its in and out features: a grouped-query k_proj is narrower than the rest). PEFT cuts that layer
+    alone and still records the asked rank, so its folder would not load; a given rank above it is refused."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(min(m.in_features, m.out_features), n.removeprefix("base_model.model."))
+              for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    narrowest = min(layers, default=(rank, ""))
+    if rank <= narrowest[0]:
+        return rank
+    if given is not None:
+        raise UserError(f"parameters: svd_rank {given} is above {narrowest[0]}, the most that {narrowest[1]} "
+                        "(in and out features) holds; give svd_rank at most that")
+    log(f"merge: the merged adapter's rank is {narrowest[0]}, the most that {narrowest[1]} holds "
+        f"(not the sum of the ranks, {rank})")
+    return narrowest[0]
+
+
 def _merged_adapter(served: list[ServedModel], cfg: MergeConfig) -> torch.nn.Module:
     """The adapters as one PEFT adapter, merged by PEFT's `add_weighted_adapter`."""
     from peft import PeftModel
@@ -303,6 +322,8 @@ def _merged_adapter(served: list[ServedModel], cfg: MergeConfig) -> torch.nn.Mod
     kind = ADAPTER_COMBINATION[cfg.method]
     p = cfg.parameters
     rank = p.svd_rank or sum(s.model.peft_config["default"].r for s in served)
+    if kind.endswith("_svd"):  # linear and cat add the adapters as they are: no SVD
+        rank = svd_rank(model, rank, p.svd_rank)
     torch.manual_seed(p.seed)
     weights = [m.weight for m in cfg.models]
     if cfg.method == "linear" and p.normalize:
