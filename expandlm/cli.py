@@ -121,7 +121,7 @@ def cmd_adapt(args) -> None:
 def cmd_merge(args) -> None:
     from .merge.run import load_merge_config, merge
 
-    folder = merge(load_merge_config(args.config), args.out)
+    folder = merge(load_merge_config(args.config), args.out, where=args.config)
     print(f"merged → {folder.path} (AutoModelForCausalLM, or PeftModel for an adapter, loads it)")
 
 

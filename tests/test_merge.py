@@ -1,15 +1,18 @@
 """Merging experts of one common start (expandlm.merge.run): every method, full models and adapters."""
 import json
+import math
 
 import pytest
 import torch
 import yaml
 from peft.utils import merge_utils
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import CODE, RECIPES, write_jsonl
 from expandlm.errors import UserError
 from expandlm.merge.run import MergeConfig, MergeModel, MergeParameters, check_config, load_merge_config, merge
 from expandlm.formats.served import load_served
+from test_formats_pretrained import PROMPT, plain_ids, run, save_checkpoint
 
 def state(path):
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
@@ -224,3 +227,153 @@ def test_arrow_keeps_the_adapters_and_routes_each_token_among_them(experts, tmp_
         served.export_model("code")
     with pytest.raises(UserError, match="full models"):
         merge(cfg("arrow", [a, experts["code-full_ft"]]), tmp_path / "mixed")
+
+
+# -- models grown from one checkpoint that transformers saved (no expandlm.json) ----------------------------
+# lora makes each new domain plain, like the checkpoint's own `base`; full_ft appends its domain's tag at the
+# checkpoint's next id, so two full fine-tunes have different tags at one id.
+
+GROW = ["--limit", "20", "--max-steps", "2", "--batch-size", "2", "--eval-interval", "0", "--no-progress"]
+ADAPTER_METHODS = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The checkpoint ("ckpt", a tiny random Llama with grouped-query attention and an untied head) and the
+    folders grown from it: "recipes-lora", "code-lora", "recipes-full_ft", "code-full_ft"; and "data"."""
+    from expandlm.cli import main
+
+    root = tmp_path_factory.mktemp("pretrained")
+    save_checkpoint(root / "ckpt", "llama")
+    data = {"recipes": write_jsonl(root / "recipes.jsonl", RECIPES),
+            "code": write_jsonl(root / "code.jsonl", [{"text": t} for t in CODE])}
+    made = {"ckpt": root / "ckpt", "data": data}
+    for strategy in ("lora", "full_ft"):
+        for domain in ("recipes", "code"):
+            made[f"{domain}-{strategy}"] = root / f"{domain}-{strategy}"
+            assert main(["adapt", "--base", str(root / "ckpt"), "--domain", domain, "--data", str(data[domain]),
+                         "--strategy", strategy, "--out", str(made[f"{domain}-{strategy}"]), *GROW]) == 0
+    return made
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+def _config(tmp_path, method, models, base=None, **parameters):
+    path = tmp_path / f"{method}.yaml"
+    body = {"method": method, "models": [{"model": str(m)} for m in models], "parameters": parameters}
+    path.write_text(yaml.safe_dump({**body, "base": str(base)} if base else body))
+    return path
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS + ["arrow"])
+def test_lora_adapters_of_a_pretrained_checkpoint_merge_and_its_own_domain_stays_exact(pretrained, method,
+                                                                                       capsys, tmp_path):
+    ckpt = pretrained["ckpt"]
+    models = [pretrained["recipes-lora"], pretrained["code-lora"]]
+    base = ckpt if method in ("task_arithmetic", "ties", "dare_linear", "dare_ties") else None
+    code, _, err = run(capsys, "merge", _config(tmp_path, method, models, base), "--out", tmp_path / "out")
+    assert code == 0, err
+    card = json.loads((tmp_path / "out" / "expandlm.json").read_text())
+    assert card["domains"] == card["plain"] == ["base", "recipes", "code"]  # lora's domains are plain
+    assert card["adapter"] == {"base": False, "recipes": True, "code": True}
+    served = load_served(tmp_path / "out", device="cpu")
+    ids = plain_ids(AutoTokenizer.from_pretrained(ckpt), PROMPT)
+    original = _logits(AutoModelForCausalLM.from_pretrained(ckpt).eval(), ids)
+    assert torch.equal(_logits(served.for_domain("base"), ids), original)  # the adapter off: the checkpoint
+    assert not torch.allclose(_logits(served.for_domain("recipes"), ids), original)
+
+
+def test_generate_and_eval_run_on_merged_adapters_of_a_pretrained_checkpoint(pretrained, capsys, tmp_path):
+    models = [pretrained["recipes-lora"], pretrained["code-lora"]]
+    path = _config(tmp_path, "ties", models, pretrained["ckpt"])
+    code, _, err = run(capsys, "merge", path, "--out", tmp_path / "out")
+    assert code == 0, err
+    code, text, err = run(capsys, "generate", "--model", tmp_path / "out", "--domain", "code", "--prompt", "def",
+                          "--temperature", "0", "--max-new-tokens", "6", "--json")
+    assert code == 0, err
+    assert json.loads(text)["samples"][0]["text"].startswith("def")
+    bpb = {}
+    for folder in (tmp_path / "out", pretrained["ckpt"]):
+        code, text, err = run(capsys, "eval", "--model", folder, "--domain", "base", "--data",
+                              pretrained["data"]["code"], "--out", tmp_path / f"{folder.name}.json")
+        assert code == 0, err
+        bpb[folder.name] = json.loads(text)["bpb"]
+    assert bpb["out"] == bpb["ckpt"]  # the merged folder's base domain is the checkpoint, to the last bit
+
+
+def test_full_fine_tunes_with_different_tags_at_one_id_merge_over_the_checkpoint(pretrained, capsys, tmp_path):
+    ckpt, a, b = pretrained["ckpt"], pretrained["recipes-full_ft"], pretrained["code-full_ft"]
+    tags = [AutoTokenizer.from_pretrained(f).convert_ids_to_tokens(320) for f in (a, b)]
+    assert tags == ["<|recipes|>", "<|code|>"]  # each appended its own tag at the checkpoint's next id
+    path = tmp_path / "ta.yaml"
+    path.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(ckpt),
+                                    "models": [{"model": str(a), "weight": 0.5}, {"model": str(b), "weight": 0.7}]}))
+    code, _, err = run(capsys, "merge", path, "--out", tmp_path / "out")
+    assert code == 0, err
+    card = json.loads((tmp_path / "out" / "expandlm.json").read_text())
+    assert card["domains"] == ["base", "recipes", "code"] and card["plain"] == ["base"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.convert_ids_to_tokens([320, 321]) == ["<|recipes|>", "<|code|>"]
+    merged, s0, sa, sb = state(tmp_path / "out"), state(ckpt), state(a), state(b)
+    key = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(merged[key], s0[key] + 0.5 * (sa[key] - s0[key]) + 0.7 * (sb[key] - s0[key]))
+    emb, e0, ea, eb = (s["model.embed_tokens.weight"] for s in (merged, s0, sa, sb))
+    # a tag a model never had starts, in it, where adapt starts a tag: the mean of its rows
+    start, b_start = e0.mean(dim=0), eb.mean(dim=0)
+    torch.testing.assert_close(emb[320], start + 0.5 * (ea[320] - start) + 0.7 * (b_start - start))
+    torch.testing.assert_close(emb[321], start + 0.5 * (ea.mean(dim=0) - start) + 0.7 * (eb[320] - start))
+    for domain, prompt in (("recipes", "Banana"), ("code", "def"), ("base", PROMPT)):
+        code, text, err = run(capsys, "generate", "--model", tmp_path / "out", "--domain", domain, "--prompt", prompt,
+                              "--temperature", "0", "--max-new-tokens", "4", "--json")
+        assert code == 0, err
+        assert json.loads(text)["samples"][0]["text"].startswith(prompt)
+
+
+def test_a_fine_tune_merges_with_its_own_pretrained_checkpoint(pretrained, capsys, tmp_path):
+    ckpt, a = pretrained["ckpt"], pretrained["recipes-full_ft"]
+    code, _, err = run(capsys, "merge", _config(tmp_path, "linear", [ckpt, a]), "--out", tmp_path / "out")
+    assert code == 0, err
+    card = json.loads((tmp_path / "out" / "expandlm.json").read_text())
+    assert card["domains"] == ["base", "recipes"] and card["plain"] == ["base"]
+    merged, s0, sa = state(tmp_path / "out"), state(ckpt), state(a)
+    key = "model.layers.0.self_attn.k_proj.weight"
+    torch.testing.assert_close(merged[key], (s0[key] + sa[key]) / 2)
+    code, text, err = run(capsys, "eval", "--model", tmp_path / "out", "--domain", "recipes", "--data",
+                          pretrained["data"]["recipes"], "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    assert math.isfinite(json.loads(text)["bpb"])
+
+
+def test_a_card_less_checkpoint_is_named_as_the_models_grown_from_it_name_it(pretrained, capsys, tmp_path):
+    ckpt = pretrained["ckpt"]
+    code, _, err = run(capsys, "adapt", "--base", ckpt, "--base-domain", "general", "--domain", "recipes", "--data",
+                       pretrained["data"]["recipes"], "--strategy", "full_ft", "--out", tmp_path / "general", *GROW)
+    assert code == 0, err
+    code, _, err = run(capsys, "merge", _config(tmp_path, "linear", [tmp_path / "general", ckpt]), "--out",
+                       tmp_path / "out")
+    assert code == 0, err
+    card = json.loads((tmp_path / "out" / "expandlm.json").read_text())
+    assert card["domains"] == ["general", "recipes"] and card["plain"] == ["general"]  # not a second domain `base`
+
+
+def test_what_cannot_merge_from_a_pretrained_checkpoint_is_one_line_naming_the_file_and_entry(pretrained, capsys,
+                                                                                              tmp_path):
+    ckpt, loras = pretrained["ckpt"], [pretrained["recipes-lora"], pretrained["code-lora"]]
+    code, _, err = run(capsys, "export", pretrained["recipes-lora"], "--domain", "recipes", "--out", tmp_path / "plain")
+    assert code == 0, err
+    cases = [  # (config, what the line says after the file, and why)
+        (_config(tmp_path, "fisher", [ckpt, pretrained["recipes-full_ft"]]), "models[0]: ",
+         "no record of its 'base' training data"),
+        (_config(tmp_path, "ties", loras, ckpt, svd_rank=30), "parameters: svd_rank 30 is above 16",
+         "model.layers.0.self_attn.k_proj"),
+        (_config(tmp_path, "dare_ties", loras, tmp_path / "nowhere"), "base: ", "no such model folder"),
+        (_config(tmp_path, "linear", [tmp_path / "plain", pretrained["recipes-full_ft"]]), "models[0] ",
+         "request 'recipes' with no tag and models[1] with its tag <|recipes|>"),
+    ]
+    for path, entry, why in cases:
+        code, _, err = run(capsys, "merge", path, "--out", tmp_path / "never")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"expandlm: error: {path}: {entry}") and why in err, err

@@ -18,6 +18,11 @@ adapter given to them is merged into its base first, so their output is a full c
 
 The output is a standard folder (`AutoModelForCausalLM`, or `PeftModel` for an adapter) whose card
 serves every domain its models served, one set of weights for all.
+
+Models grown from a checkpoint that transformers saved (no expandlm.json) merge too, with the checkpoint
+itself as `base` or among `models`: its own domain keeps the name they give it; merged adapters leave it
+off (plain domains have no tag to tell it apart, so only that keeps it the checkpoint); full models whose
+tokenizers each appended their own tags at one id are laid out on one tokenizer first (`on_vocabulary`).
 """
 from __future__ import annotations
 
@@ -34,14 +39,16 @@ from ..atomic import files_into
 from ..config import arg, build, config, load_yaml
 from ..data.corpus import load_train_val
 from ..data.shards import PackedBatches, build_shard, default_cache_dir
+from ..data.vocab import with_tag
 from ..domains import Domain, get_domain, is_spec_path, save_specs
 from ..errors import UserError
 from ..formats import format_of
 from ..formats.adapter import Adapter
 from ..formats.arrow import EXPERTS, Arrow
+from ..formats.checkpoint import BASE_DOMAIN
 from ..formats.served import ServedModel, load_served
 from ..process import log
-from ..records import ModelCard
+from ..records import MODEL_CARD, ModelCard
 from ..run_folder import RunFolder
 from ..training.run import Run
 
@@ -146,8 +153,22 @@ def is_adapter(served: ServedModel) -> bool:
     return served.card.format == Adapter.name
 
 
-def _load(path: str, what: str) -> ServedModel:
-    served = load_served(path, device="cpu")
+def own_domain_name(cfg: MergeConfig) -> str:
+    """What a card-less checkpoint in the config serves: its own domain, named as the models grown from it
+    name it (a card's first plain domain: adapt lists the base's domains first), else `base`."""
+    for path in [*(m.model for m in cfg.models), cfg.base]:
+        if path is not None and (Path(path) / MODEL_CARD).is_file():
+            plain = RunFolder(path).card().plain
+            if plain:
+                return plain[0]
+    return BASE_DOMAIN
+
+
+def _load(path: str, what: str, own_domain: str = BASE_DOMAIN) -> ServedModel:
+    try:
+        served = load_served(path, device="cpu", base_domain=own_domain)
+    except UserError as e:  # the folder's own words, with the entry that named it
+        raise UserError(f"{what}: {e}") from None
     one_set = served.format.one_set_of_weights or is_adapter(served)
     if not one_set:
         raise UserError(f"{what}: {path} is a {served.card.format} model, whose domains run different weights; "
@@ -164,6 +185,87 @@ def check_tokenizers(models: list[ServedModel], names: list[str]) -> None:
             raise UserError(f"{name} ({served.path}) has a different tokenizer from {names[0]} ({models[0].path}): "
                             f"{len(other)} against {len(vocab)} tokens, about {differ} differ; the same token id "
                             "would mean different text, so their weights cannot be merged")
+
+
+def _appended_tags_union(models: list[ServedModel]):
+    """One tokenizer for models whose tokenizers differ only by the tags of their own domains appended
+    after a shared vocabulary (adapt over a card-less checkpoint appends a new domain's tag at the next id,
+    so two models grown from it have different tags at one id): the shared vocabulary, then every tag once.
+    None where the tokenizers are one, or differ otherwise."""
+    vocabs = [s.tokenizer.get_vocab() for s in models]
+    if all(v == vocabs[0] for v in vocabs[1:]):
+        return None
+    tokens = [{i: t for t, i in v.items()} for v in vocabs]
+    shared = 0
+    while shared in tokens[0] and all(ids.get(shared) == tokens[0][shared] for ids in tokens):
+        shared += 1
+    for served, ids in zip(models, tokens):
+        tags = {served.domain(d).tag for d in served.domains if d not in served.card.plain}
+        if any(t not in tags for i, t in ids.items() if i >= shared):
+            return None
+    union = models[0].tokenizer
+    for ids in tokens[1:]:
+        for i in sorted(i for i in ids if i >= shared):
+            if ids[i] not in union.get_vocab():
+                union = with_tag(union, ids[i])
+    return union
+
+
+def common_tokenizer(models: list[ServedModel], names: list[str], tags_may_differ: bool = True):
+    """The merged model's tokenizer: the models' one, or (`tags_may_differ`) the union of their appended
+    domain tags (`_appended_tags_union`); any other difference is refused."""
+    union = _appended_tags_union(models) if tags_may_differ else None
+    if union is None:
+        check_tokenizers(models, names)
+        return models[0].tokenizer
+    return union
+
+
+def on_vocabulary(model: torch.nn.Module, own, tokenizer) -> torch.nn.Module:
+    """`model` with its embedding (and an untied head) laid out by `tokenizer`'s ids, which extend its own
+    `own` by tags: a token it has keeps its row (moved to its id there), a tag it never had starts at the
+    mean of its rows, as adapt starts a new tag's embedding (data/vocab.py, `grow_embeddings`). So a base's
+    tag row is exactly where a fine-tune's embedding row began, and a task vector there is what it learned."""
+    vocab, target = own.get_vocab(), tokenizer.get_vocab()
+    if vocab == target:
+        return model
+    shared = min(target[t] for t in target if vocab.get(t) != target[t])
+    old = [m.weight.detach().clone() for m in (model.get_input_embeddings(), model.get_output_embeddings())]
+    model = copy.deepcopy(model)
+    rows = max(len(target), old[0].shape[0])
+    model.resize_token_embeddings(rows, mean_resizing=False)  # sets config.vocab_size; re-ties a tied head
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    with torch.no_grad():
+        for layer, weight in zip(layers, old):
+            mean = weight.mean(dim=0)
+            placed = torch.cat([weight, mean.expand(rows - len(weight), -1)])  # a new tensor: `weight` is read below
+            for token, i in target.items():
+                if i >= shared:
+                    placed[i] = weight[vocab[token]] if token in vocab else mean
+            layer.weight.copy_(placed)
+    return model
+
+
+def plain_domains(models: list[ServedModel], names: list[str], domains: list[str]) -> list[str]:
+    """The domains requested with no tag token, as their models request them; a domain one model requests
+    plain and another by its tag is refused (one merged set of weights is requested one way)."""
+    plain = [d for d in domains if any(d in s.card.plain for s in models)]
+    for d in plain:
+        tagged = [n for s, n in zip(models, names) if d in s.domains and d not in s.card.plain]
+        if tagged:
+            untagged = [n for s, n in zip(models, names) if d in s.card.plain]
+            raise UserError(f"{', '.join(untagged)} request '{d}' with no tag and {', '.join(tagged)} with its tag "
+                            f"<|{d}|>; a merged model requests a domain one way: merge models that request it alike")
+    return plain
+
+
+def adapter_use(adapters: list[ServedModel], domains: list[str], plain: list[str]) -> dict[str, bool]:
+    """Per domain, whether the merged adapters run for it: yes, except a plain domain every adapter left off.
+    That is a card-less checkpoint's own domain (lora over it); requested as the merged plain domains are,
+    only the adapter being off keeps it the checkpoint itself."""
+    def off(d):
+        return d in plain and all(not s.card.detail("adapter").get(d, True) for s in adapters if d in s.domains)
+    return {d: not off(d) for d in domains}
 
 
 def _check_shapes(states: list[dict[str, torch.Tensor]], names: list[str], paths: list[Path]) -> None:
@@ -188,14 +290,16 @@ def expert_domain(served: ServedModel, entry: MergeModel, what: str) -> str:
     return domain
 
 
-def domain_batches(served: ServedModel, domain: str, windows: int, seed: int, what: str) -> list[torch.Tensor]:
-    """`windows` training windows of `domain`'s data (the data the run that made `served` recorded)."""
+def domain_batches(served: ServedModel, domain: str, windows: int, seed: int, what: str,
+                   tokenizer=None) -> list[torch.Tensor]:
+    """`windows` training windows of `domain`'s data (the data the run that made `served` recorded), in
+    `tokenizer`'s ids (the merged model's; default the domain's own)."""
     data = served.domain_data().get(domain)
     if data is None:
         raise UserError(f"{what}: {served.path} has no record of its '{domain}' training data "
                         "(Fisher and RegMean read each expert's own data)")
     train_corpus, _ = load_train_val(data.train, served.domain(domain), data.val, data.limit, data.val_limit)
-    shard = build_shard(train_corpus, served.tokenizer_for(domain), default_cache_dir())
+    shard = build_shard(train_corpus, tokenizer or served.tokenizer_for(domain), default_cache_dir())
     batches = PackedBatches([shard], served.model.config.max_position_embeddings, 1, seed)
     return [batches.batch(i) for i in range(windows)]
 
@@ -341,55 +445,76 @@ def _merged_adapter(served: list[ServedModel], cfg: MergeConfig) -> torch.nn.Mod
     return model
 
 
-def merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
-    """Merge the config's models into the folder `out`; returns it."""
+def merge(cfg: MergeConfig, out: str | Path, where: str | None = None) -> RunFolder:
+    """Merge the config's models into the folder `out`; returns it. `where`, the config file, begins every
+    refusal (each names its entry: models[i] or base)."""
+    try:
+        return _merge(cfg, out)
+    except UserError as e:
+        raise UserError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
     names = [f"models[{i}]" for i in range(len(cfg.models))]
-    served = [_load(m.model, n) for m, n in zip(cfg.models, names)]
-    base = _load(cfg.base, "base") if cfg.base is not None else None
-    everyone = served + ([base] if base else [])
-    check_tokenizers(everyone, names + (["base"] if base else []))
+    own = own_domain_name(cfg)
+    served = [_load(m.model, n, own) for m, n in zip(cfg.models, names)]
+    base = _load(cfg.base, "base", own) if cfg.base is not None else None
+    everyone, every_name = served + ([base] if base else []), names + (["base"] if base else [])
     adapters = [is_adapter(s) for s in served]
+    kept_adapters = all(adapters) and (cfg.method == "arrow" or cfg.method in ADAPTER_COMBINATION)
+    tokenizer = common_tokenizer(everyone, every_name, tags_may_differ=not kept_adapters)
     domains = list(dict.fromkeys(d for s in everyone for d in s.domains))
+    plain = plain_domains(everyone, every_name, domains)
     experts = [expert_domain(s, m, n) for s, m, n in zip(served, cfg.models, names)]
     domain_data = {}
     for s in everyone:
         domain_data.update({d: v for d, v in s.domain_data().items() if d not in domain_data})
-    weights = torch.tensor([m.weight for m in cfg.models])
-    p = cfg.parameters
     if cfg.method == "arrow":
-        return _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, out)
-    if all(adapters) and cfg.method in ADAPTER_COMBINATION:
+        return _arrow_folder(served, cfg, adapters, names, domains, plain, experts, domain_data, out)
+    if kept_adapters:
         model, kind = _merged_adapter(served, cfg), "adapter"
     else:
-        if any(adapters) and not all(adapters) and cfg.method in ADAPTER_COMBINATION:
-            raise UserError(f"{', '.join(n for n, a in zip(names, adapters) if a)} are LoRA adapters and the others "
-                            "full models; merge adapters with adapters, or export each adapter's domain first")
-        # a data-dependent merge of adapters works on the models they make (adapter merged into the base)
-        models = [copy.deepcopy(s.model).merge_and_unload() if a else s.model for s, a in zip(served, adapters)]
-        states = [{n: t.detach() for n, t in m.state_dict().items()} for m in models]
-        base_model = base.model.merge_and_unload() if base is not None and is_adapter(base) else (base.model if base else None)
-        base_state = base_model.state_dict() if base_model is not None else None
-        _check_shapes(states + ([base_state] if base_state else []), names + ["base"] * bool(base_state),
-                      [s.path for s in everyone])
-        if cfg.method in DATA_METHODS:
-            batches = [domain_batches(s, d, p.windows, p.seed, n) for s, d, n in zip(served, experts, names)]
-            log(f"merge: {cfg.method} statistics of {len(models)} experts on {p.windows} windows each")
-            merged = (fisher_merge if cfg.method == "fisher" else regmean_merge)(models, batches, weights, p)
-        else:
-            torch.manual_seed(p.seed)  # DARE's drops
-            merged = {n: merge_tensors(cfg.method, [s[n].float() for s in states],
-                                       base_state[n].float() if base_state else None, weights, p).to(states[0][n].dtype)
-                      for n in states[0]}
-        model = copy.deepcopy(models[0])
-        model.load_state_dict(merged, strict=False)  # tied weights share one tensor: either name loads it
-        kind = "full"
-    run = _new_run(cfg, out, served[0], _declared(everyone, domains))
-    card = ModelCard(domains=domains, method="merge", preset=served[0].card.preset,
+        model, kind = _merged_full(served, base, cfg, names, experts, tokenizer), "full"
+    run = _new_run(cfg, out, tokenizer, _declared(everyone, domains))
+    card = ModelCard(domains=domains, plain=plain, method="merge", preset=served[0].card.preset,
                      details={"merged": {"method": cfg.method, "experts": experts}})
     if kind == "adapter":
         card.format, card.base = Adapter.name, run.folder.portable(served[0].folder.resolve(served[0].card.base))
-        card.details["adapter"] = {d: True for d in domains}
+        card.details["adapter"] = adapter_use(served, domains, plain)
     return _finish(run, model, cfg, card, kind, domain_data, len(served))
+
+
+def _merged_full(served: list[ServedModel], base: ServedModel | None, cfg: MergeConfig, names: list[str],
+                 experts: list[str], tokenizer) -> torch.nn.Module:
+    """The models merged weight by weight into one full model, every one laid out by `tokenizer`'s ids."""
+    adapters = [is_adapter(s) for s in served]
+    if any(adapters) and not all(adapters) and cfg.method in ADAPTER_COMBINATION:
+        raise UserError(f"{', '.join(n for n, a in zip(names, adapters) if a)} are LoRA adapters and the others "
+                        "full models; merge adapters with adapters, or export each adapter's domain first")
+    # a data-dependent merge of adapters works on the models they make (adapter merged into the base)
+    models = [on_vocabulary(copy.deepcopy(s.model).merge_and_unload() if a else s.model, s.tokenizer, tokenizer)
+              for s, a in zip(served, adapters)]
+    states = [{n: t.detach() for n, t in m.state_dict().items()} for m in models]
+    base_model = None
+    if base is not None:
+        base_model = on_vocabulary(base.model.merge_and_unload() if is_adapter(base) else base.model,
+                                   base.tokenizer, tokenizer)
+    base_state = base_model.state_dict() if base_model is not None else None
+    _check_shapes(states + ([base_state] if base_state else []), names + ["base"] * bool(base_state),
+                  [s.path for s in served + ([base] if base else [])])
+    p, weights = cfg.parameters, torch.tensor([m.weight for m in cfg.models])
+    if cfg.method in DATA_METHODS:
+        batches = [domain_batches(s, d, p.windows, p.seed, n, tokenizer) for s, d, n in zip(served, experts, names)]
+        log(f"merge: {cfg.method} statistics of {len(models)} experts on {p.windows} windows each")
+        merged = (fisher_merge if cfg.method == "fisher" else regmean_merge)(models, batches, weights, p)
+    else:
+        torch.manual_seed(p.seed)  # DARE's drops
+        merged = {n: merge_tensors(cfg.method, [s[n].float() for s in states],
+                                   base_state[n].float() if base_state else None, weights, p).to(states[0][n].dtype)
+                  for n in states[0]}
+    model = copy.deepcopy(models[0])
+    model.load_state_dict(merged, strict=False)  # tied weights share one tensor: either name loads it
+    return model
 
 
 def _declared(models: list[ServedModel], domains: list[str]) -> list[Domain]:
@@ -397,9 +522,9 @@ def _declared(models: list[ServedModel], domains: list[str]) -> list[Domain]:
     return [next(s for s in models if d in s.domains).domain(d) for d in domains]
 
 
-def _new_run(cfg: MergeConfig, out, first: ServedModel, domains: list[Domain]) -> Run:
+def _new_run(cfg: MergeConfig, out, tokenizer, domains: list[Domain]) -> Run:
     run = Run(cfg, out=out)  # never over an earlier run
-    run.folder.save(first.tokenizer.save_pretrained)
+    run.folder.save(tokenizer.save_pretrained)
     save_specs(run.folder.path, domains)
     return run
 
@@ -416,7 +541,7 @@ def _finish(run: Run, model, cfg: MergeConfig, card: ModelCard, kind: str, domai
     return folder
 
 
-def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, out) -> RunFolder:
+def _arrow_folder(served, cfg, adapters, names, domains, plain, experts, domain_data, out) -> RunFolder:
     """The adapters kept apart in one folder, routed per token by PEFT's Arrow (formats/arrow.py)."""
     import shutil
 
@@ -425,7 +550,7 @@ def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, o
         raise UserError(f"arrow routes among LoRA adapters; {', '.join(n for n, a in zip(names, adapters) if not a)} "
                         "are full models")
     base = shared_base(served)
-    run = _new_run(cfg, out, served[0], _declared(served, domains))
+    run = _new_run(cfg, out, served[0].tokenizer, _declared(served, domains))
     folder = run.folder
     keys = [f"{i}-{d}" for i, d in enumerate(experts)]
     for key, s in zip(keys, served):
@@ -433,7 +558,10 @@ def _arrow_folder(served, cfg, adapters, names, domains, experts, domain_data, o
         with files_into(folder.path / EXPERTS / key) as tmp:
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copy2(s.path / name, Path(tmp) / name)
-    card = ModelCard(domains=domains, format=Arrow.name, method="merge", preset=served[0].card.preset,
+    card = ModelCard(domains=domains, plain=plain, format=Arrow.name, method="merge", preset=served[0].card.preset,
                      options={"top_k": cfg.parameters.top_k, "router_temperature": cfg.parameters.router_temperature},
                      base=folder.portable(base), details={"experts": keys, "merged": {"method": "arrow", "experts": experts}})
+    use = adapter_use(served, domains, plain)
+    if not all(use.values()):  # a card-less checkpoint's own domain: routed to no adapter (cards before: none)
+        card.details["adapter"] = use
     return _finish(run, None, cfg, card, "routed adapters", domain_data, len(served))
