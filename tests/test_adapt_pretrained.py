@@ -211,3 +211,22 @@ def test_base_data_for_a_model_whose_data_is_recorded_is_refused_in_one_line(gro
                        "--out", tmp_path / "out", *TRAIN)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("expandlm: error: --base-data:") and "records the data of every domain" in err
+
+
+def test_a_tag_takes_a_padded_row_of_a_checkpoint_whose_embedding_outgrows_its_tokenizer(recipes, capsys, tmp_path):
+    """Qwen2's embedding has more rows than its tokenizer has tokens (padded to a multiple): the tag a
+    method appends takes the first padded row, started at the mean of the tokens' rows."""
+    save_checkpoint(tmp_path / "base", "qwen2")
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    tokens = len(AutoTokenizer.from_pretrained(tmp_path / "base"))
+    original.resize_token_embeddings(tokens + 8, mean_resizing=False)
+    original.save_pretrained(tmp_path / "base")
+    code, _, err = run(capsys, "adapt", "--base", tmp_path / "base", "--domain", "recipes", "--data", recipes,
+                       "--strategy", "full_ft", "--lr", "1e-12", "--out", tmp_path / "out", *TRAIN)  # rows as started
+    assert code == 0, err
+    adapted = load_served(tmp_path / "out", device="cpu")
+    tag = adapted.tokenizer.convert_tokens_to_ids("<|recipes|>")
+    rows = adapted.model.get_input_embeddings().weight
+    assert tag == tokens and rows.shape[0] == tokens + 8
+    assert torch.allclose(rows[tag], original.get_input_embeddings().weight[:tokens].mean(dim=0))
+    assert torch.allclose(rows[tag + 1:], original.get_input_embeddings().weight[tag + 1:])

@@ -193,3 +193,17 @@ def test_errors():
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     with pytest.raises(UserError, match="tied"):
         train_only_new_rows(model, len(_old))
+
+
+def test_grow_embeddings_gives_new_tokens_the_padded_rows_first():
+    model = build_model(PRESETS["nano"], bytes_tokenizer(), seed=0)
+    rows = model.get_input_embeddings().weight.detach().clone()
+    tokens = rows.shape[0] - 3  # a tokenizer 3 tokens short of the embedding, as a padded checkpoint's
+    assert grow_embeddings(model, tokens + 1, first_new=tokens) == rows.shape[0]
+    grown = model.get_input_embeddings().weight
+    assert grown.shape == rows.shape and torch.equal(grown[:tokens], rows[:tokens])
+    assert torch.allclose(grown[tokens], rows[:tokens].mean(dim=0)) and torch.equal(grown[tokens + 1:], rows[tokens + 1:])
+    assert grow_embeddings(model, tokens + 5, first_new=tokens) == rows.shape[0]  # beyond the padding: grows
+    assert model.get_input_embeddings().weight.shape[0] == tokens + 5
+    with pytest.raises(UserError, match="cannot shrink"):
+        grow_embeddings(model, tokens - 1, first_new=tokens)

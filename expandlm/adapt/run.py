@@ -89,7 +89,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     before = _bpb_before(served, val_shards)
     model.train()
     if spec.expand_vocab or needs_tag:
-        grow_embeddings(model, len(tokenizer))
+        grow_embeddings(model, len(tokenizer), first_new=len(base_tokenizer))
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
                        tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=len(base_tokenizer),
                        preset=served.card.preset if served.card.plain else served.card.preset or "tiny",

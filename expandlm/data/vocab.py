@@ -157,28 +157,33 @@ def with_tag(tokenizer: PreTrainedTokenizerFast, tag: str) -> PreTrainedTokenize
     return grown
 
 
-def grow_embeddings(model, new_vocab_size: int) -> int:
-    """Resize the tied input/output embedding of `model` to `new_vocab_size` rows; returns the old size.
+def grow_embeddings(model, new_vocab_size: int, first_new: int | None = None) -> int:
+    """Give the tokens from `first_new` (default: the embedding's size) to `new_vocab_size` rows of the tied
+    input/output embedding of `model`, growing it where it has too few; returns its size before.
 
     Old rows are copied bit for bit, so logits over the old tokens are unchanged (the softmax gains the
     new columns). New rows start at the mean of the old rows: their logit is then the mean old logit,
     which keeps the next-token distribution close to the old one (Hewitt 2021, "Initializing new word
-    embeddings"); transformers' `mean_resizing` instead samples around that mean.
+    embeddings"); transformers' `mean_resizing` instead samples around that mean. A checkpoint whose
+    embedding has rows beyond its tokenizer (padded to a multiple, as Qwen2's) gives new tokens those
+    rows first.
     """
     emb = model.get_input_embeddings()
     num_old = emb.num_embeddings
-    if new_vocab_size < num_old:
-        raise UserError(f"cannot shrink the vocabulary from {num_old} to {new_vocab_size}")
-    if new_vocab_size == num_old:
+    first_new = num_old if first_new is None else first_new
+    if new_vocab_size < first_new:
+        raise UserError(f"cannot shrink the vocabulary from {first_new} to {new_vocab_size}")
+    if new_vocab_size == first_new:
         return num_old
     trainable = emb.weight.requires_grad
     with torch.no_grad():
-        mean = emb.weight.mean(dim=0)
-    model.resize_token_embeddings(new_vocab_size, mean_resizing=False)  # re-ties lm_head, sets config.vocab_size
+        mean = emb.weight[:first_new].mean(dim=0)
+    if new_vocab_size > num_old:
+        model.resize_token_embeddings(new_vocab_size, mean_resizing=False)  # re-ties lm_head, sets config.vocab_size
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
-        weight[num_old:] = mean
-    weight.requires_grad_(trainable)  # the resized weight is a fresh Parameter; keep a frozen model frozen
+        weight[first_new:new_vocab_size] = mean
+    weight.requires_grad_(trainable)  # a resized weight is a fresh Parameter; keep a frozen model frozen
     return num_old
 
 
