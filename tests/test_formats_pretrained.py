@@ -50,14 +50,22 @@ def byte_level_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def save_checkpoint(folder, name: str) -> None:
-    """A tiny random checkpoint of architecture `name` as transformers saves it, and nothing of expandlm's."""
+def save_checkpoint(folder, name: str, chat_template: str | None = None) -> None:
+    """A tiny random checkpoint of architecture `name` as transformers saves it, and nothing of expandlm's.
+    With `chat_template`, an instruct model's: ChatML's turn tokens and that template on its tokenizer,
+    and a generation config whose turn ends at <|im_end|> as well as at the tokenizer's EOS (Qwen's list)."""
     config_cls, model_cls, extra, _ = ARCHITECTURES[name]
     tok = byte_level_tokenizer(adds_bos=not name.startswith("qwen2"))
+    if chat_template:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = chat_template
     torch.manual_seed(0)
     config = config_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         **SHAPE, **extra)
-    model_cls(config).save_pretrained(folder)
+    model = model_cls(config)
+    if chat_template:
+        model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
 
 
@@ -224,3 +232,95 @@ def test_a_hub_id_is_downloaded_without_code_or_pickles_and_served(monkeypatch, 
     assert code == 0, err
     assert asked == ["someone/tiny-model"] and not (tmp_path / "snapshot" / "modeling_evil.py").exists()
     assert json.loads(out)["samples"][0]["text"] == transformers_greedy(folder, PROMPT, 4)[0]
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVERSATION = [{"role": "system", "content": "You tell short stories."},
+                {"role": "user", "content": "Tell me about a cat."},
+                {"role": "assistant", "content": "Once upon a time, there was a cat."},
+                {"role": "user", "content": "And then?"}]
+
+
+def greedy_tokens(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after `ids`, whatever they are (no end token stops them)."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # the fast engine, and transformers' generate
+def chat_checkpoint(request, tmp_path_factory):
+    """(folder, answer length): an instruct checkpoint (`save_checkpoint` with CHATML). A random model never
+    ends its turn, so its head's rows of <|im_end|> and of a token it first writes third or later are
+    swapped: greedily it writes the same tokens up to there, then <|im_end|>."""
+    folder = tmp_path_factory.mktemp(f"chat-{request.param}")
+    save_checkpoint(folder, request.param, chat_template=CHATML)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    written = greedy_tokens(model, ids, 12)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    turn = next(i for i in range(2, len(written)) if written[i] not in [*written[:i], end, tok.eos_token_id])
+    at = written[turn]
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[[end, at]] = head[[at, end]].clone()
+    model.save_pretrained(folder)
+    return folder, turn + 1
+
+
+class RecordingScheduler(Scheduler):
+    """The scheduler, keeping the token ids of every sequence it is given."""
+    submitted: list
+
+    def submit(self, jobs):
+        self.submitted = [*getattr(self, "submitted", []), *(job.ids for job in jobs)]
+        super().submit(jobs)
+
+
+def test_chat_with_an_instruct_checkpoint_is_its_template_and_ends_with_the_turn(chat_checkpoint):
+    """As vLLM serves it: every message through the tokenizer's own template, the answer only the assistant's
+    words (no prompt echoed), ended by the generation config's end of turn; streamed the same."""
+    from fastapi.testclient import TestClient
+
+    folder, length = chat_checkpoint
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=12, pad_token_id=tok.eos_token_id)  # its config's ends stop it
+    new = out[0, len(ids):].tolist()
+    assert new[-1] == tok.convert_tokens_to_ids("<|im_end|>") and len(new) == length
+    expected = tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
+    scheduler = RecordingScheduler(max_batch=2, max_waiting=4, threads=1).start()
+    body = {"model": "base", "messages": CONVERSATION, "max_tokens": 12, "temperature": 0}
+    try:
+        with TestClient(create_app(Catalog([load_served(folder, device="cpu")]), scheduler)) as http:
+            answer = http.post("/v1/chat/completions", json=body).json()
+            events = http.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n")
+    finally:
+        scheduler.stop()
+    assert scheduler.submitted == [ids, ids]
+    choice = answer["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (expected, "stop")
+    assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (len(ids), len(new))
+    chunks = [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_template_that_refuses_the_messages_is_a_400_naming_them(chat_checkpoint):
+    from fastapi.testclient import TestClient
+
+    served = load_served(chat_checkpoint[0], device="cpu")
+    served.tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    scheduler = Scheduler(max_batch=1, max_waiting=2, threads=1).start()
+    try:
+        with TestClient(create_app(Catalog([served]), scheduler)) as http:
+            answer = http.post("/v1/chat/completions", json={"model": "base", "messages": CONVERSATION})
+    finally:
+        scheduler.stop()
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == "messages"
+    assert error["message"] == "The model's chat template refuses these messages: roles must alternate user/assistant"

@@ -16,6 +16,8 @@ Three parts, one job each:
   takes to arrive (`BodyLimits`), the length of a request that is read (`routing.MAX_REQUEST_CHARS`;
   read in a worker thread, off the event loop), its stop strings (`MAX_STOPS`, `MAX_STOP_CHARS`,
   matched in linear time by `StopStrings`), and the sequences it asks for (`n`: the queue's size).
+  A chat is made a domain's prompt (`chat_prompt`), except for a plain domain whose tokenizer has a
+  chat template (an instruct checkpoint's): that template renders it and its turn's end stops it, as in vLLM.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -83,6 +86,20 @@ class Endpoint:
     def context(self) -> int:
         return self.served.for_domain(self.domain).config.max_position_embeddings
 
+    @functools.cached_property
+    def chat_template(self) -> bool:
+        """Chat uses the tokenizer's own template: a plain domain (a pretrained checkpoint's own
+        behaviour) whose tokenizer has one, as an instruct model's has. expandlm's domains have none."""
+        return self.domain in self.served.card.plain and bool(getattr(self.tokenizer, "chat_template", None))
+
+    @functools.cached_property
+    def end_of_turn(self) -> frozenset[int]:
+        """The tokens that end an assistant's turn besides the tokenizer's EOS: the generation config's
+        `eos_token_id`, one id or a list (Qwen's <|im_end|> and <|endoftext|>), as vLLM stops on them."""
+        config = getattr(self.served.for_domain(self.domain), "generation_config", None)
+        ids = getattr(config, "eos_token_id", None)
+        return frozenset([ids] if isinstance(ids, int) else ids or [])
+
 
 class Catalog:
     """Every domain of every model folder, by model id."""
@@ -108,8 +125,11 @@ class Catalog:
     def ids(self) -> list[str]:
         return [*self.endpoints, AUTO]
 
+    def find(self, model_id: str) -> Endpoint | None:
+        return self.endpoints.get(model_id) or self.aliases.get(model_id)
+
     def get(self, model_id: str) -> Endpoint:
-        endpoint = self.endpoints.get(model_id) or self.aliases.get(model_id)
+        endpoint = self.find(model_id)
         if endpoint is None:
             raise APIError(404, f"The model '{model_id}' does not exist; served: {', '.join(self.ids())}",
                            param="model", code="model_not_found")
@@ -213,6 +233,7 @@ class Job:
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     ignore_eos: bool = False
+    end_ids: frozenset[int] = frozenset()  # tokens that end it as its tokenizer's EOS does (a chat turn's end)
     cancelled: bool = False
     new_tokens: int = 0
     text: str = ""        # generated so far (before any stop string)
@@ -345,7 +366,7 @@ class Scheduler:
         token = job.sampler(logits)
         job.last, job.new_tokens = token, job.new_tokens + 1
         tokenizer = job.endpoint.tokenizer
-        if token == tokenizer.eos_token_id and not job.ignore_eos:
+        if (token == tokenizer.eos_token_id or token in job.end_ids) and not job.ignore_eos:
             return self._finish(job, slot, "stop")
         if job._stream is None:
             job._stream = TextStream(tokenizer)
@@ -464,32 +485,50 @@ def chat_prompt(d: Domain, messages: list[Message]) -> str:
     return d.prompt(split_request(user[-1].text(), [d]).topic)
 
 
+def template_ids(endpoint: Endpoint, messages: list[Message]) -> list[int]:
+    """The conversation as the tokenizer's own chat template renders it, every message (system and
+    assistant ones too) and the assistant's turn opened (`add_generation_prompt`), as vLLM serves it."""
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        rendered = endpoint.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
+    except TemplateError as e:  # a template may refuse a conversation (raise_exception): the client's to fix
+        raise APIError(400, f"The model's chat template refuses these messages: {e}", param="messages") from None
+    return list(rendered["input_ids"])
+
+
 @dataclass
 class Plan:
     """A validated request, ready to run: the endpoint, the request ids and the sampling."""
     endpoint: Endpoint
-    prompt: str
+    echoed: str  # what a chat answer's content starts with: the domain prompt it continues, or nothing
     ids: list[int]
     max_new: int
     routed: Route | None = None
-    extra: dict = field(default_factory=dict)
+    end_ids: frozenset[int] = frozenset()  # tokens that end the answer besides the tokenizer's EOS
 
 
 def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
     """Run in a worker thread (`_completion_routes`): routing and reading a request take time in its
-    length, bounded by `routing.MAX_REQUEST_CHARS`."""
+    length, bounded by `routing.MAX_REQUEST_CHARS`. A chat with a domain that has a chat template
+    (`Endpoint.chat_template`) is that template's: only tokenized, nothing echoed, ended by a turn's end."""
     param = "messages" if chat else "prompt"
-    routed = None
-    if (req.model == AUTO or chat) and len(text) > routing.MAX_REQUEST_CHARS:  # read, not only tokenized
+    found = None if req.model == AUTO else catalog.find(req.model)
+    templated = chat and found is not None and found.chat_template
+    if (req.model == AUTO or chat) and not templated and len(text) > routing.MAX_REQUEST_CHARS:  # read
         raise APIError(400, f"The request is {len(text)} characters; the limit is {routing.MAX_REQUEST_CHARS}",
                        param=param, code="request_too_long")
-    if req.model == AUTO:
-        endpoint, routed = catalog.route(text)
-        prompt = routed.prompt
+    routed = None
+    if templated:
+        endpoint, echoed, ids = found, "", template_ids(found, req.messages)
     else:
-        endpoint = catalog.get(req.model)
-        prompt = chat_prompt(endpoint.served.domain(endpoint.domain), req.messages) if chat else text
-    ids = request_ids(endpoint.tokenizer, endpoint.served.domain(endpoint.domain), prompt)
+        if req.model == AUTO:
+            endpoint, routed = catalog.route(text)
+            prompt = routed.prompt
+        else:
+            endpoint = catalog.get(req.model)
+            prompt = chat_prompt(endpoint.served.domain(endpoint.domain), req.messages) if chat else text
+        ids = request_ids(endpoint.tokenizer, endpoint.served.domain(endpoint.domain), prompt)
+        echoed = prompt if chat else ""
     context = endpoint.context
     if len(ids) >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt is {len(ids)} "
@@ -499,7 +538,7 @@ def _plan(catalog: Catalog, req: Sampling, text: str, chat: bool) -> Plan:
     if asked is not None and asked > room:
         raise APIError(400, f"max_tokens is {asked}, but the prompt leaves room for {room} of the model's "
                        f"{context}-token context", param="max_tokens", code="context_length_exceeded")
-    return Plan(endpoint, prompt, ids, asked or room, routed)
+    return Plan(endpoint, echoed, ids, asked or room, routed, endpoint.end_of_turn if templated else frozenset())
 
 
 def _routing(plan: Plan) -> dict | None:
@@ -620,7 +659,8 @@ async def _answer(scheduler: Scheduler, req: Sampling, plan: Plan, request: Requ
     seed = req.seed if req.seed is not None else secrets.randbits(31)
     top_k = req.top_k if req.top_k and req.top_k > 0 else None
     jobs = [Job(plan.endpoint, plan.ids, Sampler(req.temperature, top_k, req.top_p, seed + i), plan.max_new,
-                req.stop, asyncio.Queue(), loop, ignore_eos=req.ignore_eos) for i in range(req.n)]
+                req.stop, asyncio.Queue(), loop, ignore_eos=req.ignore_eos, end_ids=plan.end_ids)
+            for i in range(req.n)]
     try:
         scheduler.submit(jobs)
     except Busy:
@@ -631,7 +671,7 @@ async def _answer(scheduler: Scheduler, req: Sampling, plan: Plan, request: Requ
             "model": plan.endpoint.id}
     if plan.routed:
         head["routing"] = _routing(plan)
-    prefix = plan.prompt if chat else ""
+    prefix = plan.echoed
     if req.stream:
         return StreamingResponse(_stream(jobs, head, prefix, chat, req.stream_options),
                                  media_type="text/event-stream",
