@@ -33,12 +33,14 @@ def _byte_level(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
-def wrap(tok: Tokenizer, specials: list[str]) -> PreTrainedTokenizerFast:
-    """A `transformers` tokenizer around a `tokenizers` one, with our special tokens registered."""
+def wrap(tok: Tokenizer, specials: list[str], bos: str | None = BOS, eos: str | None = EOS,
+         pad: str | None = PAD) -> PreTrainedTokenizerFast:
+    """A `transformers` tokenizer around a `tokenizers` one, with our special tokens registered (`bos`,
+    `eos`, `pad`: which of them play those parts; a pretrained tokenizer's own may be other ones)."""
     tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        additional_special_tokens=[s for s in specials if s not in (BOS, EOS, PAD)],
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+        additional_special_tokens=[s for s in specials if s not in (bos, eos, pad)],
         # transformers' default clean-up rewrites " ." to "." and would break the exact round trip.
         clean_up_tokenization_spaces=False, model_max_length=1 << 30)
 

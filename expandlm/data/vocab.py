@@ -150,8 +150,11 @@ def expand_tokenizer(old: PreTrainedTokenizerFast, new_texts: list[str], num_new
 
 
 def with_tag(tokenizer: PreTrainedTokenizerFast, tag: str) -> PreTrainedTokenizerFast:
-    """The tokenizer with one more special token (a domain's tag) at the next id; all else as it was."""
-    return wrap(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), [*tokenizer.all_special_tokens, tag])
+    """The tokenizer with one more special token (a domain's tag) at the next id; all else as it was,
+    its own BOS, EOS and padding token included (a pretrained one's `<s>`, `</s>`). One with no BOS
+    (Qwen2's) starts a tagged text from its EOS, the token a text follows in its pretraining stream."""
+    return wrap(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), [*tokenizer.all_special_tokens, tag],
+                bos=tokenizer.bos_token or tokenizer.eos_token, eos=tokenizer.eos_token, pad=tokenizer.pad_token)
 
 
 def grow_embeddings(model, new_vocab_size: int) -> int:
