@@ -5,7 +5,8 @@ head), its own final norm and k new zero-initialised blocks (LLaMA Pro's), aroun
 shared and frozen. Nothing of the old model changes, so old domains are served by the old model
 itself: bit for bit the old expert. It follows the paper's first finding (a domain's own tokenizer
 matters) per path: the old blocks are a good engine for the new domain once its text comes in through
-its own tokenizer and embedding, and the new blocks add capacity on the new path only.
+its own tokenizer and embedding, and the new blocks add capacity on the new path only. Over a
+pretrained checkpoint too (measured: `tokenizer_choice`); `tokenizer=base` keeps the base's instead.
 
 Stored in the `branch` format: the folder holds the new domain's model as a standard checkpoint with
 its tokenizer (what `AutoModelForCausalLM` / `AutoTokenizer` load from it); the old domains are served
@@ -93,10 +94,11 @@ class ExpandBranch(Method):
     def tokenizer_choice(self, old_domain) -> str:
         """`tokenizer` resolved. auto: own over expandlm's experts (the paper's finding 2 and issue 7), and
         over a pretrained checkpoint (a plain first domain) what benchmarks/pretrained_tokenizer.py measured
-        better: own too. Recipes grown on two tiny stand-ins at 0.5M tokens, seed 0: over a stories model
-        1.935 bpb (own) vs 2.679 (base: its BPE packs 2.27 bytes/token of recipes, the own 3.51); over a
-        model whose 2,048-token BPE saw recipes (3.17 bytes/token) 1.949 vs 2.135, though every row of the
-        base's started trained. A real pretrained vocabulary is far larger; that is not measured."""
+        better: own too. Recipes grown on two tiny stand-ins at 0.5M tokens (seed 0; seed 1 within 0.01):
+        over a stories model 1.935 bpb (own) vs 2.679 (base: its BPE packs 2.27 bytes/token of recipes,
+        the own 3.51); over a model whose 2,048-token BPE saw recipes (3.17 bytes/token) 1.949 vs 2.135,
+        though every row of the base's started trained. A real pretrained vocabulary is far larger: not
+        measured (docs/RESULTS.md, "Own tokenizer or the base's")."""
         o = self.options
         if o.tokenizer == "base" and o.vocab_size is not None:
             raise UserError(f"strategy '{self.name}': vocab_size sizes an own tokenizer, and tokenizer=base keeps "
