@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import RECIPES, STORIES, write_jsonl
 from expandlm.adapt import AdaptContext, make_method
 from expandlm.adapt.expand_branch import shared_tokens
-from expandlm.domains import get_domain
+from expandlm.domains import get_domain, plain_domain
 from expandlm.formats.served import load_served
 from test_formats_pretrained import PROMPT, plain_ids, run, save_checkpoint, transformers_greedy
 
@@ -230,3 +230,53 @@ def test_a_tag_takes_a_padded_row_of_a_checkpoint_whose_embedding_outgrows_its_t
     assert tag == tokens and rows.shape[0] == tokens + 8
     assert torch.allclose(rows[tag], original.get_input_embeddings().weight[:tokens].mean(dim=0))
     assert torch.allclose(rows[tag + 1:], original.get_input_embeddings().weight[tag + 1:])
+
+
+# -- the branch's tokenizer: its own, or the checkpoint's ------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # a BOS the tokenizer adds; none, only an EOS
+def test_tokenizer_base_grows_a_branch_on_the_checkpoints_tokenizer_plus_the_tag(arch, recipes, capsys, tmp_path):
+    save_checkpoint(tmp_path / "base", arch)
+    code, _, err = run(capsys, "adapt", "--base", tmp_path / "base", "--domain", "recipes", "--data", recipes,
+                       "--option", "tokenizer=base", "--out", tmp_path / "out", *TRAIN)
+    assert code == 0, err
+    old_tok, served = AutoTokenizer.from_pretrained(tmp_path / "base"), load_served(tmp_path / "out", device="cpu")
+    new_tok = served.tokenizer_for("recipes")
+    assert new_tok.get_vocab() == {**old_tok.get_vocab(), "<|recipes|>": len(old_tok)}
+    assert new_tok.eos_token == old_tok.eos_token and served.card.details["tokenizer"] == "base"
+    ids = plain_ids(old_tok, PROMPT)
+    original = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(), ids)
+    assert torch.equal(_logits(served.for_domain("base"), ids), original)
+    code, text, err = run(capsys, "generate", "--model", tmp_path / "out", "--domain", "recipes", "--prompt", "Banana",
+                          "--temperature", "0", "--max-new-tokens", "8", "--json")
+    assert code == 0, err
+    assert json.loads(text)["samples"][0]["text"].startswith("Banana")
+
+
+def test_tokenizer_base_starts_the_branch_from_every_row_of_the_checkpoint_and_a_fresh_tag(tmp_path):
+    save_checkpoint(tmp_path / "base", "llama")
+    original, old_tok = AutoModelForCausalLM.from_pretrained(tmp_path / "base"), AutoTokenizer.from_pretrained(tmp_path / "base")
+    method, recipes = make_method("expand_branch", {"tokenizer": "base"}), get_domain("recipes")
+    new_tok = method.new_tokenizer(["Banana bread"], old_tok, recipes, plain_domain("base"))
+    ctx = AdaptContext(old_domains=["base"], new_domain=recipes, new_shard=None, old_shards={}, tokenizer=new_tok,
+                       old_tokenizer=old_tok, base_vocab=len(old_tok), preset="tiny", budget_tokens=0)
+    branch, n = method.build(original, ctx).model, len(old_tok)
+    for matrix, old in ((branch.get_input_embeddings(), original.model.embed_tokens),
+                        (branch.get_output_embeddings(), original.lm_head)):
+        assert matrix.weight.shape[0] == n + 1 and torch.equal(matrix.weight[:n], old.weight)
+        assert not any(torch.equal(matrix.weight[n], row) for row in old.weight)  # the tag's row: fresh
+
+
+def test_tokenizer_auto_trains_an_own_one_over_a_pretrained_checkpoint_as_over_an_expert():
+    method = make_method("expand_branch")  # own measured better on both stand-ins (benchmarks/pretrained_tokenizer.py)
+    assert method.tokenizer_choice(plain_domain("base")) == "own"
+    assert method.tokenizer_choice(get_domain("stories")) == "own"
+    assert make_method("expand_branch", {"vocab_size": 300}).tokenizer_choice(plain_domain("base")) == "own"
+
+
+def test_tokenizer_base_with_a_vocab_size_is_refused_in_one_line(recipes, capsys, tmp_path):
+    save_checkpoint(tmp_path / "base", "llama")
+    code, _, err = run(capsys, "adapt", "--base", tmp_path / "base", "--domain", "recipes", "--data", recipes,
+                       "--option", "tokenizer=base", "--option", "vocab_size=300", "--out", tmp_path / "out", *TRAIN)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "vocab_size" in err and "tokenizer=base" in err

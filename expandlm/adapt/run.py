@@ -71,7 +71,8 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                                      old_data[d].val_limit) for d in old_domains if d in old_data}
     needs_tag = _needs_tag(served, method, spec, base_tokenizer, domain)
     with run.dist.main_process_first():  # one process writes the tokenizer and the shards
-        tokenizer = _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag)
+        tokenizer = _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag,
+                               served.domain(old_domains[0]))
         if not resume:
             run.folder.save(tokenizer.save_pretrained)
             save_specs(run.folder.path, [*map(served.domain, old_domains), domain])
@@ -195,14 +196,15 @@ def _needs_tag(served, method, spec, base_tokenizer, domain) -> bool:
     return needs_tag
 
 
-def _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag):
-    """The new domain's tokenizer: the old one, grown by learned tokens or the tag, or (own_tokenizer) a new one."""
+def _tokenizer(run, method, base_tokenizer, domain, new_train, old_corpora, needs_tag, old_domain):
+    """The new domain's tokenizer: the old one, grown by learned tokens or the tag, or (own_tokenizer) the
+    method's for it (`old_domain`: the first domain of the base, the one `base_tokenizer` serves)."""
     spec, base_vocab = run.spec, len(base_tokenizer)
     if run.resume or not run.is_main and (spec.expand_vocab or method.own_tokenizer or needs_tag):
         return load_tokenizer(run.folder.path)
     if method.own_tokenizer:
-        tokenizer = method.new_tokenizer(new_train.documents, base_tokenizer, domain)
-        log(f"tokenizer: {len(tokenizer)} tokens of {domain.name}'s own (the old domains keep theirs)")
+        tokenizer = method.new_tokenizer(new_train.documents, base_tokenizer, domain, old_domain)
+        log(f"tokenizer: {len(tokenizer)} tokens for {domain.name} (the old domains keep theirs)")
     elif spec.expand_vocab:
         keep = [doc for train_c, _ in old_corpora.values() for doc in train_c.documents[:KEEP_TEXTS]]
         tokenizer = expand_tokenizer(base_tokenizer, new_train.documents, spec.expand_vocab, keep_texts=keep)
