@@ -427,6 +427,30 @@ def test_expand_branch_trunk_trains_when_the_budget_reaches_a_token_per_old_para
             _branch(base, trunk="trained", **frozen_only)
 
 
+def test_expand_branch_trains_over_the_old_models_own_frozen_tensors_and_copies_what_it_trains(base):
+    """Training holds the frozen trunk once: the branch's frozen copied blocks are the old model's tensors;
+    what may change (trained blocks or norms, blocks LoRA is merged into) is a copy."""
+    root, _ = base
+    old_tok = load_tokenizer(root / "base")
+
+    def shared_blocks(**options) -> list[bool]:
+        ctx = _context(base, old_tok)
+        ctx.tokenizer, ctx.budget_tokens = old_tok, 0
+        old = AutoModelForCausalLM.from_pretrained(root / "base")
+        adapted = make_method("expand_branch", {"new_blocks": 1, **options}).build(old, ctx)
+        branch = adapted.model.get_base_model() if isinstance(adapted.model, PeftModel) else adapted.model
+        tensors = lambda block, part: {id(p) for n, p in block.named_parameters() if part in n}  # noqa: E731
+        return [(bool(tensors(branch.model.layers[i], "proj") & tensors(old.model.layers[j], "proj")),
+                 bool(tensors(branch.model.layers[i], "layernorm") & tensors(old.model.layers[j], "layernorm")))
+                for j, i in enumerate(adapted.state["old_layers"])]
+
+    blocks = len(shared_blocks())
+    assert shared_blocks() == [(True, True)] * blocks
+    assert shared_blocks(train_block_norms=True) == [(True, False)] * blocks
+    assert shared_blocks(train_every=2) == [(n % 2 == 1, n % 2 == 1) for n in range(1, blocks + 1)]
+    assert shared_blocks(lora_r=2) == shared_blocks(trunk="trained", new_blocks=0) == [(False, False)] * blocks
+
+
 def test_expand_branch_lora_on_the_path_is_merged_into_the_branch(base):
     root, _ = base
     record, out = _adapt(base, "expand_branch", "branch_lora", options={"new_blocks": 0, "lora_r": 4, "vocab_size": 350})

@@ -140,7 +140,7 @@ class ExpandBranch(Method):
     def build(self, base, ctx: AdaptContext):
         trunk = self.trunk(base, ctx)
         new_blocks = self.options.new_blocks if self.options.new_blocks is not None else (2 if trunk == "frozen" else 0)
-        model = copy.deepcopy(base)  # the old model stays as it is: it serves the old domains
+        model = self._branch_copy(base, trunk)  # the old model stays as it is: it serves the old domains
         freeze(model)
         old, new = list(range(model.config.num_hidden_layers)), []
         if new_blocks:
@@ -178,6 +178,20 @@ class ExpandBranch(Method):
         trained.get_output_embeddings().weight.requires_grad_(True)  # the same tensor, or an untied head
         trained.model.norm.requires_grad_(self.options.train_norm)
         return Adapted(model, {"old_layers": old, "new_layers": new, "trunk": trunk})
+
+    def _branch_copy(self, base, trunk: str):
+        """A copy of the old model to grow the branch from, whose copied blocks keep the old model's own
+        tensors where they stay frozen (training then holds the trunk once, as serving does); what the
+        branch may change is copied: every block over a trained trunk, or with LoRA (merged into the
+        blocks in place when saved), the blocks `train_every` trains, the norms `train_block_norms` trains."""
+        o = self.options
+        if trunk == "trained" or o.lora_r:
+            return copy.deepcopy(base)
+        layers = base.model.layers
+        frozen = [block for n, block in enumerate(layers, 1) if not (o.train_every and n % o.train_every == 0)]
+        shared = {id(p): p for block in frozen for name, p in block.named_parameters()
+                  if not (o.train_block_norms and name.endswith("layernorm.weight"))}
+        return copy.deepcopy(base, memo=shared)
 
     def _new_vocabulary(self, model, ctx: AdaptContext, generator) -> None:
         """The embedding (and an untied head: a pretrained model's may be) for the new tokenizer: fresh, the
