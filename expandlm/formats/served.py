@@ -176,14 +176,14 @@ def load_served(path: str | os.PathLike, device: str | torch.device | None = Non
     `opened`: the folders already loaded, by path, shared with the caller's other loads (several folders
     built on one base load it, and hold its weights, once)."""
     served = _opened(path, base_domain, {} if opened is None else opened)
-    served.model.to(device or default_device())
+    served.model.to(device or default_device()).eval()  # one opened before may have been trained over since
     return served
 
 
 def _opened(path, base_domain: str, opened: dict) -> ServedModel:
     """The folder from `opened`, or loaded into it (where transformers puts it: the caller moves it)."""
     folder = RunFolder(model_folder(path))
-    key = (folder.path.resolve(), base_domain)
+    key = (folder.path.resolve(), None if (folder / MODEL_CARD).exists() else base_domain)  # the name: card-less only
     if key not in opened:
         opened[key] = _load(folder, base_domain, opened)
     return opened[key]
@@ -198,7 +198,6 @@ def _load(folder: RunFolder, base_domain: str, opened: dict) -> ServedModel:
         model = fmt.load(folder, card, open_base=open_base)
     except (SafetensorError, OSError) as e:
         raise UserError(damaged_weights(folder, card) or f"{folder.path}: cannot load the model ({e})") from None
-    model.eval()
     known = folder_domains(folder.path)
     known.update({name: plain_domain(name, known) for name in card.plain})
     return ServedModel(folder, model, load_tokenizer(folder.path), card, fmt, known)
