@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,10 +116,15 @@ print(json.dumps({"weights": sum(storages.values()), "rss": status('VmRSS:') - b
 """
 
 
+def child_env() -> dict:
+    """This environment, with the checkout first on the import path (the GPU check adds its wheels there)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def measure(folders: list[Path], share: bool) -> dict:
     out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([str(f) for f in folders]),
                           "share" if share else "alone"], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                         env={**child_env(), "OMP_NUM_THREADS": "1"})
     if out.returncode != 0:
         raise SystemExit(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])

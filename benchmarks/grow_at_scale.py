@@ -3,8 +3,8 @@ Qwen2-shaped base of about 0.5B parameters (Qwen2.5-0.5B's shape: hidden 896, 24
 key-value heads, MLP 4,864, tied embedding of 151,936 rows, attention biases), saved by transformers
 without expandlm's files (its context cut to 256 tokens, so that a CPU step takes seconds), grown with recipes by `expandlm adapt` and the default method (expand_branch,
 frozen trunk, the branch's own tokenizer of `--branch-vocab` tokens). Measured: the adapt process's
-peak memory (resident set on the CPU; on a GPU, its peak allocated memory, which `adapt` cannot report,
-so the CPU number is the one here), training tokens/s, the folder sizes, and that the base domain
+peak memory (its resident set; on a GPU also the peak allocated GPU memory that `run.json` records),
+training tokens/s, the folder sizes, and that the base domain
 served through the grown folder gives the checkpoint's logits bit for bit. The weights are random:
 storage, memory and speed do not depend on them; quality does, and is not measured here.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -63,6 +64,11 @@ def base_exact(base: Path, grown: Path) -> bool:
         return torch.equal(served.for_domain("base")(input_ids=ids).logits, original)
 
 
+def child_env() -> dict:
+    """This environment, with the checkout first on the import path (the GPU check adds its wheels there)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
@@ -80,11 +86,12 @@ def main() -> None:
                     "--out", str(args.work / "grown"), "--limit", "2000", "--val-limit", "20",
                     "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--eval-interval", "0",
                     "--no-progress", "--option", f"vocab_size={args.branch_vocab}"], check=True, cwd=ROOT,
-                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                   env=child_env())
     record = json.loads((args.work / "grown" / "run.json").read_text())
     result = {"base_params": params, "command": "python benchmarks/grow_at_scale.py " + " ".join(sys.argv[1:]),
-              "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "adapt_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+              "adapt_peak_gpu_mib": record.get("peak_gpu_memory_mib"),
               "adapt_wall_s": round(time.perf_counter() - start, 1), "train_tokens": record["tokens"],
               "train_s": record["train_seconds"], "tokens_per_s": round(record["tokens"] / record["train_seconds"], 1),
               "trainable": record["trainable_params"], "total": record["total_params"],
@@ -95,10 +102,11 @@ def main() -> None:
         f"Base: {params:,} parameters, Qwen2-shaped, random (fp32); recipes added with expand_branch "
         f"(frozen trunk, own tokenizer of {args.branch_vocab} tokens), {args.steps} steps of {args.batch_size} × 256 "
         f"tokens. Command: `{result['command']}`.", "",
-        "| base folder | grown folder | trainable / total | adapt peak memory (RSS) | train tokens/s | base domain exact |",
-        "|---:|---:|---:|---:|---:|---|",
-        f"| {result['base_mib']:,.0f} MiB | {result['grown_mib']:,.0f} MiB | {result['trainable']:,} / {result['total']:,} "
-        f"| {result['adapt_peak_rss_mib']:,.0f} MiB | {result['tokens_per_s']:,.0f} | {result['base_exact']} |"])
+        "| device | base folder | grown folder | trainable / total | adapt peak RSS | adapt peak GPU memory "
+        "| train tokens/s | base domain exact |", "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| {result['device']} | {result['base_mib']:,.0f} MiB | {result['grown_mib']:,.0f} MiB | {result['trainable']:,} / "
+        f"{result['total']:,} | {result['adapt_peak_rss_mib']:,.0f} MiB | {result['adapt_peak_gpu_mib'] or '–'} "
+        f"| {result['tokens_per_s']:,.0f} | {result['base_exact']} |"])
     write_text(args.out.with_suffix(".md"), "# A domain added to a 0.5B-parameter base\n\n" + table + "\n")
     print(table)
 

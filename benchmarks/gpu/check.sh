@@ -3,6 +3,7 @@
 #   suite   the test suite on the GPU (8 processes)                          ~4 min
 #   bench   training throughput and MFU, small and base, plain loop beside   ~2 min
 #   demo    `expandlm demo` with its GPU defaults (small, 1.5 min a stage)    ~5 min
+#   grow    a 0.5B Qwen2-shaped base grown with recipes (issue 19 item 5)     ~2 min
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,7 +20,9 @@ for stage in "$@"; do
              --warmup 5 --out "$OUT/train_throughput_gpu.json" 2>&1 | tail -8 ;;
     demo)  rm -rf /tmp/demo; timeout 480 python3 -m expandlm demo --out /tmp/demo 2>&1 | tee "$OUT/demo.log" | tail -30
            cp /tmp/demo/report.md /tmp/demo/results.json /tmp/demo/learning_curves.png "$OUT/" 2>/dev/null ;;
-    *) echo "unknown stage $stage (suite | bench | demo)" ;;
+    grow)  timeout 300 python3 benchmarks/grow_at_scale.py --steps 50 --batch-size 8 --work /tmp/grow \
+             --out "$OUT/grow_at_scale" 2>&1 | tail -6 ;;
+    *) echo "unknown stage $stage (suite | bench | demo | grow)" ;;
   esac
 done
 echo "== done $(date +%T)"

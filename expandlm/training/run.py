@@ -109,6 +109,8 @@ class Run:
                 r.steps, r.tokens, r.resumed_from = state.step, state.tokens, state.resumed_from
                 r.train_seconds, r.prep_seconds = round(state.elapsed_s, 1), round(self.prep_seconds, 1)
             r.details.update(found)
+            if torch.cuda.is_available():  # training and measuring: what a GPU had to hold at most
+                r.details["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             self.folder.write_record(r)
         self.dist.wait_for_everyone()
         return self.record
