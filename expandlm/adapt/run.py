@@ -62,7 +62,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     fmt = FORMATS[method.format]()
     if spec.expand_vocab and not method.supports_vocab_expansion:
         raise UserError(f"--expand-vocab is not supported by the {method.name} strategy")
-    opened = {}  # the base, as the saved folder will open it again to be measured (a branch shares its trunk)
+    opened = {}  # the base, as the saved folder opens it again to be measured
     served = load_served(spec.base, device="cpu", base_domain=spec.base_domain, opened=opened)  # accelerate places it
     old_domains, old_data = _old_domains(served, domain, method, spec)
     domain = _new_domain(served, method, domain)
@@ -114,8 +114,9 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                              strategy=method.name, card=card.to_json(), trainable_params=trainable, total_params=total))
     trained, state = run.train(adapted.model, batches, val_shard=val_shards[domain.name],
                                loss_fn=functools.partial(method.loss, adapted))
-    return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains, opened),
-                      start=model)
+    kept = opened if fmt.serves_old_from_base else None  # a base left untouched (others may train it in place)
+    return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains,
+                                                                  kept), start=model)
 
 
 def _old_domains(served, domain, method, spec) -> tuple[list[str], dict]:
@@ -235,9 +236,10 @@ def _bpb_before(served, val_shards) -> dict:
     return {**before, **{d: evaluate_bpb(served.for_domain(d), val_shards[d])["bpb"] for d in measured}}
 
 
-def _measure(folder, method, val_shards, before: dict, old_domains, opened: dict) -> dict:
+def _measure(folder, method, val_shards, before: dict, old_domains, opened: dict | None) -> dict:
     """bpb on every domain of the saved folder (exactly what its users get), and the old domains' change.
-    `opened`: the base as adapt loaded it (a format that opens its base, the branch, finds it there)."""
+    `opened`: the base as adapt loaded it, where the format serves the old domains from it untouched (a
+    branch: its trunk is then not loaded twice)."""
     served = load_served(folder.path, opened=opened)
     bpb = {d: evaluate_bpb(served.for_domain(d), shard)["bpb"] for d, shard in val_shards.items()}
     before = {d: before.get(d) for d in old_domains}
