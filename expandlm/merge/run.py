@@ -237,7 +237,7 @@ def on_vocabulary(model: torch.nn.Module, own, tokenizer) -> torch.nn.Module:
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     with torch.no_grad():
         for layer, weight in zip(layers, old):
-            mean = weight.mean(dim=0)
+            mean = weight[:len(vocab)].mean(dim=0)  # its tokens' rows, not padding: where adapt starts a tag
             placed = torch.cat([weight, mean.expand(rows - len(weight), -1)])  # a new tensor: `weight` is read below
             for token, i in target.items():
                 if i >= shared:
