@@ -151,7 +151,7 @@ def cmd_eval(args) -> None:
     corpus = load_corpus(data, domain, split=args.split, limit=args.max_docs)
     shard = build_shard(corpus, served.tokenizer_for(domain.name), args.cache_dir)
     result = {"model": str(args.model), "domain": domain.name, "data": str(data),
-              **evaluate_bpb(served.for_domain(domain.name), shard)}
+              **evaluate_bpb(served.for_domain(domain.name), shard, context=args.context)}
     out = Path(args.out) if args.out else served.path / f"eval-{domain.name}.json"
     write_json(out, result)
     print(json.dumps(result, indent=2))
@@ -320,6 +320,8 @@ def _add_eval_command(sub) -> None:
     e.add_argument("--data", help="validation data (default: the domain spec's validation file)")
     e.add_argument("--split", default="validation", help="split, for a hub dataset id")
     e.add_argument("--max-docs", type=_positive_int)
+    e.add_argument("--context", type=_positive_int, help="tokens per scoring window (default: the model's context, "
+                   "at most 1024; longer documents are scored in windows overlapping by half)")
     e.add_argument("--out", help="JSON output (default: MODEL/eval-DOMAIN.json)")
     e.add_argument("--cache-dir")
     e.set_defaults(func=cmd_eval)

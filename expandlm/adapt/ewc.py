@@ -11,6 +11,7 @@ from pydantic import Field
 
 from ..config import arg, config
 from ..data.shards import PackedBatches
+from ..model.window import window
 from ..training.loop import causal_lm_loss
 from .method import AdaptContext, Adapted, Method
 
@@ -43,10 +44,10 @@ class EWC(Method):
         fisher_batch_size: Annotated[int, Field(gt=0)] = arg(8, "sequences per Fisher batch")
 
     def build(self, base, ctx: AdaptContext):
-        context = base.config.max_position_embeddings
         shards = list(ctx.old_shards.values())
         # every old domain an equal share of the Fisher's windows (one domain: its windows in epoch order)
         weights = [1 / len(shards)] * len(shards) if len(shards) > 1 else None
+        context = window(base.config.max_position_embeddings, ctx.context)
         batches = PackedBatches(shards, context, self.options.fisher_batch_size, seed=ctx.seed + 1, weights=weights)
         fisher = diagonal_fisher(base, [batches.batch(i) for i in range(self.options.fisher_batches)])
         anchor = {n: (p.detach().clone(), fisher[n]) for n, p in base.named_parameters() if n in fisher}

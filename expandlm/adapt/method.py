@@ -41,6 +41,7 @@ class AdaptContext:
     base_vocab: int               # the old tokenizer's size (rows below it are the old embedding rows)
     preset: str | None            # None: a checkpoint that expandlm did not train (its own architecture)
     seed: int = 0
+    context: int | None = None    # tokens per training window: `--context` (None: `model.window`'s default)
     budget_tokens: int | None = None  # the tokens training will see, when known before it starts (not under --minutes)
 
     @property

@@ -21,6 +21,7 @@ from ..formats import FORMATS
 from ..formats.checkpoint import BASE_DOMAIN
 from ..formats.served import load_served
 from ..model.llama import count_params
+from ..model.window import window
 from ..process import log
 from ..records import DomainSource, ModelCard, RunRecord
 from ..run_folder import RUN_RECORD
@@ -88,25 +89,26 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
             old_shards[d] = build_shard(train_c, tok, spec.cache_dir)
             val_shards[d] = build_shard(val_c, tok, spec.cache_dir)
 
-    before = _bpb_before(served, val_shards)
+    before = _bpb_before(served, val_shards, spec.train.context)
     model.train()
     if spec.expand_vocab or needs_tag:
         grow_embeddings(model, len(tokenizer), first_new=len(base_tokenizer))
     ctx = AdaptContext(old_domains=old_domains, new_domain=domain, new_shard=new_shard, old_shards=old_shards,
                        tokenizer=tokenizer, old_tokenizer=old_tokenizer, base_vocab=len(base_tokenizer),
                        preset=served.card.preset if served.card.plain else served.card.preset or "tiny",
-                       seed=spec.train.seed)  # a checkpoint expandlm did not train has no preset
+                       seed=spec.train.seed, context=spec.train.context)  # a checkpoint expandlm did not train has no preset
     mixture = method.mixture(ctx)
     weights = [w for _, w in mixture] if len(mixture) > 1 else None
-    batches = PackedBatches([s for s, _ in mixture], model.config.max_position_embeddings, spec.train.batch_size,
-                            spec.train.seed, weights)
+    batches = PackedBatches([s for s, _ in mixture], window(model.config.max_position_embeddings, ctx.context),
+                            spec.train.batch_size, spec.train.seed, weights)
     ctx.budget_tokens = planned_tokens(spec.train, step_tokens(spec.train, batches, run.dist.num_processes),
                                        batches.tokens_per_epoch)
     adapted = method.build(model, ctx)
     card = ModelCard(domains=ctx.domains, plain=[*served.card.plain, *[domain.name] * domain.plain],
                      format=method.format, method=method.name, options=dataclasses.asdict(method.options),
-                     base=run.folder.portable(served.path), preset=ctx.preset,
-                     vocab={"base": ctx.base_vocab, "size": len(tokenizer)}, details=method.card(adapted, ctx))
+                     base=run.folder.portable(served.source), preset=ctx.preset,
+                     vocab={"base": ctx.base_vocab, "size": len(tokenizer)},
+                     details={**method.card(adapted, ctx), **served.reference()})
     trainable, total = _parameters(adapted, spec, model, ctx.base_vocab)
     log(f"strategy {method.name}: {trainable:,} of {total:,} parameters trainable")
     run.begin(run.new_record("adapt", spec.train.seed, {**{d: old_data[d] for d in old_domains if d in old_data},
@@ -116,7 +118,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                                loss_fn=functools.partial(method.loss, adapted))
     kept = opened if fmt.serves_old_from_base else None  # a base left untouched (others may train it in place)
     return run.finish(trained, fmt, card, state, lambda: _measure(run.folder, method, val_shards, before, old_domains,
-                                                                  kept), start=model)
+                                                                  kept, spec.train.context), start=model)
 
 
 def _old_domains(served, domain, method, spec) -> tuple[list[str], dict]:
@@ -228,20 +230,22 @@ def _parameters(adapted, spec, model, base_vocab) -> tuple[int, int]:
     return count_params(adapted.model, trainable_only=True) - frozen_rows, count_params(adapted.model)
 
 
-def _bpb_before(served, val_shards) -> dict:
+def _bpb_before(served, val_shards, context: int | None) -> dict:
     """Each old domain's bpb before adapting: its run record's; a checkpoint's own domain has none, and is
     measured now on the base as served when --base-data gives its text."""
     before = served.folder.record().bpb if (served.folder / RUN_RECORD).exists() else {}
     measured = [d for d in served.card.plain if d not in before and d in val_shards]
-    return {**before, **{d: evaluate_bpb(served.for_domain(d), val_shards[d])["bpb"] for d in measured}}
+    return {**before, **{d: evaluate_bpb(served.for_domain(d), val_shards[d], context=context)["bpb"]
+                       for d in measured}}
 
 
-def _measure(folder, method, val_shards, before: dict, old_domains, opened: dict | None) -> dict:
+def _measure(folder, method, val_shards, before: dict, old_domains, opened: dict | None,
+             context: int | None) -> dict:
     """bpb on every domain of the saved folder (exactly what its users get), and the old domains' change.
     `opened`: the base as adapt loaded it, where the format serves the old domains from it untouched (a
     branch: its trunk is then not loaded twice)."""
     served = load_served(folder.path, opened=opened)
-    bpb = {d: evaluate_bpb(served.for_domain(d), shard)["bpb"] for d, shard in val_shards.items()}
+    bpb = {d: evaluate_bpb(served.for_domain(d), shard, context=context)["bpb"] for d, shard in val_shards.items()}
     before = {d: before.get(d) for d in old_domains}
     log(f"{method.name}: bpb " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" → {folder.path}")
     return {"bpb": bpb, "bpb_before": before,

@@ -13,9 +13,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.shards import TokenShard
+from ..model.window import next_token_nll, window
 
 def score_windows(doc: np.ndarray, context: int, prefix: int):
     """(window tokens, index within the window of the first target to score); the `prefix` request
@@ -35,16 +35,16 @@ def score_windows(doc: np.ndarray, context: int, prefix: int):
 @torch.no_grad()
 def evaluate_bpb(model, shard: TokenShard, max_docs: int | None = None, batch_tokens: int = 16384,
                  context: int | None = None, forward=None) -> dict:
-    """bpb of `model` on the documents of `shard` (the first `max_docs` of them when given).
+    """bpb of `model` on the documents of `shard` (the first `max_docs` of them when given), in windows of
+    `context` tokens (default: the model's context, capped: `model.window`).
 
     `forward(input_ids) -> logits` overrides the plain model call (strategies that route a domain
     through its own path use it)."""
-    context = context or model.config.max_position_embeddings
+    context = window(model.config.max_position_embeddings, context)
     # Bound the logits tensor (tokens × vocabulary floats): GPT-2's 50k vocabulary would otherwise
     # need several GB per batch.
     batch_tokens = max(context, min(batch_tokens, (1 << 26) // model.config.vocab_size))
     device = next(model.parameters()).device
-    forward = forward or (lambda ids: model(input_ids=ids).logits)
     pad = model.config.pad_token_id or 0
     was_training = model.training
     model.eval()
@@ -65,9 +65,7 @@ def evaluate_bpb(model, shard: TokenShard, max_docs: int | None = None, batch_to
             mask[r, first:len(w)] = True
         ids, mask = ids.to(device), mask.to(device)
         with autocast:
-            logits = forward(ids)
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                              ids[:, 1:].reshape(-1), reduction="none").view(len(batch), -1)
+            nll = next_token_nll(model, ids[:, :-1], ids[:, 1:], forward=forward)
         target_mask = mask[:, 1:]
         nats += nll[target_mask].double().sum().item()
         scored += int(target_mask.sum())

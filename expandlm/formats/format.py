@@ -22,6 +22,8 @@ import torch
 from ..errors import UserError
 from ..records import ModelCard
 
+BASE_GGUF_SHA256 = "base_gguf_sha256"  # a card's reference to a GGUF base by its content (`gguf_input`)
+
 
 class Format:
     name: ClassVar[str]
@@ -54,8 +56,16 @@ class Format:
         if not card.base:
             raise UserError(f"{folder.path / 'expandlm.json'}: field 'base' is missing (a folder of this format is "
                             "built on a base folder)")
+        from .gguf_input import cached, dequantized_folder, gguf_file
+
         base = folder.path / card.base
-        if not (base / "config.json").exists() and not (base / "expandlm.json").exists():
-            raise UserError(f"{folder.path}: its base model {base.resolve()} is missing (it is built on it)")
-        return base
+        sha = card.details.get(BASE_GGUF_SHA256)
+        if gguf_file(base) is not None:  # a GGUF base: its dequantized folder
+            return dequantized_folder(base)
+        if (base / "config.json").exists() or (base / "expandlm.json").exists():
+            return base
+        if sha is not None and cached(sha) is not None:  # a GGUF base moved away: found by its content
+            return cached(sha)
+        raise UserError(f"{folder.path}: its base model {base.resolve()} is missing (it is built on it"
+                        + (f"; a GGUF file of sha256 {sha}" if sha else "") + ")")
 

@@ -3,7 +3,8 @@
 `expandlm.json` beside the weights names the folder's format (`formats/`); the format loads the folder
 and gives, per domain, a view of the shared model (`Format.serve`) or one standard transformers model
 (`Format.export`). A folder without one is a checkpoint that transformers saved, whose own behaviour
-is one plain domain (`checkpoint.pretrained_card`); a hub id that is no folder here is downloaded first.
+is one plain domain (`checkpoint.pretrained_card`); a GGUF file is that checkpoint once dequantized
+(`gguf_input`); a hub id that is no folder here is downloaded first.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from ..errors import UserError
 from ..records import MODEL_CARD, DomainSource, ModelCard
 from ..run_folder import CHECKPOINT, RUN_RECORD, RunFolder
 from . import Format, format_of
+from .format import BASE_GGUF_SHA256
 from .checkpoint import BASE_DOMAIN, pretrained_card
+from .gguf_input import dequantized_folder, gguf_file
 from ..data.tokenizer import load_tokenizer
 
 
@@ -37,11 +40,25 @@ class ServedModel:
     card: ModelCard
     format: Format
     known_domains: dict[str, Domain] = field(default_factory=dict)  # the user's domains the folder declares
+    gguf: Path | None = None  # the GGUF file the folder was dequantized from (`gguf_input`)
     _tokenizers: dict = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
         return self.folder.path
+
+    @property
+    def source(self) -> Path:
+        """What the user named: the folder, or the GGUF file it was dequantized from (a folder grown from the
+        model refers to this, and to the file's content: `reference`)."""
+        return self.gguf or self.path
+
+    def reference(self) -> dict:
+        """The card fields by which a folder built on this model finds it again (`Format.base_folder`)."""
+        if self.gguf is None:
+            return {}
+        from .gguf_input import SOURCE
+        return {BASE_GGUF_SHA256: read_json(self.path / SOURCE, "GGUF source")["sha256"]}
 
     @property
     def domains(self) -> list[str]:
@@ -125,7 +142,7 @@ def tokenizer_folder(folder: RunFolder, card: ModelCard, name: str) -> Path:
 
 
 def _base_tokenizer_folder(path: Path, name: str) -> Path:
-    base = RunFolder(path)
+    base = RunFolder(model_folder(path))
     return tokenizer_folder(base, base.card(), name)
 
 
@@ -133,7 +150,7 @@ def context_length(path: str | os.PathLike) -> int:
     """The context of a model folder without loading its weights (a LoRA folder: its base's)."""
     folder = RunFolder(path)
     if not (folder / "config.json").exists() and folder.card().base:
-        folder = RunFolder(folder.path / folder.card().base)
+        folder = RunFolder(model_folder(folder.path / folder.card().base))
     return read_json(folder / "config.json", "model config")["max_position_embeddings"]
 
 
@@ -154,9 +171,11 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]  # config, weights, 
 
 
 def model_folder(model: str | os.PathLike) -> Path:
-    """The folder of `model`: a path, or a Hugging Face hub id that is no folder here, downloaded (or found
-    in the hub's cache) as transformers' `from_pretrained` would."""
+    """The folder of `model`: a path, a GGUF file (or a folder of one) dequantized once, or a Hugging Face hub
+    id that is no folder here, downloaded (or found in the hub's cache) as transformers' `from_pretrained` would."""
     path = Path(model)
+    if gguf_file(path) is not None:
+        return dequantized_folder(path)
     if path.is_dir():
         return path
     if path.exists() or not re.fullmatch(r"[\w][\w.-]*(/[\w][\w.-]*)?", str(model)):
@@ -186,6 +205,7 @@ def _opened(path, base_domain: str, opened: dict) -> ServedModel:
     key = (folder.path.resolve(), None if (folder / MODEL_CARD).exists() else base_domain)  # the name: card-less only
     if key not in opened:
         opened[key] = _load(folder, base_domain, opened)
+        opened[key].gguf = gguf_file(path)
     return opened[key]
 
 

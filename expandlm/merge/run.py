@@ -46,6 +46,8 @@ from ..formats import format_of
 from ..formats.adapter import Adapter
 from ..formats.arrow import EXPERTS, Arrow
 from ..formats.checkpoint import BASE_DOMAIN
+from ..formats.format import BASE_GGUF_SHA256
+from ..formats.gguf_input import gguf_file
 from ..formats.served import ServedModel, load_served
 from ..process import log
 from ..records import MODEL_CARD, ModelCard
@@ -143,8 +145,8 @@ def check_config(cfg: MergeConfig, where: str) -> None:
     for i, m in enumerate(cfg.models):
         if m.domain is not None and is_spec_path(m.domain):  # a name is checked against its model's folder
             get_domain(m.domain)
-        if not Path(m.model).is_dir():
-            raise UserError(f"{where}: models[{i}]: {m.model} is not a model folder")
+        if not Path(m.model).is_dir() and gguf_file(m.model) is None:
+            raise UserError(f"{where}: models[{i}]: {m.model} is not a model folder or GGUF file")
 
 
 # -- loading and checking the models ---------------------------------------------------------------
@@ -380,6 +382,11 @@ def regmean_merge(models: list[torch.nn.Module], batches: list[list[torch.Tensor
     return merged
 
 
+def base_reference(card: ModelCard) -> dict:
+    """The content reference of an adapter's base that a folder built on the same base carries on (a GGUF's)."""
+    return {k: card.details[k] for k in (BASE_GGUF_SHA256,) if k in card.details}
+
+
 def shared_base(adapters: list[ServedModel]) -> str:
     """The base model folder every adapter was trained on (adapters of different bases do not combine)."""
     bases = {s.folder.resolve(s.card.base) for s in adapters}
@@ -480,6 +487,7 @@ def _merge(cfg: MergeConfig, out: str | Path) -> RunFolder:
                      details={"merged": {"method": cfg.method, "experts": experts}})
     if kind == "adapter":
         card.format, card.base = Adapter.name, run.folder.portable(served[0].folder.resolve(served[0].card.base))
+        card.details.update(base_reference(served[0].card))
         card.details["adapter"] = adapter_use(served, domains, plain)
     return _finish(run, model, cfg, card, kind, domain_data, len(served))
 
@@ -560,7 +568,8 @@ def _arrow_folder(served, cfg, adapters, names, domains, plain, experts, domain_
                 shutil.copy2(s.path / name, Path(tmp) / name)
     card = ModelCard(domains=domains, plain=plain, format=Arrow.name, method="merge", preset=served[0].card.preset,
                      options={"top_k": cfg.parameters.top_k, "router_temperature": cfg.parameters.router_temperature},
-                     base=folder.portable(base), details={"experts": keys, "merged": {"method": "arrow", "experts": experts}})
+                     base=folder.portable(base), details={"experts": keys, "merged": {"method": "arrow", "experts": experts},
+                                                          **base_reference(served[0].card)})
     use = adapter_use(served, domains, plain)
     if not all(use.values()):  # a card-less checkpoint's own domain: routed to no adapter (cards before: none)
         card.details["adapter"] = use

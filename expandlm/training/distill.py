@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..evaluation.bpb import evaluate_bpb
 from ..formats.checkpoint import Checkpoint
 from ..formats.served import load_served
+from ..model.window import window
 from ..model.llama import build_model, count_params, get_preset
 from ..process import log
 from ..records import ModelCard, RunRecord
@@ -121,7 +122,8 @@ def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
         model = build_model(get_preset(preset), tokenizer, seed=spec.train.seed)
     model.train()
     shares = spec.shares or [1.0] * len(domains)
-    batches = LabelledBatches(train_shards, model.config.max_position_embeddings, spec.train.batch_size,
+    batches = LabelledBatches(train_shards, window(model.config.max_position_embeddings, spec.train.context),
+                              spec.train.batch_size,
                               spec.train.seed, shares)
     if not resume:
         run.folder.save(tokenizer.save_pretrained)
@@ -138,7 +140,7 @@ def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
     trained, state = run.train(model, batches, loss_fn=loss)
 
     def measure() -> dict:
-        bpb = {d: evaluate_bpb(trained, shard)["bpb"] for d, shard in val_shards.items()}
+        bpb = {d: evaluate_bpb(trained, shard, context=batches.context)["bpb"] for d, shard in val_shards.items()}
         log("distill: bpb " + ", ".join(f"{d} {v:.4f}" for d, v in bpb.items()) + f" → {run.folder.path}")
         return {"bpb": bpb}
 

@@ -5,6 +5,8 @@ The run folder (`run_folder.py`; its life: `run.py`) holds a standard Hugging Fa
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import arg, config
 from ..data.corpus import default_data_dir, load_train_val
 from ..data.shards import PackedBatches, build_shard
@@ -42,6 +44,8 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> RunRecord:
         log(f"resuming {run.folder.path} with its saved configuration")
     run.spec, domain = with_domain_data(run.spec, run.folder)
     spec, preset = run.spec, get_preset(spec.preset)
+    if spec.train.context:  # a model trained from scratch is built for its training window
+        preset = dataclasses.replace(preset, context=spec.train.context)
     corpus, val_corpus = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
     with run.dist.main_process_first():  # one process trains the tokenizer and writes the shards
         tokenizer = _tokenizer(run, spec, corpus, domain, preset)
@@ -63,7 +67,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> RunRecord:
 
     def measure() -> dict:
         log(f"evaluating on {val_shard.meta['documents']:,} validation documents")
-        final = evaluate_bpb(model, val_shard)
+        final = evaluate_bpb(model, val_shard, context=preset.context)
         log(f"{domain.name}: val bpb {final['bpb']:.4f} after {state.tokens:,} tokens in {state.elapsed_s / 60:.1f} min "
             f"→ {run.folder.path}")
         return {"bpb": {domain.name: final["bpb"]}, "val": final}

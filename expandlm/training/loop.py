@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
@@ -33,6 +32,7 @@ from ..config import arg, config
 from ..errors import UserError
 from ..process import distributed_state
 from ..evaluation.bpb import evaluate_bpb
+from ..model.window import DEFAULT_CONTEXT, next_token_nll
 from ..run_folder import METRICS, TRAIN_STATE, RunFolder
 from ..data.shards import PackedBatches, TokenShard
 
@@ -66,6 +66,8 @@ class TrainConfig:
     eval_docs: Positive = arg(200, "validation documents per periodic pass")
     log_interval: Positive = arg(10, "steps between metrics records")
     checkpoint_interval: Positive = arg(200, "steps between checkpoints (also every 5 minutes and at the end)")
+    context: Positive | None = arg(None, "tokens per training window (default: the model's context, at most "
+                                   f"{DEFAULT_CONTEXT}; `train` builds its model with this context)")
     seed: int = arg(0, "seed of the weights, the data order and sampling")
     precision: Literal["auto", "no", "bf16", "fp16"] = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
     compile: bool = arg(False, "torch.compile the model")
@@ -73,9 +75,9 @@ class TrainConfig:
 
 
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of a batch of `context + 1` token windows."""
-    logits = model(input_ids=batch[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    """Mean next-token cross entropy of a batch of `context + 1` token windows (a large vocabulary's logits
+    a chunk at a time: `next_token_nll`)."""
+    return next_token_nll(model, batch[:, :-1], batch[:, 1:], reduction="mean")
 
 
 NO_DECAY_ATTR = "_expandlm_no_decay"
@@ -413,7 +415,8 @@ class _Loop:
         accelerator, state, val_t0 = self.accelerator, self.state, self.clock()
         bpb = None
         if accelerator.is_main_process:
-            bpb = evaluate_bpb(accelerator.unwrap_model(self.model), self.val_shard, max_docs=self.cfg.eval_docs)["bpb"]
+            bpb = evaluate_bpb(accelerator.unwrap_model(self.model), self.val_shard, max_docs=self.cfg.eval_docs,
+                               context=self.batches.context)["bpb"]
         accelerator.wait_for_everyone()
         if self.pace:
             self.val_steps = (self.clock() - val_t0) / self.pace
