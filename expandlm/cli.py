@@ -313,6 +313,8 @@ def _add_distill_command(sub) -> None:
 
 
 def _add_eval_command(sub) -> None:
+    from .model.window import DEFAULT_CONTEXT
+
     e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--domain", help=DOMAIN_HELP + " (default: the model's one domain)")
@@ -321,7 +323,7 @@ def _add_eval_command(sub) -> None:
     e.add_argument("--split", default="validation", help="split, for a hub dataset id")
     e.add_argument("--max-docs", type=_positive_int)
     e.add_argument("--context", type=_positive_int, help="tokens per scoring window (default: the model's context, "
-                   "at most 1024; longer documents are scored in windows overlapping by half)")
+                   f"at most {DEFAULT_CONTEXT}; longer documents are scored in windows overlapping by half)")
     e.add_argument("--out", help="JSON output (default: MODEL/eval-DOMAIN.json)")
     e.add_argument("--cache-dir")
     e.set_defaults(func=cmd_eval)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.shards import TokenShard
-from ..model.window import next_token_nll, window
+from ..model.window import LOGITS_AT_ONCE, next_token_nll, window
 
 def score_windows(doc: np.ndarray, context: int, prefix: int):
     """(window tokens, index within the window of the first target to score); the `prefix` request
@@ -43,7 +43,7 @@ def evaluate_bpb(model, shard: TokenShard, max_docs: int | None = None, batch_to
     context = window(model.config.max_position_embeddings, context)
     # Bound the logits tensor (tokens × vocabulary floats): GPT-2's 50k vocabulary would otherwise
     # need several GB per batch.
-    batch_tokens = max(context, min(batch_tokens, (1 << 26) // model.config.vocab_size))
+    batch_tokens = max(context, min(batch_tokens, LOGITS_AT_ONCE // model.config.vocab_size))
     device = next(model.parameters()).device
     pad = model.config.pad_token_id or 0
     was_training = model.training

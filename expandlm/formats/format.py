@@ -21,6 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..records import ModelCard
+from .gguf_input import cached, dequantized_folder, gguf_file
 
 BASE_GGUF_SHA256 = "base_gguf_sha256"  # a card's reference to a GGUF base by its content (`gguf_input`)
 
@@ -56,8 +57,6 @@ class Format:
         if not card.base:
             raise UserError(f"{folder.path / 'expandlm.json'}: field 'base' is missing (a folder of this format is "
                             "built on a base folder)")
-        from .gguf_input import cached, dequantized_folder, gguf_file
-
         base = folder.path / card.base
         sha = card.details.get(BASE_GGUF_SHA256)
         if gguf_file(base) is not None:  # a GGUF base: its dequantized folder

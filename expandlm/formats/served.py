@@ -142,7 +142,7 @@ def tokenizer_folder(folder: RunFolder, card: ModelCard, name: str) -> Path:
 
 
 def _base_tokenizer_folder(path: Path, name: str) -> Path:
-    base = RunFolder(model_folder(path))
+    base = RunFolder(path)  # already resolved by `Format.base_folder` (a GGUF base: its dequantized folder)
     return tokenizer_folder(base, base.card(), name)
 
 
@@ -150,7 +150,7 @@ def context_length(path: str | os.PathLike) -> int:
     """The context of a model folder without loading its weights (a LoRA folder: its base's)."""
     folder = RunFolder(path)
     if not (folder / "config.json").exists() and folder.card().base:
-        folder = RunFolder(model_folder(folder.path / folder.card().base))
+        folder = RunFolder(format_of(folder.card()).base_folder(folder, folder.card()))
     return read_json(folder / "config.json", "model config")["max_position_embeddings"]
 
 
