@@ -14,7 +14,7 @@ def _files(folder: Path) -> dict:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_folders_written_at_745b37b_load_and_compute_exactly_what_they_did():
+def test_folders_written_at_745b37b_load_and_compute_what_they_did():
     expected = json.loads((LEGACY / "expected.json").read_text())
     before = _files(LEGACY)
     served = {}
@@ -26,8 +26,8 @@ def test_folders_written_at_745b37b_load_and_compute_exactly_what_they_did():
             logits = served[folder].for_domain(domain)(input_ids=torch.tensor([want["ids"]])).logits[0, -1]
         if folder == "arrow":  # 745b37b seeded Arrow's prototype search from the global generator: ~1e-4 apart
             assert torch.allclose(logits, torch.tensor(want["logits"]), atol=1e-2), key
-        else:
-            assert torch.equal(logits, torch.tensor(want["logits"])), key
+        else:  # the same weights and graph; the CPU's kernels may round the last bit differently (seen on CI)
+            torch.testing.assert_close(logits, torch.tensor(want["logits"]), rtol=0, atol=1e-6, msg=key)
     formats = {name: s.card.format for name, s in served.items()}
     assert formats == {"stories": "checkpoint", "full_ft": "checkpoint", "lora": "adapter", "lora-code": "adapter",
                        "expand_paths": "paths", "expand_branch": "branch", "arrow": "arrow"}
