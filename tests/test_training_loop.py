@@ -16,8 +16,9 @@ from expandlm.model.llama import PRESETS, build_model
 from expandlm.data.shards import PackedBatches, build_shard
 from expandlm.data.tokenizer import train_bpe
 from expandlm.run_folder import RunFolder
-from expandlm.training.loop import (CosinePlan, TrainConfig, causal_lm_loss, plan_steps, planned_tokens, replan_steps,
-                            train)
+from expandlm.training import loop
+from expandlm.training.loop import (CosinePlan, TrainConfig, activation_bytes, batch_windows, causal_lm_loss, passes,
+                                    plan_steps, planned_tokens, replan_steps, train)
 
 
 @pytest.fixture
@@ -61,6 +62,51 @@ def test_bf16_autocast_trains_several_steps_with_gradient_accumulation(setup, tm
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a bf16 model
     assert any(not torch.equal(p.detach().cpu(), before[n]) for n, p in model.named_parameters())
+
+
+def test_the_default_batch_is_32_windows_at_most_8192_tokens():
+    assert [batch_windows(TrainConfig(), c) for c in (128, 256, 512, 1024, 16384)] == [32, 32, 16, 8, 1]
+    assert batch_windows(TrainConfig(batch_size=5), 1024) == 5
+
+
+def test_a_batch_splits_into_passes_by_its_activations_and_trains_as_one_pass(setup, tmp_path, monkeypatch):
+    """SmolLM2-135M's shape at 1,024 tokens takes a pass a window; the tiny presets never split. A run whose
+    batches are split computes the curve of one whose are not, within rounding."""
+    smol = type("M", (), {"config": type("C", (), {"hidden_size": 576, "num_hidden_layers": 30,
+                                                   "intermediate_size": 1536})})()
+    assert passes(8, activation_bytes(smol, 1024)) == 8
+    assert passes(32, activation_bytes(build_model(PRESETS["tiny"], train_bpe(["a b"] * 9, 300)), 256)) == 1
+    tok, shard = setup
+    curves, rows = [], []
+
+    def counted(model, batch):
+        rows.append(len(batch))
+        return causal_lm_loss(model, batch)
+    for budget in (loop.ACTIVATION_BUDGET, 1):  # 1 byte: a pass per window
+        monkeypatch.setattr(loop, "ACTIVATION_BUDGET", budget)
+        cfg = TrainConfig(max_steps=6, batch_size=4, grad_accum=2, lr=3e-3, eval_interval=0, progress=False,
+                          log_interval=1)
+        model, _ = train(build_model(PRESETS["nano"], tok, seed=0), PackedBatches([shard], 32, 4, 0),
+                         tmp_path / f"run{budget}", cfg, loss_fn=counted)
+        curves.append(([r["loss"] for r in RunFolder(tmp_path / f"run{budget}").metrics()],
+                       torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert rows == [4] * 12 + [1] * 48  # 6 steps of 2 micro-batches: whole, then a window a pass
+    assert curves[0][0] == pytest.approx(curves[1][0], abs=1e-4)
+    assert torch.allclose(curves[0][1], curves[1][1], atol=1e-4)
+
+
+@pytest.mark.parametrize("speedup,picked", [(0.05, "no"), (1.2, "no"), (2.5, "bf16")])
+def test_auto_precision_on_a_cpu_is_bf16_only_where_its_matmuls_are_faster(monkeypatch, speedup, picked):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: speedup)
+    assert loop.resolved_precision(TrainConfig()) == picked
+    assert loop.resolved_precision(TrainConfig(precision="no")) == "no"
+
+
+def test_the_cpu_bf16_probe_measures_and_says_what_it_picked(capsys):
+    loop.cpu_bf16_speedup.cache_clear()
+    speedup = loop.cpu_bf16_speedup(n=64, repeats=2)
+    assert speedup > 0 and ("bf16 autocast" if speedup >= loop.BF16_CPU_SPEEDUP else "fp32") in capsys.readouterr().out
 
 
 def test_plan_steps_budgets():

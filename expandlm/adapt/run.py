@@ -25,7 +25,7 @@ from ..model.window import window
 from ..process import log
 from ..records import DomainSource, ModelCard, RunRecord
 from ..run_folder import RUN_RECORD
-from ..training.loop import TrainConfig, planned_tokens, step_tokens
+from ..training.loop import TrainConfig, batch_windows, planned_tokens, step_tokens
 from ..training.run import Run, domain_source, with_domain_data
 from . import DEFAULT_METHOD, METHODS, AdaptContext, make_method
 
@@ -99,8 +99,9 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                        seed=spec.train.seed, context=spec.train.context)  # a checkpoint expandlm did not train has no preset
     mixture = method.mixture(ctx)
     weights = [w for _, w in mixture] if len(mixture) > 1 else None
-    batches = PackedBatches([s for s, _ in mixture], window(model.config.max_position_embeddings, ctx.context),
-                            spec.train.batch_size, spec.train.seed, weights)
+    context = window(model.config.max_position_embeddings, ctx.context)
+    batches = PackedBatches([s for s, _ in mixture], context, batch_windows(spec.train, context), spec.train.seed,
+                            weights)
     ctx.budget_tokens = planned_tokens(spec.train, step_tokens(spec.train, batches, run.dist.num_processes),
                                        batches.tokens_per_epoch)
     adapted = method.build(model, ctx)

@@ -31,7 +31,7 @@ from ..model.window import window
 from ..model.llama import build_model, count_params, get_preset
 from ..process import log
 from ..records import ModelCard, RunRecord
-from .loop import TrainConfig
+from .loop import TrainConfig, batch_windows
 from .run import Run
 
 
@@ -122,9 +122,8 @@ def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
         model = build_model(get_preset(preset), tokenizer, seed=spec.train.seed)
     model.train()
     shares = spec.shares or [1.0] * len(domains)
-    batches = LabelledBatches(train_shards, window(model.config.max_position_embeddings, spec.train.context),
-                              spec.train.batch_size,
-                              spec.train.seed, shares)
+    context = window(model.config.max_position_embeddings, spec.train.context)
+    batches = LabelledBatches(train_shards, context, batch_windows(spec.train, context), spec.train.seed, shares)
     if not resume:
         run.folder.save(tokenizer.save_pretrained)
         save_specs(run.folder.path, [s.domain(d) for s, d in zip(served, domains)])

@@ -17,7 +17,7 @@ from ..formats.checkpoint import Checkpoint
 from ..model.llama import build_model, count_params, get_preset, preset_dict
 from ..process import log
 from ..records import ModelCard, RunRecord
-from .loop import TrainConfig
+from .loop import TrainConfig, batch_windows
 from .run import Run, domain_source, with_domain_data
 
 
@@ -62,7 +62,7 @@ def train_expert(spec: ExpertSpec, resume: bool = False) -> RunRecord:
     run.begin(run.new_record("expert", spec.train.seed, {domain.name: domain_source(spec)},
                              total_params=n_params, trainable_params=count_params(model, True),
                              preset=preset_dict(preset), data={"train": train_shard.meta, "validation": val_shard.meta}))
-    batches = PackedBatches([train_shard], preset.context, spec.train.batch_size, spec.train.seed)
+    batches = PackedBatches([train_shard], preset.context, batch_windows(spec.train, preset.context), spec.train.seed)
     model, state = run.train(model, batches, val_shard=val_shard)
 
     def measure() -> dict:

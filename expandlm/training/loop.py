@@ -6,6 +6,7 @@ bar; metrics as JSONL; atomic checkpoints that a killed run resumes from exactly
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,13 +31,18 @@ from pydantic import Field
 from ..atomic import atomic_path, read_json, write_json, write_text
 from ..config import arg, config
 from ..errors import UserError
-from ..process import distributed_state
+from ..process import distributed_state, log
 from ..evaluation.bpb import evaluate_bpb
 from ..model.window import DEFAULT_CONTEXT, next_token_nll
 from ..run_folder import METRICS, TRAIN_STATE, RunFolder
 from ..data.shards import PackedBatches, TokenShard
 
 Positive = Annotated[int, Field(gt=0)]
+
+BATCH_WINDOWS, BATCH_TOKENS = 32, 8192  # the default batch: 32 windows, at most 8,192 tokens (a long context: fewer)
+# saved activations one forward/backward may hold; a larger micro-batch is split (memory, not results). SmolLM2-135M
+# at 1,024 tokens a window holds ~1.3 GiB per window (30 blocks), so it trains a window at a time in < 4 GiB
+ACTIVATION_BUDGET = 2 << 30
 
 
 class _TiedWeightNotice(logging.Filter):
@@ -51,7 +57,9 @@ for _name in ("accelerate.utils.other", "accelerate.checkpointing"):  # where ac
 
 @config
 class TrainConfig:
-    batch_size: Positive = arg(32, "sequences per micro-batch per process")
+    batch_size: Positive | None = arg(None, f"sequences per micro-batch per process (default: {BATCH_WINDOWS}, at most "
+                                      f"{BATCH_TOKENS:,} tokens); split into passes whose activations fit "
+                                      f"{ACTIVATION_BUDGET >> 30} GiB, gradients summed")
     grad_accum: Positive = arg(1, "micro-batches per optimizer step")
     lr: Annotated[float, Field(gt=0)] = arg(2e-3, "peak learning rate (linear warmup, then cosine)")
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = arg(0.1, "the cosine decays to lr × this")
@@ -69,7 +77,8 @@ class TrainConfig:
     context: Positive | None = arg(None, "tokens per training window (default: the model's context, at most "
                                    f"{DEFAULT_CONTEXT}; `train` builds its model with this context)")
     seed: int = arg(0, "seed of the weights, the data order and sampling")
-    precision: Literal["auto", "no", "bf16", "fp16"] = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    precision: Literal["auto", "no", "bf16", "fp16"] = arg(
+        "auto", "auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls are faster (measured); else fp32")
     compile: bool = arg(False, "torch.compile the model")
     progress: bool = arg(True, "show a progress bar")
 
@@ -106,10 +115,61 @@ def _accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
-def _precision(cfg: TrainConfig) -> str:
-    if cfg.precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return cfg.precision
+def batch_windows(cfg: TrainConfig, context: int) -> int:
+    """Windows per micro-batch: --batch-size, or the default (BATCH_WINDOWS, at most BATCH_TOKENS tokens)."""
+    return cfg.batch_size or max(1, min(BATCH_WINDOWS, BATCH_TOKENS // context))
+
+
+def activation_bytes(model, context: int) -> int:
+    """About what a forward pass keeps for the backward per window: a pre-norm block's hidden-size tensors
+    (norms, q/k/v, attention and projections, residuals: ~8) and MLP-size ones (gate, up, act, product: 4)
+    in fp32 (autocast keeps some of them so). Only an estimate to split batches by; nothing relies on it."""
+    c = getattr(model, "config", None)
+    hidden, layers = getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None)
+    if not (hidden and layers):
+        return 0  # not a transformers model: never split
+    inner = getattr(c, "intermediate_size", None) or 4 * hidden
+    return 4 * context * layers * (8 * hidden + 4 * inner)
+
+
+def passes(rows: int, window_bytes: int) -> int:
+    """How many forward/backward passes a micro-batch of `rows` windows takes within ACTIVATION_BUDGET."""
+    per_pass = max(1, ACTIVATION_BUDGET // window_bytes) if window_bytes else rows
+    return math.ceil(rows / min(rows, per_pass))
+
+
+BF16_CPU_SPEEDUP = 1.5  # auto takes bf16 on a CPU whose bf16 matmul is at least this much faster than fp32's
+
+
+def resolved_precision(cfg: TrainConfig) -> str:
+    """--precision as the run uses it: auto is bf16 autocast on a GPU that has bf16, and on a CPU whose bf16
+    matmuls are clearly faster (AMX / avx512_bf16), measured once; else fp32."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_bf16_speedup() >= BF16_CPU_SPEEDUP else "no"
+
+
+@functools.cache
+def cpu_bf16_speedup(n: int = 256, repeats: int = 4) -> float:
+    """fp32 time / bf16 time of an n×n×n matmul on this CPU, the best of `repeats` (a CPU without bf16 units
+    emulates it: 40× slower than fp32 on the AVX2 EPYC these studies ran on, so autocast there would cost
+    far more than it saves)."""
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # the first call allocates and picks a kernel
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times)
+    speedup = best[torch.float32] / best[torch.bfloat16]
+    log(f"precision auto: a bf16 matmul runs {speedup:.2f}x as fast as fp32 on this CPU, so training computes in "
+        + ("bf16 autocast" if speedup >= BF16_CPU_SPEEDUP else "fp32"))
+    return speedup
 
 
 @dataclass
@@ -158,17 +218,32 @@ def _load_checkpoint(accelerator, ckpt: Path) -> None:
                         "restart the run from its start with --resume") from None
 
 
-def _timed_micro_steps(model, batches, accelerator, loss_fn, n: int = 4, warmup: int = 2,
+def forward_backward(model, batch: torch.Tensor, accelerator, loss_fn, n_passes: int, accum: int = 1,
+                     sync: bool = True) -> torch.Tensor:
+    """The mean loss of `batch` and its gradient (/ `accum`) added to the parameters', in `n_passes` passes of
+    equal-length windows: the same gradient as one pass, within rounding, in a fraction of the memory. Only
+    the last pass syncs data-parallel gradients when `sync`."""
+    total = torch.zeros((), device=accelerator.device)
+    pieces = batch.tensor_split(n_passes)
+    for k, piece in enumerate(pieces):
+        last = sync and k == len(pieces) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():  # a fresh context each pass: one can be entered once
+                loss = loss_fn(model, piece)
+            share = len(piece) / len(batch)
+            accelerator.backward(loss * share / accum)  # one pass: loss / accum, as before
+        total += loss.detach() * share
+    return total
+
+
+def _timed_micro_steps(model, batches, accelerator, loss_fn, n_passes: int = 1, n: int = 4, warmup: int = 2,
                        clock=time.perf_counter) -> float:
     """Seconds per micro-step, measured on forward+backward passes whose gradients are then dropped
     (the weights and optimizer are untouched, so calibration does not change the run)."""
     times = []
     for i in range(warmup + n):
         t0 = clock()
-        batch = batches.batch(i).to(accelerator.device)
-        with accelerator.autocast():
-            loss = loss_fn(model, batch)
-        accelerator.backward(loss)
+        forward_backward(model, batches.batch(i).to(accelerator.device), accelerator, loss_fn, n_passes)
         times.append(clock() - t0)
     model.zero_grad(set_to_none=True)
     return sum(times[warmup:]) / n  # the first passes include one-off allocation costs
@@ -262,7 +337,7 @@ class _Loop:
         self.metrics = folder / METRICS
         if distributed_state().is_main_process:
             folder.path.mkdir(parents=True, exist_ok=True)
-        self.accelerator = accelerator = _accelerator(_precision(cfg))
+        self.accelerator = accelerator = _accelerator(resolved_precision(cfg))
         if accelerator.device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves (and fp32 runs)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         set_seed(cfg.seed)
@@ -272,6 +347,10 @@ class _Loop:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.tokens_per_step = step_tokens(cfg, batches, self.world)
+        self.passes = passes(batches.batch_size, activation_bytes(accelerator.unwrap_model(self.model), batches.context))
+        if self.passes > 1:
+            log(f"{batches.batch_size} windows of {batches.context} tokens a micro-batch, in {self.passes} passes "
+                f"(activations within {ACTIVATION_BUDGET >> 30} GiB)")
         self.state = TrainState()
         self.eval_tokens = min(cfg.eval_docs, val_shard.meta["documents"]) * (
             val_shard.meta["tokens"] / val_shard.meta["documents"]) if val_shard else 0.0
@@ -286,8 +365,8 @@ class _Loop:
         else:  # a fresh run, or one stopped before its first checkpoint: resumed from the start
             state.resumed_from = [0] if resume else []
             resume = False
-            micro_s = (_timed_micro_steps(self.model, self.batches, self.accelerator, self.loss_fn, clock=self.clock)
-                       if cfg.minutes else None)
+            micro_s = (_timed_micro_steps(self.model, self.batches, self.accelerator, self.loss_fn, self.passes,
+                                          clock=self.clock) if cfg.minutes else None)
             state.total_steps = plan_steps(cfg, self.tokens_per_step, self.batches.tokens_per_epoch, micro_s,
                                            self.batches.batch_size * self.batches.context, self.eval_tokens)
             if self.world > 1:  # step times differ between processes: all follow the main process's plan
@@ -359,13 +438,9 @@ class _Loop:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             batch = self.batches.batch(self.state.step * cfg.grad_accum + micro, self.rank, self.world)
-            batch = batch.to(accelerator.device)
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
-            with sync:
-                with accelerator.autocast():  # a fresh context each micro-step: one can be entered once
-                    loss = self.loss_fn(model, batch)
-                accelerator.backward(loss / cfg.grad_accum)
-            step_loss += loss.detach() / cfg.grad_accum
+            loss = forward_backward(model, batch.to(accelerator.device), accelerator, self.loss_fn, self.passes,
+                                    cfg.grad_accum, sync=micro == cfg.grad_accum - 1)
+            step_loss += loss / cfg.grad_accum
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import dataclasses
+import resource
+import sys
 import time
 from typing import Callable
 
@@ -22,7 +24,7 @@ from ..domains import Domain, folder_domains, get_domain
 from ..process import distributed_state
 from ..records import RUN_FIELDS, DomainSource, ModelCard, RunRecord
 from ..run_folder import RUN_RECORD, RunFolder, versions
-from .loop import train
+from .loop import resolved_precision, train
 
 
 def stored_spec(spec, folder: RunFolder) -> dict:
@@ -91,6 +93,8 @@ class Run:
 
     def train(self, model, batches, **kwargs):
         self.prep_seconds = time.time() - self.started
+        self.trained_with = {"context": batches.context, "micro_batch": batches.batch_size,
+                             "precision": resolved_precision(self.spec.train)}
         return train(model, batches, self.folder, self.spec.train, resume=self.resume, **kwargs)
 
     def finish(self, model, fmt, card: ModelCard, state, measure: Callable[[], dict],
@@ -108,9 +112,16 @@ class Run:
             if state is not None:
                 r.steps, r.tokens, r.resumed_from = state.step, state.tokens, state.resumed_from
                 r.train_seconds, r.prep_seconds = round(state.elapsed_s, 1), round(self.prep_seconds, 1)
-            r.details.update(found)
+                r.details.update(self.trained_with, tokens_per_s=round(state.tokens / max(state.elapsed_s, 1e-9), 1))
+            r.details.update(found, peak_rss_mib=peak_rss_mib())
             if torch.cuda.is_available():  # training and measuring: what a GPU had to hold at most
                 r.details["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             self.folder.write_record(r)
         self.dist.wait_for_everyone()
         return self.record
+
+
+def peak_rss_mib() -> int:
+    """This process's peak resident memory so far (loading, training and measuring), in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10)  # bytes on macOS, KiB on Linux
