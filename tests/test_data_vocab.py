@@ -207,3 +207,15 @@ def test_grow_embeddings_gives_new_tokens_the_padded_rows_first():
     assert model.get_input_embeddings().weight.shape[0] == tokens + 5
     with pytest.raises(UserError, match="cannot shrink"):
         grow_embeddings(model, tokens - 1, first_new=tokens)
+
+
+def test_grow_embeddings_gives_rows_to_tokens_the_embedding_lacks_too():
+    """A tokenizer with tokens beyond its checkpoint's embedding (a Qwen2Tokenizer adds its <|endoftext|>):
+    those get rows as well as the new ones, all at the mean of the trained rows."""
+    model = build_model(PRESETS["nano"], bytes_tokenizer(), seed=0)
+    rows = model.get_input_embeddings().weight.detach().clone()
+    tokens = rows.shape[0] + 1  # one token with no row
+    assert grow_embeddings(model, tokens + 1, first_new=tokens) == rows.shape[0]
+    grown = model.get_input_embeddings().weight
+    assert grown.shape[0] == tokens + 1 and torch.equal(grown[:rows.shape[0]], rows)
+    assert torch.allclose(grown[rows.shape[0]:], rows.mean(dim=0).expand(2, -1))

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 from conftest import REPO, STORIES, write_jsonl
 from expandlm.cli import main
@@ -50,18 +50,22 @@ def byte_level_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def save_checkpoint(folder, name: str, chat_template: str | None = None) -> None:
+def save_checkpoint(folder, name: str, chat_template: str | None = None, adds_bos: bool | None = None,
+                    **fields) -> None:
     """A tiny random checkpoint of architecture `name` as transformers saves it, and nothing of expandlm's.
     With `chat_template`, an instruct model's: ChatML's turn tokens and that template on its tokenizer,
-    and a generation config whose turn ends at <|im_end|> as well as at the tokenizer's EOS (Qwen's list)."""
-    config_cls, model_cls, extra, _ = ARCHITECTURES[name]
-    tok = byte_level_tokenizer(adds_bos=not name.startswith("qwen2"))
+    and a generation config whose turn ends at <|im_end|> as well as at the tokenizer's EOS (Qwen's list).
+    `name` may also be any other model type transformers builds (`AutoConfig.for_model`), with the config
+    `fields` it needs beyond SHAPE's; `adds_bos` picks the tokenizer (default: Llama's, none for Qwen2)."""
+    config_cls, model_cls, extra, _ = ARCHITECTURES.get(name) or (
+        lambda **kw: AutoConfig.for_model(name, **kw), AutoModelForCausalLM.from_config, {}, None)
+    tok = byte_level_tokenizer(adds_bos=not name.startswith("qwen2") if adds_bos is None else adds_bos)
     if chat_template:
         tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
         tok.chat_template = chat_template
     torch.manual_seed(0)
     config = config_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        **SHAPE, **extra)
+                        **{**SHAPE, **extra, **fields})
     model = model_cls(config)
     if chat_template:
         model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]

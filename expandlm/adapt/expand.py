@@ -1,7 +1,8 @@
 """expand: LLaMA Pro block expansion (Wu et al. 2024, arXiv 2401.02415).
 
-k new blocks are inserted, each a copy of the block before it with `o_proj` and `down_proj` set to
-zero: both residual branches of a new block then add exactly 0, so the expanded model computes
+k new blocks are inserted, each a copy of the block before it with `o_proj` and `down_proj` (an
+architecture's own output projections: `model.blocks.output_projections`) set to zero: both residual
+branches of a new block then add exactly 0, so the expanded model computes
 exactly what the old one did. Every old parameter (embeddings, norms, blocks) is frozen; only the new
 blocks train. Every domain runs every block (see expand_paths for the variant that keeps A exact).
 """
@@ -12,6 +13,8 @@ import torch
 from pydantic import Field
 
 from ..config import arg, config
+from ..errors import UserError
+from ..model.blocks import NotAnIdentity, decoder_blocks, output_projections, replace_blocks
 from .method import AdaptContext, Adapted, Method, freeze
 
 
@@ -26,29 +29,50 @@ def new_block_positions(num_layers: int, new_blocks: int, position: str) -> list
     return [round(group * (i + 1)) - 1 for i in range(new_blocks)]
 
 
-def expand_blocks(model, new_blocks: int, position: str = "interleave") -> tuple[list[int], list[int]]:
-    """Insert zero-initialised copies in place. Returns (indices of the old blocks, of the new blocks)
-    in the expanded model."""
-    old_layers = list(model.model.layers)
+def expand_blocks(model, new_blocks: int, position: str = "interleave",
+                  zero: bool = True) -> tuple[list[int], list[int]]:
+    """Insert copies of blocks in place, their output projections zeroed (`zero`): the expanded model then
+    computes exactly what the old one did, which is checked on a few tokens. Returns (indices of the old
+    blocks, of the new blocks) in the expanded model."""
+    old_layers = list(decoder_blocks(model)[0])
     after = new_block_positions(len(old_layers), new_blocks, position)
-    layers, old_idx, new_idx = [], [], []
+    before = _probe(model) if zero and new_blocks else None
+    layers, sources, old_idx, new_idx = [], [], [], []
     for i, layer in enumerate(old_layers):
         old_idx.append(len(layers))
         layers.append(layer)
+        sources.append(i)
         for _ in range(after.count(i)):
             block = copy.deepcopy(layer)
+            projections = output_projections(model, block) if zero else {}
             with torch.no_grad():
-                block.self_attn.o_proj.weight.zero_()
-                block.mlp.down_proj.weight.zero_()
+                for projection in projections.values():
+                    projection.weight.zero_()
+                    if projection.bias is not None:
+                        projection.bias.zero_()
             new_idx.append(len(layers))
             layers.append(block)
-    for i, layer in enumerate(layers):
-        layer.self_attn.layer_idx = i  # the KV cache is indexed by position in the stack
-    model.model.layers = torch.nn.ModuleList(layers)
-    model.config.num_hidden_layers = len(layers)
-    if getattr(model.config, "layer_types", None):  # a per-layer list tied to the layer count
-        model.config.layer_types = [model.config.layer_types[0]] * len(layers)
+            sources.append(i)
+    replace_blocks(model, layers)
+    if getattr(model.config, "layer_types", None):  # a per-layer list (Gemma2's sliding/full): a copy's is its source's
+        model.config.layer_types = [model.config.layer_types[i] for i in sources]
+    if before is not None and not torch.equal(_probe(model), before):
+        raise NotAnIdentity(f"{type(model).__name__}: a new block with {' and '.join(projections)} zeroed still "
+                            "changes the model's output (its residual takes more than those), so it cannot start as "
+                            "the identity (LLaMA Pro's init)")
     return old_idx, new_idx
+
+
+def _probe(model) -> torch.Tensor:
+    """The model's logits on a few tokens, in eval mode (no dropout)."""
+    device = model.get_input_embeddings().weight.device
+    ids = torch.arange(1, 9, device=device)[None] % model.config.vocab_size
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    model.train(training)
+    return logits
 
 
 class Expand(Method):
@@ -63,12 +87,11 @@ class Expand(Method):
         freeze(base)
         try:
             old, new = expand_blocks(base, self.options.new_blocks, self.options.position)
-        except ValueError as e:
-            from ..errors import UserError
+        except (ValueError, NotAnIdentity) as e:
             raise UserError(f"strategy '{self.name}': {e}") from None
+        layers, _ = decoder_blocks(base)
         for i in new:
-            for p in base.model.layers[i].parameters():
-                p.requires_grad = True
+            layers[i].requires_grad_(True)
         return Adapted(base, {"old_layers": old, "new_layers": new})
 
     def card(self, adapted: Adapted, ctx: AdaptContext):

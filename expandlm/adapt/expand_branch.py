@@ -33,12 +33,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from ..config import arg, config
 from ..errors import UserError
 from ..process import log
+from ..model.blocks import NotAnIdentity, block_linear_names, block_norms, decoder_blocks, final_norm
 from ..model.llama import count_params
 from ..data.tokenizer import train_bpe
 from ..data.vocab import with_tag
 from .method import AdaptContext, Adapted, Method, freeze
 from .expand import expand_blocks
-from .lora import ALL_LINEAR
 
 
 PRETRAINED_BASE_TOKENIZER = "own"  # auto's choice over a pretrained checkpoint, measured (`tokenizer_choice`)
@@ -75,12 +75,12 @@ class ExpandBranch(Method):
             None, "an own tokenizer's size (default: the old one's)")
         train_norm: bool = arg(True, "train the branch's own final norm (false: keep the old one, frozen)")
         init: Literal["zero", "copy", "random"] = arg(
-            "zero", "new blocks: a copy of the block before with o_proj/down_proj zeroed (LLaMA Pro: the branch "
-            "starts as the old blocks exactly), a plain copy, or a fresh random block")
+            "zero", "new blocks: a copy of the block before with its output projections (o_proj/down_proj) zeroed "
+            "(LLaMA Pro: the branch starts as the old blocks exactly), a plain copy, or a fresh random block")
         embedding_init: Literal["shared_tokens", "random"] = arg(
             "shared_tokens", "the new embedding: the old rows copied where a token's string is in both vocabularies "
             "(the rest fresh), or all fresh")
-        train_block_norms: bool = arg(False, "train the RMSNorms of the branch's copy of the old blocks")
+        train_block_norms: bool = arg(False, "train the norms of the branch's copy of the old blocks")
         lora_r: Annotated[int, Field(ge=0)] = arg(0, "LoRA rank on the branch's copy of the old blocks (0: none)")
         train_every: Annotated[int, Field(ge=0)] = arg(
             0, "train the branch's copy of every k-th old block (LLaMA Pro's control; 0: none)")
@@ -145,11 +145,14 @@ class ExpandBranch(Method):
         old, new = list(range(model.config.num_hidden_layers)), []
         if new_blocks:
             try:
-                old, new = expand_blocks(model, new_blocks, self.options.position)
+                old, new = expand_blocks(model, new_blocks, self.options.position, zero=self.options.init == "zero")
+            except NotAnIdentity as e:
+                raise UserError(f"strategy '{self.name}': {e}; start them with --option init=copy or init=random, "
+                                "or grow no blocks with --option new_blocks=0") from None
             except ValueError as e:
                 raise UserError(f"strategy '{self.name}': {e}") from None
         generator = torch.Generator().manual_seed(ctx.seed)
-        layers = model.model.layers
+        layers, _ = decoder_blocks(model)
         for i in new:
             if self.options.init == "copy":  # the old block it was copied from, weights as they were
                 layers[i].load_state_dict(layers[max(o for o in old if o < i)].state_dict())
@@ -160,11 +163,12 @@ class ExpandBranch(Method):
         for cfg in (model.config, model.generation_config):
             cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         if self.options.lora_r:  # PEFT freezes everything but the adapters: unfreeze the rest below
-            config = LoraConfig(r=self.options.lora_r, lora_alpha=2 * self.options.lora_r, target_modules=ALL_LINEAR,
-                                layers_to_transform=old)
+            config = LoraConfig(r=self.options.lora_r, lora_alpha=2 * self.options.lora_r,
+                                target_modules=block_linear_names(model), layers_to_transform=old,
+                                layers_pattern=decoder_blocks(model)[1].rstrip(".").rpartition(".")[2])
             model = get_peft_model(model, config)
         trained = model.get_base_model() if isinstance(model, PeftModel) else model
-        layers = trained.model.layers
+        layers, _ = decoder_blocks(trained)
         for i in new:
             layers[i].requires_grad_(True)
         every = 1 if trunk == "trained" else self.options.train_every
@@ -172,11 +176,11 @@ class ExpandBranch(Method):
             if every and n % every == 0:
                 layers[i].requires_grad_(True)
             if self.options.train_block_norms:
-                layers[i].input_layernorm.requires_grad_(True)
-                layers[i].post_attention_layernorm.requires_grad_(True)
+                for norm in block_norms(layers[i]).values():
+                    norm.requires_grad_(True)
         trained.get_input_embeddings().weight.requires_grad_(True)
         trained.get_output_embeddings().weight.requires_grad_(True)  # the same tensor, or an untied head
-        trained.model.norm.requires_grad_(self.options.train_norm)
+        final_norm(trained).requires_grad_(self.options.train_norm)
         return Adapted(model, {"old_layers": old, "new_layers": new, "trunk": trunk})
 
     def _branch_copy(self, base, trunk: str):
@@ -187,19 +191,22 @@ class ExpandBranch(Method):
         o = self.options
         if trunk == "trained" or o.lora_r:
             return copy.deepcopy(base)
-        layers = base.model.layers
+        layers, _ = decoder_blocks(base)
         frozen = [block for n, block in enumerate(layers, 1) if not (o.train_every and n % o.train_every == 0)]
-        shared = {id(p): p for block in frozen for name, p in block.named_parameters()
-                  if not (o.train_block_norms and name.endswith("layernorm.weight"))}
+        trained_norms = {id(p) for block in frozen for norm in block_norms(block).values() for p in norm.parameters()}
+        shared = {id(p): p for block in frozen for p in block.parameters()
+                  if not (o.train_block_norms and id(p) in trained_norms)}
         return copy.deepcopy(base, memo=shared)
 
     def _new_vocabulary(self, model, ctx: AdaptContext, generator) -> None:
         """The embedding (and an untied head: a pretrained model's may be) for the new tokenizer: fresh, the
-        init of a new model, with the old rows copied where a token's string is in both (`shared_tokens`)."""
+        init of a new model, with the old rows copied where a token's string is in both (`shared_tokens`) and
+        the old embedding has its row (a checkpoint's tokenizer may have more tokens than its embedding rows)."""
         old = [m.weight.detach().clone() for m in self._vocabulary_matrices(model)]
         model.resize_token_embeddings(len(ctx.tokenizer), mean_resizing=False)  # re-ties a tied head, sets vocab_size
         copied = self.options.embedding_init == "shared_tokens"
-        shared = shared_tokens(ctx.old_tokenizer, ctx.tokenizer) if copied else []
+        shared = [(new_id, old_id) for new_id, old_id in shared_tokens(ctx.old_tokenizer, ctx.tokenizer)
+                  if old_id < len(old[0])] if copied else []
         with torch.no_grad():
             for matrix, old_rows in zip(self._vocabulary_matrices(model), old):
                 matrix.weight.normal_(0.0, model.config.initializer_range, generator=generator)
@@ -214,13 +221,18 @@ class ExpandBranch(Method):
 
     @staticmethod
     def _fresh_block(model, block, generator):
-        """The init of a fresh model: normal(0, initializer_range) weights, unit norms."""
+        """The init of a fresh model: normal(0, initializer_range) weights, zero biases, and the norms as the
+        architecture starts them (its own `_init_weights`: unit weights, or zeros under Gemma's 1 + weight)."""
+        norms = block_norms(block)
+        in_norms = {id(p) for norm in norms.values() for p in norm.parameters()}
         with torch.no_grad():
-            for name, p in block.named_parameters():
-                if "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, model.config.initializer_range, generator=generator)
+            for p in block.parameters():
+                if id(p) not in in_norms:
+                    p.normal_(0.0, model.config.initializer_range, generator=generator) if p.dim() > 1 else p.zero_()
+        for norm in norms.values():
+            for p in norm.parameters():
+                p._is_hf_initialized = False  # transformers' init skips a tensor it marked as loaded
+            model._init_weights(norm)
 
     def card(self, adapted: Adapted, ctx: AdaptContext):
         kept = ctx.tokenizer.get_vocab().items() >= ctx.old_tokenizer.get_vocab().items()  # read again on resume

@@ -8,9 +8,11 @@ from peft import LoraConfig, get_peft_model
 
 from ..config import arg, config
 from ..errors import UserError
+from ..model.blocks import block_linear_names
+from ..process import log
 from .method import AdaptContext, Adapted, Method
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # a Llama block's
 
 
 class LoRA(Method):
@@ -24,12 +26,20 @@ class LoRA(Method):
         r: int = arg(16, "rank of the adapters")
         alpha: int = arg(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
         dropout: float = arg(0.0, "dropout on the adapters' input")
-        target_modules: list[str] = arg(help="modules that get adapters (comma-separated on the command line)",
+        target_modules: list[str] = arg(help="modules that get adapters (comma-separated on the command line; "
+                                        "default: every linear layer of the blocks, named as the architecture "
+                                        "names them: Llama's q/k/v/o and gate/up/down_proj, GPT-2's c_attn, c_proj "
+                                        "and c_fc)",
                                         factory=lambda: list(ALL_LINEAR))
 
     def build(self, base, ctx: AdaptContext):
+        targets = list(self.options.target_modules)
+        if targets == ALL_LINEAR:  # the default: a Llama block's linear layers, or another architecture's own
+            targets = block_linear_names(base)
+            if set(targets) != set(ALL_LINEAR):
+                log(f"lora on every linear layer of the blocks of {type(base).__name__}: {', '.join(targets)}")
         config = LoraConfig(r=self.options.r, lora_alpha=self.options.alpha, lora_dropout=self.options.dropout,
-                            target_modules=list(self.options.target_modules), task_type="CAUSAL_LM")
+                            target_modules=targets, task_type="CAUSAL_LM")
         try:
             return Adapted(get_peft_model(base, config))
         except ValueError as e:  # PEFT names the target modules it could not find

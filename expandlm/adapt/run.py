@@ -68,6 +68,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     old_domains, old_data = _old_domains(served, domain, method, spec)
     domain = _new_domain(served, method, domain)
     model, base_tokenizer = _starting_model(served, method, fmt, old_domains)
+    _tokens_without_rows(served, model, base_tokenizer)
     new_train, new_val = load_train_val(spec.data, domain, spec.val_data, spec.limit, spec.val_limit)
     old_corpora = {d: load_train_val(old_data[d].train, served.domain(d), old_data[d].val, old_data[d].limit,
                                      old_data[d].val_limit) for d in old_domains if d in old_data}
@@ -188,6 +189,17 @@ def _starting_model(served, method, fmt, old_domains):
     raise UserError(f"{served.path}: adapting a {served.card.method} model again is not supported by the "
                     f"{method.name} strategy (no one set of weights serves all its domains); adapt it with "
                     f"{' or '.join(able)}, which leaves its domains to it, or adapt a model with one set of weights")
+
+
+def _tokens_without_rows(served, model, tokenizer) -> None:
+    """Say so where the base's tokenizer has tokens its embedding has no rows for (a Qwen2Tokenizer adds
+    its <|endoftext|> to a tokenizer without it): a vocabulary grown from it gives them new rows."""
+    rows, tokens = model.get_input_embeddings().num_embeddings, len(tokenizer)
+    if tokens > rows:
+        extra = tokenizer.convert_ids_to_tokens(list(range(rows, tokens)))
+        log(f"{served.path}: its tokenizer has {tokens:,} tokens and its embedding {rows:,} rows; the tokens from "
+            f"id {rows} ({', '.join(map(str, extra[:3]))}{', ...' if len(extra) > 3 else ''}) have no trained row, "
+            "and start at new rows where the new domain's vocabulary has them")
 
 
 def _needs_tag(served, method, spec, base_tokenizer, domain) -> bool:

@@ -166,7 +166,8 @@ def grow_embeddings(model, new_vocab_size: int, first_new: int | None = None) ->
     which keeps the next-token distribution close to the old one (Hewitt 2021, "Initializing new word
     embeddings"); transformers' `mean_resizing` instead samples around that mean. A checkpoint whose
     embedding has rows beyond its tokenizer (padded to a multiple, as Qwen2's) gives new tokens those
-    rows first.
+    rows first; one whose tokenizer has tokens beyond its embedding (a Qwen2Tokenizer adds its
+    <|endoftext|> to a tokenizer without it) gives those new rows too, at the same mean.
     """
     emb = model.get_input_embeddings()
     num_old = emb.num_embeddings
@@ -176,13 +177,14 @@ def grow_embeddings(model, new_vocab_size: int, first_new: int | None = None) ->
     if new_vocab_size == first_new:
         return num_old
     trainable = emb.weight.requires_grad
+    first_row = min(first_new, num_old)  # the first token with no trained row
     with torch.no_grad():
-        mean = emb.weight[:first_new].mean(dim=0)
+        mean = emb.weight[:first_row].mean(dim=0)
     if new_vocab_size > num_old:
         model.resize_token_embeddings(new_vocab_size, mean_resizing=False)  # re-ties lm_head, sets config.vocab_size
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
-        weight[first_new:new_vocab_size] = mean
+        weight[first_row:new_vocab_size] = mean
     weight.requires_grad_(trainable)  # a resized weight is a fresh Parameter; keep a frozen model frozen
     return num_old
 

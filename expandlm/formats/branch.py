@@ -14,7 +14,6 @@ in its own folder.
 """
 import dataclasses
 import hashlib
-import re
 
 import torch
 from accelerate import init_empty_weights
@@ -24,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..errors import UserError
+from ..model.blocks import decoder_blocks
 from .format import Format
 
 WEIGHTS = "branch.safetensors"  # what the branch trained; the rest of it is its base's trunk
-_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 class BranchModels(torch.nn.Module):
@@ -93,7 +92,8 @@ class Branch(Format):
             raise UserError(f"{folder / WEIGHTS}: not a complete safetensors file ({e}; truncated or damaged)") from None
         trunk = dict(trunk_model.named_parameters())
         blocks = trunk_blocks(config.num_hidden_layers, card.detail("new_layers"))
-        shared = {n: trunk_name(n, blocks) for n, _ in model.named_parameters() if n not in own}
+        prefix = decoder_blocks(model)[1]
+        shared = {n: trunk_name(n, blocks, prefix) for n, _ in model.named_parameters() if n not in own}
         if any(t not in trunk for t in shared.values()) or trunk_digest(trunk, shared.values()) != card.detail(
                 "trunk_sha256"):
             raise UserError(f"{folder.path}: its base {self.base_folder(folder, card).resolve()} is not the model this "
@@ -121,23 +121,25 @@ def trunk_blocks(num_blocks: int, new_blocks: list[int]) -> dict[int, int]:
     return {i: j for j, i in enumerate(copied)}
 
 
-def trunk_name(name: str, blocks: dict[int, int]) -> str | None:
-    """The trunk parameter a branch parameter was copied from (None: a new block's)."""
-    block = _BLOCK.fullmatch(name)
-    if block is None:
+def trunk_name(name: str, blocks: dict[int, int], prefix: str) -> str | None:
+    """The trunk parameter a branch parameter was copied from (None: a new block's); `prefix` names the
+    blocks' parameters (`decoder_blocks`: Llama's "model.layers.", GPT-2's "transformer.h.")."""
+    index, dot, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+    if not (index.isdigit() and dot):
         return name
-    i = int(block[1])
-    return f"model.layers.{blocks[i]}.{block[2]}" if i in blocks else None
+    i = int(index)
+    return f"{prefix}{blocks[i]}.{rest}" if i in blocks else None
 
 
 def _shared_with_trunk(model, trunk: dict, new_blocks: list[int]) -> dict[str, str]:
     """Branch parameter → trunk parameter, for each one still exactly the trunk's it was copied from."""
     blocks = trunk_blocks(model.config.num_hidden_layers, new_blocks)
+    prefix = decoder_blocks(model)[1]
     shared = {}
     for name, p in model.named_parameters():
-        t = trunk.get(trunk_name(name, blocks))
+        t = trunk.get(trunk_name(name, blocks, prefix))
         if t is not None and t.shape == p.shape and t.dtype == p.dtype and torch.equal(t.detach().cpu(), p.detach().cpu()):
-            shared[name] = trunk_name(name, blocks)
+            shared[name] = trunk_name(name, blocks, prefix)
     return shared
 
 

@@ -8,6 +8,7 @@ from ..records import ModelCard
 from .format import Format
 
 BASE_DOMAIN = "base"  # what a pretrained checkpoint's own behaviour is called unless `--base-domain` names it
+PRETRAINED = "pretrained"  # the method of a card-less checkpoint (`pretrained_card`)
 
 
 class Checkpoint(Format):
@@ -16,4 +17,4 @@ class Checkpoint(Format):
 
 def pretrained_card(base_domain: str = BASE_DOMAIN) -> ModelCard:
     """The card of a checkpoint folder that has none: its one domain, plain (no tag token)."""
-    return ModelCard(domains=[base_domain], plain=[base_domain], format=Checkpoint.name, method="pretrained")
+    return ModelCard(domains=[base_domain], plain=[base_domain], format=Checkpoint.name, method=PRETRAINED)

@@ -20,6 +20,7 @@ import torch
 from ..atomic import atomic_path
 from ..data.tokenizer import start_tokens
 from ..errors import UserError
+from ..model.blocks import decoder_blocks, final_norm
 
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 regex split (llama-vocab.cpp)
 
@@ -63,7 +64,8 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm",
 
     cfg = model.config
     if cfg.model_type != "llama":
-        raise UserError(f"GGUF export supports Llama models, not {cfg.model_type!r}")
+        raise UserError(f"GGUF export supports Llama models, not {cfg.model_type!r} ({type(model).__name__}); "
+                        "export it with --format checkpoint")
     rope = (getattr(cfg, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"GGUF export supports plain RoPE, not {rope.get('rope_type')!r}")
@@ -112,11 +114,12 @@ def _write_tensors(w, model, heads: int, kv_heads: int) -> None:
     def add(name_, tensor):
         w.add_tensor(name_, tensor.detach().float().cpu().contiguous().numpy())
 
-    add("token_embd.weight", model.model.embed_tokens.weight)
+    embedding = model.get_input_embeddings().weight
+    add("token_embd.weight", embedding)
     head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.model.embed_tokens.weight:
+    if head is not None and head.weight is not embedding:
         add("output.weight", head.weight)  # an untied head; tied: llama.cpp reuses token_embd
-    for i, b in enumerate(model.model.layers):
+    for i, b in enumerate(decoder_blocks(model)[0]):
         add(f"blk.{i}.attn_norm.weight", b.input_layernorm.weight)
         add(f"blk.{i}.attn_q.weight", meta_rotary(b.self_attn.q_proj.weight, heads))
         add(f"blk.{i}.attn_k.weight", meta_rotary(b.self_attn.k_proj.weight, kv_heads))
@@ -126,4 +129,4 @@ def _write_tensors(w, model, heads: int, kv_heads: int) -> None:
         add(f"blk.{i}.ffn_gate.weight", b.mlp.gate_proj.weight)
         add(f"blk.{i}.ffn_up.weight", b.mlp.up_proj.weight)
         add(f"blk.{i}.ffn_down.weight", b.mlp.down_proj.weight)
-    add("output_norm.weight", model.model.norm.weight)
+    add("output_norm.weight", final_norm(model).weight)

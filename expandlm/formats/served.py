@@ -23,7 +23,7 @@ from ..records import MODEL_CARD, DomainSource, ModelCard
 from ..run_folder import CHECKPOINT, RUN_RECORD, RunFolder
 from . import Format, format_of
 from .format import BASE_GGUF_SHA256
-from .checkpoint import BASE_DOMAIN, pretrained_card
+from .checkpoint import BASE_DOMAIN, PRETRAINED, pretrained_card
 from .gguf_input import dequantized_folder, gguf_file
 from ..data.tokenizer import load_tokenizer
 
@@ -71,11 +71,14 @@ class ServedModel:
     def _check(self, name: str) -> None:
         self.domain(name)
         if self.domains and name not in self.domains:
-            raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'")
+            hint = (f"; a checkpoint's own domain is named with --base-domain (--base-domain {name} serves it as "
+                    f"'{name}')" if self.card.method == PRETRAINED else "")
+            raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'{hint}")
 
     def requested(self, name: str | None) -> Domain:
         """The domain `name`, or with none the one domain the model serves."""
         if name is not None:
+            self._check(name)
             return self.domain(name)
         if len(self.domains) != 1:
             raise UserError(f"{self.path} serves {', '.join(self.domains) or 'no declared domain'}; "

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..model.blocks import decoder_blocks, final_norm
 
 # `generate` and `serve`: the engine with its C decode step, the engine's PyTorch loop only, transformers'
 ENGINES = ("fast", "torch", "hf")
@@ -126,7 +127,8 @@ def supported(model) -> str | None:
         return f"model type {kind or type(model).__name__!r} (it runs {', '.join(LLAMA_SHAPED)})"
     if cfg.hidden_act != "silu":
         return f"activation {cfg.hidden_act!r} (it runs silu)"
-    first = model.model.layers[0] if len(model.model.layers) else None
+    layers, _ = decoder_blocks(model)
+    first = layers[0] if len(layers) else None
     projections = [first.self_attn.q_proj, first.self_attn.k_proj, first.self_attn.v_proj, first.self_attn.o_proj,
                    first.mlp.gate_proj, first.mlp.up_proj, first.mlp.down_proj] if first is not None else []
     if any(p.bias is not None for p in projections):
@@ -163,7 +165,8 @@ class DecodeEngine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.context, self.eps = cfg.max_position_embeddings, cfg.rms_norm_eps
         self.scale = 1 / math.sqrt(self.head_dim)
-        layers = llama.model.layers
+        layers, _ = decoder_blocks(llama)
+        embedding = llama.get_input_embeddings()
         with torch.no_grad():
             self.blocks = [Block(
                 b.input_layernorm.weight.detach().clone(),
@@ -173,11 +176,11 @@ class DecodeEngine:
                 b.post_attention_layernorm.weight.detach().clone(),
                 torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]).detach().contiguous(),
                 b.mlp.down_proj.weight.detach().clone()) for b in layers]
-            self.embed = llama.model.embed_tokens.weight.detach().clone()
+            self.embed = embedding.weight.detach().clone()
             head = llama.get_output_embeddings() if hasattr(llama, "get_output_embeddings") else None
-            self.head = self.embed if head is None or head.weight is llama.model.embed_tokens.weight \
+            self.head = self.embed if head is None or head.weight is embedding.weight \
                 else head.weight.detach().clone()
-            self.norm = llama.model.norm.weight.detach().clone()
+            self.norm = final_norm(llama).weight.detach().clone()
             # the model's own rotary module, so the tables are exactly the ones it uses
             positions = torch.arange(self.context, device=self.embed.device)[None]
             cos, sin = llama.model.rotary_emb(self.embed[None, :1], positions)

@@ -49,6 +49,7 @@ from ..formats.checkpoint import BASE_DOMAIN
 from ..formats.format import BASE_GGUF_SHA256
 from ..formats.gguf_input import gguf_file
 from ..formats.served import ServedModel, load_served
+from ..model.blocks import decoder_blocks
 from ..process import log
 from ..records import MODEL_CARD, ModelCard
 from ..run_folder import RunFolder
@@ -347,10 +348,10 @@ def fisher_merge(models: list[torch.nn.Module], batches: list[list[torch.Tensor]
 def _gram_matrices(model: torch.nn.Module, windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """XᵀX of the inputs of every linear layer of the decoder blocks, over `windows`."""
     grams, hooks = {}, []
-    layers = model.get_decoder().layers
+    layers, prefix = decoder_blocks(model)  # "model.layers.", GPT-2's "transformer.h.", ...
     for name, module in layers.named_modules():
         if isinstance(module, torch.nn.Linear):
-            def hook(mod, args, _out, key=f"model.layers.{name}.weight"):
+            def hook(mod, args, _out, key=f"{prefix}{name}.weight"):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 grams[key] = grams.get(key, 0) + x.T @ x
             hooks.append(module.register_forward_hook(hook))

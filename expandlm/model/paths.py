@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
 
+from .blocks import decoder_blocks
+
 ACTIVE_DOMAIN: ContextVar[str | None] = ContextVar("expandlm_active_domain", default=None)
 
 
@@ -41,7 +43,7 @@ def _gated_class(block_class: type) -> type:
 def gate_blocks(model, paths: dict[str, list[int]]) -> None:
     """Give every decoder block that is not on every domain's path a gate (`paths`: domain → the
     indices of the blocks it runs)."""
-    for i, block in enumerate(model.model.layers):
+    for i, block in enumerate(decoder_blocks(model)[0]):
         on = frozenset(d for d, path in paths.items() if i in path)
         if len(on) < len(paths):
             block.__class__ = _gated_class(type(block))
@@ -55,11 +57,12 @@ def path_model(model, path: list[int]):
     config.num_hidden_layers = len(path)
     if getattr(config, "layer_types", None):  # transformers ties this per-layer list to the layer count
         config.layer_types = [config.layer_types[i] for i in path]
-    rename = {f"model.layers.{i}.": f"model.layers.{j}." for j, i in enumerate(path)}
+    _, blocks = decoder_blocks(model)  # the blocks' name prefix: "model.layers.", GPT-2's "transformer.h."
+    rename = {f"{blocks}{i}.": f"{blocks}{j}." for j, i in enumerate(path)}
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith("model.layers."):
-            prefix = ".".join(name.split(".")[:3]) + "."
+        if name.startswith(blocks):
+            prefix = blocks + name[len(blocks):].split(".")[0] + "."
             if prefix not in rename:
                 continue
             name = rename[prefix] + name[len(prefix):]
