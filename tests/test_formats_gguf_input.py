@@ -82,10 +82,11 @@ def test_a_folder_grown_from_the_file_keeps_its_base_domain_exactly(smollm2, ref
     out = tmp_path / "grown"
     assert main(["adapt", "--base", str(SMOLLM2), "--domain", "recipes", "--out", str(out), "--max-steps", "1",
                  "--batch-size", "1", "--context", "64", "--limit", "30", "--val-limit", "2", "--eval-interval", "0",
-                 "--option", "vocab_size=512", "--no-progress"]) == 0
+                 "--no-progress"]) == 0
     card = json.loads((out / "expandlm.json").read_text())
     (cached,) = (cache / "gguf").glob(f"*/{SOURCE}")
     assert card["base_gguf_sha256"] == cached.parent.name and card["format"] == "branch"
+    assert card["tokenizer"] == "base"  # a pretrained checkpoint's own, with the domain's tag
     model, tokenizer = reference
     grown = load_served(out, device="cpu")
     ids = torch.tensor([tokenizer("The little bird sang every morning.")["input_ids"]])
