@@ -15,6 +15,7 @@ fine-tuning a pretrained model; adapt's 2e-3 is a rate for new weights). Reporte
 
     python benchmarks/real_model.py                      # 200k tokens a run; ~1 h a run on 2 CPU cores
     python benchmarks/real_model.py --tokens 8192 --domains recipes --methods expand_branch   # a smoke run
+    python benchmarks/real_model.py --report-only        # the table and plot of the runs finished, none started
 
 Every run is a run folder under --out: a finished one is measured and reused, an interrupted one resumed,
 so the study goes on where it stopped; the report and plot show the runs finished so far.
@@ -32,11 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, str(ROOT))
+from expandlm.run_folder import RunFolder  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 FULL_LR = 1e-4
 METHODS = {  # name: adapt arguments (in the order the study runs them: the default first, then its other tokenizer)
-    "expand_branch": [],
-    "expand_branch:base": ["--option", "tokenizer=base"],
+    "expand_branch": [],  # over a pretrained checkpoint: its tokenizer, with the domain's tag
+    "expand_branch:own": ["--option", "tokenizer=own"],
     "lora": ["--strategy", "lora"],
     "full_ft": ["--strategy", "full_ft", "--lr", FULL_LR],
     "replay": ["--strategy", "replay", "--lr", FULL_LR, "--base-data", DATA / "tinystories.jsonl.gz"],
@@ -67,7 +69,6 @@ def smollm2_gguf() -> Path:
 def adapt(out: Path, gguf: Path, domain: str, method: str, tokens: int) -> Path:
     """`expandlm adapt` of one method, in its own process under /usr/bin/time: skipped when done, resumed
     when interrupted."""
-    from expandlm.run_folder import RunFolder
     state = RunFolder(out).auto()
     if state == "done":
         return out
@@ -219,14 +220,19 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "results" / "real_model.md")
     p.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "real_model.png")
+    p.add_argument("--report-only", action="store_true", help="report the finished runs; start or resume none")
     args = p.parse_args()
     gguf = args.gguf or smollm2_gguf()
     base = base_measures(args.out, gguf)
     rows = []
     for domain in args.domains:
         for method in args.methods:
-            folder = adapt(args.out / f"{args.tokens}" / f"{domain}-{method.replace(':', '-')}", gguf, domain, method,
-                           args.tokens)
+            folder = args.out / f"{args.tokens}" / f"{domain}-{method.replace(':', '-')}"
+            if args.report_only:
+                if RunFolder(folder).state != "done":  # read only: auto() would clear a run killed early
+                    continue
+            else:
+                adapt(folder, gguf, domain, method, args.tokens)
             rows.append(row(folder, domain, method, base))
             write_report(rows, base, args.report, args.tokens)  # after every run: the study so far
             plot(rows, base, args.figure)

@@ -37,7 +37,11 @@ def window(model_context: int, context: int | None, where: str = "--context") ->
 
 def _head_and_body(model):
     """(decoder, output head) of a standard transformers causal LM whose logits are exactly the head applied
-    to the decoder's last hidden state; None for anything else (a routed view, a wrapped model)."""
+    to the decoder's last hidden state; None for anything else (a routed view, a wrapped model). A view of
+    one domain (`paths.DomainView`: an adapter on or off, a path of blocks) is no module: its decoder, called
+    alone, would run without the domain's arguments and context, so it is called whole."""
+    if not isinstance(model, torch.nn.Module):
+        return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: its adapters stay in
     get_decoder, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
     if get_decoder is None or get_head is None or not hasattr(inner, "config"):
