@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import UserError, no_space_left
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -47,9 +47,17 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
         else:
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual permissions
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
+        if no_space_left(e):  # one line, not the traceback of whichever library was writing
+            raise full_disk(path.parent if path.name == INCOMING else path) from None
         raise
+
+
+def full_disk(path: Path) -> UserError:
+    kept = "what was there before is kept" if path.exists() else "nothing was written there"
+    return UserError(f"{path}: no space left on the device while writing it; {kept} (a run continues from "
+                     "its last checkpoint with --resume once there is room)")
 
 
 @contextmanager

@@ -11,10 +11,13 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Stopped, UserError
 
 
 def _quiet_libraries() -> None:
@@ -152,10 +155,27 @@ def cmd_eval(args) -> None:
     shard = build_shard(corpus, served.tokenizer_for(domain.name), args.cache_dir)
     result = {"model": str(args.model), "domain": domain.name, "data": str(data),
               **evaluate_bpb(served.for_domain(domain.name), shard, context=args.context)}
-    out = Path(args.out) if args.out else served.path / f"eval-{domain.name}.json"
+    # the domain's own validation text is eval-DOMAIN.json; another file's result never replaces it
+    out = Path(args.out) if args.out else served.path / (
+        f"eval-{domain.name}.json" if args.data is None else f"eval-{domain.name}-{_file_label(args.data)}.json")
+    if out.exists() and not _is_eval_result(out):
+        raise UserError(f"{out}: exists and is not an expandlm eval result; expandlm never replaces it: "
+                        "choose another --out")
     write_json(out, result)
     print(json.dumps(result, indent=2))
     print(f"bpb {result['bpb']:.4f} on {result['documents']} {domain.name} documents → {out}", file=sys.stderr)
+
+
+def _file_label(data: str) -> str:
+    """A data file's name as part of a file name: `recipes.valid.jsonl.gz` → `recipes.valid`."""
+    return re.sub(r"\.(jsonl|json|txt)(\.gz)?$", "", Path(data).name) or "data"
+
+
+def _is_eval_result(path: Path) -> bool:
+    try:
+        return {"model", "domain", "bpb"} <= set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def cmd_generate(args) -> None:
@@ -410,8 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame):
+    raise Stopped("stopped by SIGTERM (a `train` or `adapt` run continues from its last checkpoint with --resume)",
+                  signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # SIGTERM ends a command as Ctrl-C does, in one line (training saves first: see process.StopRequests)
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
@@ -419,9 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"expandlm: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"\nexpandlm: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("\nexpandlm: interrupted (a `train` or `adapt` run continues with --resume)", file=sys.stderr)
+        print("\nexpandlm: interrupted (a `train` or `adapt` run continues from its last checkpoint with --resume)",
+              file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -5,7 +5,11 @@
     metrics.jsonl     the training curve (loss, lr, tokens/s, validation bpb)
     checkpoint/       the resumable training state (accelerate's, plus train_state.json)
     suite.json        the evaluation suite's results (compare)
+    .expandlm         the mark of a folder expandlm made a run in (written before anything else)
     config.json, model.safetensors, tokenizer.json, ...   the standard Hugging Face checkpoint
+
+expandlm removes or replaces files only in a folder it marked as its own: a non-empty folder that
+holds neither the mark nor an expandlm record is the user's, and is refused in one line.
 
 Only the main process writes (under torchrun every process runs the same code). Paths in run records
 are stored relative to the run folder, so a folder can be used from any working directory and moved.
@@ -29,6 +33,8 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
 TRAIN_STATE = "train_state.json"
 SUITE = "suite.json"
+MARK = ".expandlm"
+STUDY_RESULTS = "results.json"  # a study's or demo's
 
 PACKAGES = ("expandlm", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft",
             "safetensors", "numpy", "pydantic")
@@ -47,6 +53,13 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out
+
+
+def _written_by_expandlm(record: Path) -> bool:
+    try:
+        return "expandlm" in read_json(record, "record").get("versions", {})
+    except (UserError, OSError, AttributeError):
+        return False
 
 
 class RunFolder:
@@ -78,6 +91,7 @@ class RunFolder:
         """Check that the folder fits the request (a new run never overwrites one, a resume needs an
         unfinished run) and clear what a fresh run must not inherit, or what a killed one left half-written
         (main process only)."""
+        self.claim()
         state = self.state
         if resume and state != "resume":
             raise UserError(f"{self.path}: nothing to resume (no unfinished run here); drop --resume")
@@ -89,12 +103,41 @@ class RunFolder:
         distributed_state().wait_for_everyone()
 
     def auto(self) -> str:
-        """For stages that are reused (compare, demo): the state, after removing what an interrupted
-        run left that cannot be resumed (it was killed before it wrote its run record)."""
-        state = self.state
-        if state == "new" and self.path.exists() and is_main_process():
-            shutil.rmtree(self.path)
-        return state
+        """For stages that are reused (compare, demo): the state of the folder, claimed for a run. What an
+        interrupted run left that cannot be resumed (killed before its run record) is cleared by `begin`."""
+        self.claim()
+        return self.state
+
+    def is_ours(self) -> bool:
+        """Whether expandlm made this folder: its mark, or, for folders from before the mark, its model
+        card, a record expandlm wrote (a run's, or a study's results), or a stage folder of a study."""
+        if (self.path / MARK).exists() or (self.path / MODEL_CARD).exists():
+            return True
+        if any(_written_by_expandlm(self.path / name) for name in (RUN_RECORD, STUDY_RESULTS)):
+            return True
+        return any((child / MARK).exists() or _written_by_expandlm(child / RUN_RECORD)
+                   for child in self.path.iterdir() if child.is_dir()) if self.path.is_dir() else False
+
+    def claim(self) -> None:
+        """Make this path a folder expandlm may write a run into, and mark it: a new or empty folder, or
+        one expandlm made. A file, or a folder of the user's own files, is refused in one line."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: is a file, not a folder; --out names the folder a run is written to")
+        if self.path.is_dir() and not self.is_ours() and any(self.path.iterdir()):
+            raise UserError(f"{self.path}: holds files expandlm did not write; expandlm never replaces them: "
+                            "choose a new or empty folder for --out")
+        if is_main_process() and not (self.path / MARK).exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / MARK).touch()
+
+    def restart(self) -> None:
+        """Forget a run that cannot be resumed (its records, curve and checkpoint), so that a new one
+        begins here; its model files are replaced when the new run saves."""
+        self.claim()
+        if is_main_process():
+            for name in (RUN_RECORD, MODEL_CARD, METRICS):
+                (self.path / name).unlink(missing_ok=True)
+            self.clear()
 
     def clear(self) -> None:
         """Remove a previous run's resumable state and curve (a fresh run starts from nothing)."""
@@ -121,9 +164,10 @@ class RunFolder:
             write_json(self.path / MODEL_CARD, card.to_json())
 
     def save(self, save_fn) -> None:
-        """Run a `save_pretrained(folder)` so that each file lands atomically beside the others."""
+        """Run a `save_pretrained(folder)` so that each file lands atomically beside the others (in a
+        folder expandlm may write: see `claim`)."""
+        self.claim()
         if is_main_process():
-            self.path.mkdir(parents=True, exist_ok=True)
             with files_into(self.path) as tmp:
                 save_fn(tmp)
 

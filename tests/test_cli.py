@@ -23,7 +23,9 @@ def test_every_command_end_to_end(capsys, tmp_path, stories_file):
                          str(tok_dir), "--preset", "nano", "--max-steps", "12", "--batch-size", "4",
                          "--eval-interval", "6", "--no-progress", "--out", str(model_dir))
     assert code == 0, err
-    assert "parameters" in out and "val bpb" in out
+    assert "parameters" in out and "val bpb" in out and "training: 1 process on cpu, no" in out
+    details = json.loads((model_dir / "run.json").read_text())
+    assert (details["world_size"], details["device"], details["precision"]) == (1, "cpu", "no")
     model = AutoModelForCausalLM.from_pretrained(model_dir)  # a standard checkpoint
     assert len(AutoTokenizer.from_pretrained(model_dir)) == model.config.vocab_size
     record = json.loads((model_dir / "run.json").read_text())
@@ -34,7 +36,15 @@ def test_every_command_end_to_end(capsys, tmp_path, stories_file):
                          str(stories_file))
     result = json.loads(out)
     assert code == 0 and result["bpb"] > 0 and result["documents"] == 60
-    assert json.loads((model_dir / "eval-stories.json").read_text())["bpb"] == result["bpb"]
+    assert json.loads((model_dir / "eval-stories-stories.json").read_text())["bpb"] == result["bpb"]
+    (model_dir / "eval-stories.json").write_text('{"model": "m", "domain": "stories", "bpb": 1.0}')
+    (model_dir / "eval-stories-recipes.json").write_text("the user's own notes")
+    other = tmp_path / "recipes.jsonl"
+    other.write_text(stories_file.read_text())
+    code, _, err = run(capsys, "eval", "--model", str(model_dir), "--domain", "stories", "--data", str(other))
+    assert code == 2 and "eval-stories-recipes.json: exists and is not an expandlm eval result" in err
+    assert (model_dir / "eval-stories-recipes.json").read_text() == "the user's own notes"
+    assert json.loads((model_dir / "eval-stories.json").read_text())["bpb"] == 1.0  # another file's never replaces it
 
     code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--domain", "stories", "--prompt", "Lily",
                        "--num-samples", "2", "--max-new-tokens", "10", "--json")
@@ -95,6 +105,37 @@ def test_bad_line_in_corpus_is_reported(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--domain", "stories", "--data", str(bad), "--out", str(tmp_path / "o"))
     assert code == 2 and f"{bad}:2: invalid JSON" in err
     assert not (tmp_path / "o" / "run.json").exists()
+
+
+def _users_folder(path):
+    path.mkdir(parents=True)
+    (path / "thesis.txt").write_text("precious")
+    (path / "metrics.jsonl").write_text("my own numbers\n")
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+def test_a_users_folder_is_never_emptied_or_overwritten(capsys, tmp_path, stories_file, shared_data):
+    """Issue 30's repros: `demo --out D` emptied D/stories; `train --out` replaced the user's metrics.jsonl;
+    `--out` a file gave a traceback. Each is refused in one line and every file stays as it was."""
+    demo, earlier, own, file = tmp_path / "D", tmp_path / "E", tmp_path / "mine", tmp_path / "notes.txt"
+    kept = {demo / "stories": _users_folder(demo / "stories"), earlier / "stories": _users_folder(earlier / "stories"),
+            own: _users_folder(own)}
+    (earlier / ".expandlm").touch()  # an earlier demo's folder, whose stage folder the user replaced
+    file.write_text("mine")
+    demo_argv = ["demo", "--preset", "nano", "--limit", "100", "--data-dir", str(shared_data), "--out"]
+    for argv, where in [
+        ([*demo_argv, str(demo)], demo),
+        ([*demo_argv, str(earlier)], earlier / "stories"),
+        (["train", "--domain", "stories", "--data", str(stories_file), "--out", str(own), *NANO], own),
+        (["tokenizer", "--domain", "stories", "--data", str(stories_file), "--vocab-size", "300", "--limit", "50",
+          "--out", str(own)], own),
+        (["train", "--domain", "stories", "--data", str(stories_file), "--out", str(file), *NANO], file),
+    ]:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.startswith(f"expandlm: error: {where}: ") and len(err.strip().splitlines()) == 1, err
+    for folder, files in kept.items():
+        assert {p.name: p.read_text() for p in folder.iterdir()} == files
+    assert file.read_text() == "mine"
 
 
 @pytest.mark.slow

@@ -151,3 +151,24 @@ def test_llama_cpp_runs_a_tiny_preset_model_as_expandlm(tmp_path, llama_cpp):
 def test_a_tokenizer_without_merges_is_refused(tmp_path):
     with pytest.raises(UserError, match="no merges"):
         write_gguf(decisive("nano"), bytes_tokenizer(), tmp_path / "bytes.gguf")
+
+
+def test_a_file_expandlm_did_not_write_is_never_replaced(tmp_path):
+    tok = train_bpe(STORIES, 400)
+    model = decisive("nano", tokenizer=tok)
+    theirs, foreign_gguf, ours = tmp_path / "notes.gguf", tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    theirs.write_text("not a model")
+    writer = gguf.GGUFWriter(str(foreign_gguf), "llama")  # a GGUF from another tool (llama.cpp's converter)
+    writer.add_name("theirs")
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    kept = {p: p.read_bytes() for p in (theirs, foreign_gguf)}
+    for path in kept:
+        with pytest.raises(UserError, match=f"{path}: exists and expandlm did not write it"):
+            write_gguf(model, tok, path)
+    assert {p: p.read_bytes() for p in kept} == kept
+    with pytest.raises(UserError, match="is a folder; --format gguf writes one file"):
+        write_gguf(model, tok, tmp_path)
+    write_gguf(model, tok, ours)
+    write_gguf(model, tok, ours, name="again")  # expandlm's own file: replaced
+    assert _field(gguf.GGUFReader(str(ours)), "general.name") == "again"

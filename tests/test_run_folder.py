@@ -7,7 +7,7 @@ import pytest
 from expandlm.atomic import atomic_path, write_json
 from expandlm.errors import UserError
 from expandlm.records import RunRecord
-from expandlm.run_folder import CHECKPOINT, METRICS, RUN_RECORD, TRAIN_STATE, RunFolder, versions
+from expandlm.run_folder import CHECKPOINT, MARK, METRICS, RUN_RECORD, TRAIN_STATE, RunFolder, versions
 
 
 def _record(status: str = "running") -> RunRecord:
@@ -37,14 +37,51 @@ def test_a_run_is_never_overwritten_and_a_resume_needs_a_checkpoint(tmp_path):
         folder.begin(resume=False)
 
 
-def test_auto_clears_a_run_killed_before_its_first_checkpoint(tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_starts_again_from_nothing(tmp_path):
     folder = RunFolder(tmp_path / "run")
-    folder.path.mkdir()
+    folder.begin(resume=False)
     (folder / METRICS).write_text('{"step": 1}\n')
-    assert folder.auto() == "new" and not folder.path.exists()
+    assert folder.auto() == "new"
+    folder.begin(resume=False)
+    assert not (folder / METRICS).exists()
     (folder.checkpoint).mkdir(parents=True)
     write_json(folder.checkpoint / TRAIN_STATE, {"step": 3})
     assert folder.auto() == "resume" and (folder.checkpoint / TRAIN_STATE).exists()
+
+
+@pytest.mark.parametrize("claim", ["begin", "auto", "save"])
+def test_a_folder_of_the_users_own_files_is_refused_and_left_as_it_was(tmp_path, claim):
+    """`demo --out D` once emptied D (issue 30); `train --out` replaced a user's own metrics.jsonl."""
+    folder = RunFolder(tmp_path / "mine")
+    folder.path.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    (folder / METRICS).write_text("my own numbers\n")
+    (folder / RUN_RECORD).write_text('{"written by": "another tool"}')
+    before = {p.name: p.read_text() for p in folder.path.iterdir()}
+    act = {"begin": lambda: folder.begin(resume=False), "auto": folder.auto,
+           "save": lambda: folder.save(lambda d: (d / "config.json").write_text("{}"))}[claim]
+    with pytest.raises(UserError, match=f"{folder.path}: holds files expandlm did not write"):
+        act()
+    assert {p.name: p.read_text() for p in folder.path.iterdir()} == before
+
+
+def test_a_file_is_no_run_folder(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(UserError, match="out: is a file, not a folder"):
+        RunFolder(tmp_path / "out").begin(resume=False)
+    assert (tmp_path / "out").read_text() == "x"
+
+
+def test_an_empty_folder_or_one_expandlm_made_is_claimed_and_marked(tmp_path):
+    (tmp_path / "empty").mkdir()
+    RunFolder(tmp_path / "empty").begin(resume=False)
+    assert os.listdir(tmp_path / "empty") == [MARK]
+    legacy = RunFolder(tmp_path / "legacy")  # a finished run from before the mark: its record says expandlm
+    legacy.path.mkdir()
+    legacy.write_record(_record("done"))
+    (legacy / "notes.txt").write_text("the user's, beside the run")
+    legacy.restart()
+    assert sorted(os.listdir(legacy.path)) == [MARK, "notes.txt"] and legacy.state == "new"
 
 
 def test_paths_are_stored_relative_to_the_folder_and_resolve_from_anywhere(tmp_path, monkeypatch):
@@ -99,7 +136,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_and_leftovers_are_remo
     (folder / ".run.json.tmp-k1ll.json").write_text("{")
     assert folder.state == "resume"
     folder.begin(resume=True)
-    assert sorted(os.listdir(folder.path)) == [METRICS, RUN_RECORD]
+    assert sorted(os.listdir(folder.path)) == [MARK, METRICS, RUN_RECORD]
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
         folder.begin(resume=False)
 
@@ -114,4 +151,4 @@ def test_a_checkpoint_moved_aside_by_a_killed_write_is_put_back(tmp_path):
     (folder / ".checkpoint.tmp-k1ll").mkdir()
     folder.begin(resume=True)
     assert json.loads((folder.checkpoint / TRAIN_STATE).read_text()) == {"step": 3}
-    assert sorted(os.listdir(folder.path)) == [CHECKPOINT, RUN_RECORD]
+    assert sorted(os.listdir(folder.path)) == [MARK, CHECKPOINT, RUN_RECORD]

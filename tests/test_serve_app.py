@@ -13,13 +13,15 @@ from fastapi.testclient import TestClient
 
 from expandlm.serve.app import Catalog, Job, Scheduler, create_app
 from expandlm.inference.engine import Sampler
+from expandlm.serve.http import HEADER_TIMEOUT_S, header_timed
 from expandlm.formats.served import load_served
 
 
 @contextmanager
-def live_server(app):
-    """`app` on a free loopback port, in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+def live_server(app, header_timeout_s: float = HEADER_TIMEOUT_S):
+    """`app` on a free loopback port, in a thread, with `serve`'s HTTP connections; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           http=header_timed(header_timeout_s)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -416,6 +418,22 @@ def test_a_body_that_comes_too_slowly_is_a_408(app):
     assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5
     error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert set(error) == {"message", "type", "param", "code"} and "0.5 s" in error["message"]
+
+
+def test_a_connection_whose_headers_never_finish_is_closed(app):
+    """Half a request header and then nothing was held open for ever (still open after 70 s, issue 30)."""
+    import socket
+
+    with live_server(app, header_timeout_s=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as half, \
+                socket.create_connection((host, int(port)), timeout=10) as whole:
+            half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")  # and then nothing
+            whole.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert whole.recv(4096).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            assert half.recv(4096) == b""  # closed by the server (a recv timeout would raise instead)
+            assert time.monotonic() - start < 5
 
 
 def test_a_client_that_abandons_a_whole_answer_frees_its_slot(app, url, monkeypatch):

@@ -7,11 +7,12 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from expandlm.data.corpus import load_corpus
 from expandlm.domains import get_domain
-from expandlm.errors import UserError
+from expandlm.errors import Stopped, UserError
 from expandlm.model.llama import PRESETS, build_model
 from expandlm.data.shards import PackedBatches, build_shard
 from expandlm.data.tokenizer import train_bpe
@@ -267,7 +268,12 @@ def test_two_process_data_parallel_run(stories_file, tmp_path):
            "--domain", "stories", "--data", str(stories_file), "--preset", "nano", "--max-steps", "6",
            "--batch-size", "4", "--eval-interval", "3", "--eval-docs", "5", "--log-interval", "3", "--no-progress",
            "--out", str(tmp_path / "ddp")]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert "training: 2 processes on cpu, no" in done.stdout  # said once, by the main process
+    assert done.stdout.count("training: ") == 1
+    details = RunFolder(tmp_path / "ddp").record().details
+    assert (details["world_size"], details["device"], details["precision"]) == (2, "cpu", "no")
     curve = RunFolder(tmp_path / "ddp").metrics()
     assert curve[-1]["step"] == 6 and curve[-1]["tokens"] == 6 * 4 * 128 * 2  # both processes' samples
     assert {p.name for p in (tmp_path / "ddp" / "checkpoint").glob("random_states_*")} == {
@@ -329,3 +335,147 @@ def test_a_truncated_checkpoint_file_is_named_and_never_resumed_from(setup, tmp_
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match=rf"checkpoint/{name}\b.*(truncated|invalid JSON)"):
         _short_run(shard, tok, tmp_path / "run", max_steps=7, resume=True)
+
+
+def _signalled_at(micro_steps: int, signum: int):
+    """A loss function that sends this process `signum` (as a scheduler or Ctrl-C would) during its
+    `micro_steps`-th call."""
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if len(calls) == micro_steps:
+            os.kill(os.getpid(), signum)
+        return causal_lm_loss(model, batch)
+    return loss
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_at_the_step_boundary_and_the_resumed_run_is_the_uninterrupted_one(setup, tmp_path, signum):
+    tok, shard = setup
+    _short_run(shard, tok, tmp_path / "a")
+    with pytest.raises(Stopped, match=rf"stopped by {signum.name} at step 9 of 17, saved in .*b/checkpoint; "
+                                      r"the same command with --resume") as stopped:
+        _short_run(shard, tok, tmp_path / "b", loss_fn=_signalled_at(9, signum))  # checkpoints at 7 and 14
+    assert stopped.value.signum == signum
+    assert json.loads((tmp_path / "b" / "checkpoint" / "train_state.json").read_text())["step"] == 9  # not 7
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handlers are gone with it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _, state = _short_run(shard, tok, tmp_path / "b", resume=True)
+    assert state.resumed_from == [9] and state.step == 17
+    curve = lambda out: [(r["step"], r["loss"]) for r in RunFolder(out).metrics()]  # noqa: E731
+    assert curve(tmp_path / "b") == curve(tmp_path / "a")
+    a, b = (load_file(p / "checkpoint" / "model.safetensors") for p in (tmp_path / "a", tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_signal_stops_at_once(setup, tmp_path):
+    tok, shard = setup
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return causal_lm_loss(model, batch)
+    with pytest.raises(KeyboardInterrupt):
+        _short_run(shard, tok, tmp_path / "b", loss_fn=loss)
+    assert len(calls) == 3 and not (tmp_path / "b" / "checkpoint").exists()
+
+
+def test_a_full_disk_ends_in_one_line_and_the_last_checkpoint_is_kept(setup, tmp_path, monkeypatch):
+    """A full disk once gave a `SafetensorError ... No space left on device` traceback (issue 30)."""
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+    tok, shard = setup
+    saves, save_state = [], Accelerator.save_state
+
+    def fills_the_disk(self, output_dir, **kwargs):
+        saves.append(output_dir)
+        save_state(self, output_dir, **kwargs)
+        if len(saves) == 2:  # the checkpoint at step 14, its files half written
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+    monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
+    with pytest.raises(UserError, match=r"b/checkpoint: no space left on the device while writing it; what was there "
+                                        r"before is kept \(a run continues from its last checkpoint with --resume"):
+        _short_run(shard, tok, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "checkpoint" / "train_state.json").read_text())["step"] == 7
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint", "metrics.jsonl"]  # no temp folder left
+    monkeypatch.undo()
+    _short_run(shard, tok, tmp_path / "a")
+    _, state = _short_run(shard, tok, tmp_path / "b", resume=True)
+    assert state.resumed_from == [7] and RunFolder(tmp_path / "b").metrics() == [
+        {**r, "tokens_per_s": r2["tokens_per_s"], "elapsed_s": r2["elapsed_s"]}
+        for r, r2 in zip(RunFolder(tmp_path / "a").metrics(), RunFolder(tmp_path / "b").metrics())]
+
+
+def test_a_metrics_line_cut_short_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 1.0}\n\n{"step": 7, "loss": 0.9}\n{"step": 1')
+    loop._truncate_metrics(path, 7)
+    assert path.read_text() == '{"step": 5, "loss": 1.0}\n{"step": 7, "loss": 0.9}\n'
+
+
+def _wait_for_step(metrics, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_from_a_scheduler_saves_and_says_how_to_resume(stories_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_train_cmd(stories_file, tmp_path / "b"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path / "b" / "metrics.jsonl", 30)
+    proc.send_signal(signal.SIGTERM)  # what docker stop, Kubernetes and slurm send before they kill
+    _, err = proc.communicate(timeout=120)
+    saved = json.loads((tmp_path / "b" / "checkpoint" / "train_state.json").read_text())["step"]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"expandlm: stopped by SIGTERM at step {saved} of 400" in err and "--resume" in err
+    assert saved == RunFolder(tmp_path / "b").metrics()[-1]["step"]  # the step it stopped at, not the last checkpoint
+    subprocess.run(_train_cmd(stories_file, tmp_path / "b", "--resume"), check=True, env=env, capture_output=True)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["resumed_from"] == [saved] and run["steps"] == 400
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in os.listdir("/proc"):
+        try:
+            if stat.isdigit() and int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_workers_stop_when_their_launcher_is_killed(stories_file, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *_train_cmd(stories_file, tmp_path / "d")[1:]]
+    launcher = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    _wait_for_step(tmp_path / "d" / "metrics.jsonl", 3, timeout=240)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    launcher.kill()  # kill -9: no chance to stop its workers
+    launcher.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and any(map(_running, workers)):
+        time.sleep(0.2)
+    alive = [w for w in workers if _running(w)]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "workers trained on as orphans"
+    saved = json.loads((tmp_path / "d" / "checkpoint" / "train_state.json").read_text())["step"]
+    assert saved == RunFolder(tmp_path / "d").metrics()[-1]["step"] < 400  # both stopped, saved where they stopped

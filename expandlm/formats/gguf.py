@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,23 @@ from ..errors import UserError
 from ..model.blocks import decoder_blocks, final_norm
 
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 regex split (llama-vocab.cpp)
+EXPORTED_BY = "expandlm.exported_from"
+
+
+def _check_replaceable(out: Path) -> None:
+    """An existing file is replaced only if expandlm wrote it (a GGUF with its mark)."""
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; --format gguf writes one file: name it, e.g. {out / 'model.gguf'}")
+    import gguf
+    try:
+        ours = gguf.GGUFReader(str(out)).get_field(EXPORTED_BY) is not None
+    except Exception:  # not a GGUF file at all
+        ours = False
+    if not ours:
+        raise UserError(f"{out}: exists and expandlm did not write it; expandlm never replaces such a file: "
+                        "choose another --out")
 
 
 def meta_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -71,11 +89,13 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm",
         raise UserError(f"GGUF export supports plain RoPE, not {rope.get('rope_type')!r}")
     vocab_size = vocab_size or cfg.vocab_size
     vocabulary = _vocabulary(tokenizer, vocab_size)  # a tokenizer it cannot hold is refused before the file is begun
+    _check_replaceable(Path(out))
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(name)
+        w.add_string(EXPORTED_BY, name)  # the mark of a file expandlm may replace (llama.cpp ignores unknown keys)
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)

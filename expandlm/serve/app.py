@@ -779,6 +779,7 @@ async def _stream(jobs, head, prefix, chat, stream_options):
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, engine: str = "fast", max_batch: int = 8,
           max_waiting: int = 64, threads: int | None = None, base_domain: str = BASE_DOMAIN) -> None:
     import uvicorn
+    from .http import header_timed
 
     opened = {}  # folders built on one base share it: its weights are held once
     catalog = Catalog([load_served(p, base_domain=base_domain, opened=opened) for p in paths])
@@ -789,6 +790,6 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, engine: s
         print(f"serving {model_id}")
     print(f"OpenAI-compatible API at http://{host}:{port}/v1 · web page at http://{host}:{port}/")
     try:
-        uvicorn.run(create_app(catalog, scheduler), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(catalog, scheduler), host=host, port=port, log_level="warning", http=header_timed())
     finally:
         scheduler.stop()

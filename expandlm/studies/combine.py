@@ -157,9 +157,7 @@ class CombineStudy(Stages):
     def _merge(self, run: MergeRun, models: list[Path], base: Path, folder: Path) -> tuple[Path, float]:
         timing = folder / "merge_seconds.json"
         if not (folder / RUN_RECORD).exists() or not timing.exists():
-            if folder.exists():
-                import shutil
-                shutil.rmtree(folder)
+            RunFolder(folder).restart()  # a merge killed midway is done again
             t0 = time.time()
             cfg = MergeConfig(method=run.method, base=str(base), parameters=build(MergeParameters, run.parameters, run.label),
                               models=[MergeModel(model=str(m), weight=run.weight) for m in models])

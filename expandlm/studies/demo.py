@@ -110,6 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if len(cfg.domains) > 2 and not FORMATS[method.format].one_set_of_weights:
         raise UserError(f"strategy '{method.name}' adds one domain to an expert; it cannot add a third yet")
     out, started = Path(cfg.out), time.time()
+    RunFolder(out).claim()  # its stages, report and results go here: never into a user's folder
     sources = {name: _sources(cfg, name) for name in cfg.domains}
     stages, records = _train_stages(cfg, method.name, sources, out)
     domains, answers, samples = _measure_domains(cfg, sources, stages, records[-1].bpb)

@@ -58,6 +58,7 @@ class Stages:
 
     def __init__(self, settings: StageSettings, out: Path, progress: bool = True, served_bpb_only: bool = False):
         self.settings, self.out, self.progress = settings, Path(out), progress
+        RunFolder(self.out).claim()  # the study's stages, report and cache go here: never into a user's folder
         self.served_bpb_only = served_bpb_only
         data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
         self.sources = {name: get_domain(name).local_files(data_dir) for name in settings.domains}

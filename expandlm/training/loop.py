@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -28,10 +29,10 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pydantic import Field
 
-from ..atomic import atomic_path, read_json, write_json, write_text
+from ..atomic import atomic_path, full_disk, read_json, write_json, write_text
 from ..config import arg, config
-from ..errors import UserError
-from ..process import distributed_state, log
+from ..errors import Stopped, UserError, no_space_left
+from ..process import StopRequests, distributed_state, log
 from ..evaluation.bpb import evaluate_bpb
 from ..model.window import DEFAULT_CONTEXT, next_token_nll
 from ..run_folder import METRICS, TRAIN_STATE, RunFolder
@@ -346,6 +347,12 @@ class _Loop:
         optimizer = make_optimizer(model, cfg)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        log(f"training: {self.world} process{'es' if self.world > 1 else ''} on {accelerator.device.type}, "
+            f"{resolved_precision(cfg)}")
+        if self.world == 1 and "ACCELERATE_USE_CPU" in os.environ and accelerator.device.type == "cpu":
+            # `accelerate launch --num_processes N --cpu` runs one process unless told --multi_cpu
+            log("accelerate launch started one process: for several on CPUs, use torchrun --nproc_per_node N "
+                "(or accelerate launch --multi_cpu)")
         self.tokens_per_step = step_tokens(cfg, batches, self.world)
         self.passes = passes(batches.batch_size, activation_bytes(accelerator.unwrap_model(self.model), batches.context))
         if self.passes > 1:
@@ -405,6 +412,13 @@ class _Loop:
             own = (state.window_loss[self.rank] if len(state.window_loss) == self.world
                    else sum(state.window_loss) / len(state.window_loss))
             self.window_loss, self.window_steps = torch.tensor(own, device=accelerator.device), state.window_steps
+        with StopRequests() as stops:
+            self._steps(stops, last_save)
+        self.bar.close()
+        return accelerator.unwrap_model(self.model), state
+
+    def _steps(self, stops: StopRequests, last_save: float) -> None:
+        cfg, state = self.cfg, self.state
         while state.step < state.total_steps:
             step_loss = self._optimizer_step()
             if cfg.minutes:
@@ -426,11 +440,18 @@ class _Loop:
                 overdue = time.time() - last_save > 300
                 if self.world > 1:
                     overdue = broadcast_object_list([overdue])[0]
-            if state.step % cfg.checkpoint_interval == 0 or overdue or last:
+            saved = state.step % cfg.checkpoint_interval == 0 or overdue or last
+            if saved:
                 self._save_checkpoint()
                 last_save = time.time()
-        self.bar.close()
-        return accelerator.unwrap_model(self.model), state
+            signum = stops.requested(self.world, self.accelerator.device)
+            if signum and not last:
+                if not saved:
+                    self._save_checkpoint()
+                self.bar.close()
+                raise Stopped(f"stopped by {signal.Signals(signum).name} at step {state.step} of {state.total_steps}, "
+                              f"saved in {self.folder.checkpoint}; the same command with --resume (and --out "
+                              f"{self.folder.path}) continues it", signum)
 
     def _optimizer_step(self) -> torch.Tensor:
         """One optimizer step over `grad_accum` micro-batches; returns its mean loss."""
@@ -519,13 +540,27 @@ class _Loop:
 
 def _append_metrics(path: Path, record: dict, accelerator) -> None:
     if accelerator.is_main_process:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if no_space_left(e):  # a half-written line is dropped on resume (`_truncate_metrics`)
+                raise full_disk(path) from None
+            raise
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """A resumed run restarts from its checkpoint: drop records logged after it, so the curve has no
     duplicates."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in path.read_text().splitlines() if (logged := _logged_step(line)) is not None
+                and logged <= step]
         write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one cut short (a full disk, a kill mid-write)."""
+    try:
+        return json.loads(line)["step"] if line.strip() else None
+    except json.JSONDecodeError:
+        return None

@@ -94,7 +94,10 @@ class Run:
     def train(self, model, batches, **kwargs):
         self.prep_seconds = time.time() - self.started
         self.trained_with = {"context": batches.context, "micro_batch": batches.batch_size,
-                             "precision": resolved_precision(self.spec.train)}
+                             "precision": resolved_precision(self.spec.train), "world_size": self.dist.num_processes,
+                             "device": self.dist.device.type}
+        self.record.details.update(self.trained_with)  # in run.json from the start: a running run says how it runs
+        self.folder.write_record(self.record)
         return train(model, batches, self.folder, self.spec.train, resume=self.resume, **kwargs)
 
     def finish(self, model, fmt, card: ModelCard, state, measure: Callable[[], dict],
