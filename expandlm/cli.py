@@ -235,11 +235,18 @@ def cmd_export(args) -> None:
           "(AutoModelForCausalLM / AutoTokenizer load it)")
 
 
+API_KEY_ENV = "EXPANDLM_API_KEY"  # as vLLM's VLLM_API_KEY
+
+
 def cmd_serve(args) -> None:
     from .serve.app import serve
 
+    keys = args.api_key or [k for k in [os.environ.get(API_KEY_ENV, "")] if k]
+    if any(not k.strip() for k in keys):
+        raise UserError("--api-key: an empty key; give the key clients must send (Authorization: Bearer KEY)")
     serve(args.models, host=args.host, port=args.port, engine=args.engine, max_batch=args.max_batch,
-          max_waiting=args.max_waiting, threads=args.threads, base_domain=args.base_domain)
+          max_waiting=args.max_waiting, threads=args.threads, base_domain=args.base_domain, api_keys=tuple(keys),
+          names=args.served_model_name)
 
 
 def cmd_compare(args) -> None:
@@ -286,8 +293,7 @@ def _training_command(p: argparse.ArgumentParser, spec_cls) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
-def _add_tokenizer_command(sub) -> None:
-    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a domain corpus")
+def _tokenizer_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--domain", required=True, help=DOMAIN_HELP)
     t.add_argument("--data", help="a .jsonl(.gz), .txt, .parquet file or a hub dataset id (default: the domain "
                    "spec's training file)")
@@ -297,18 +303,16 @@ def _add_tokenizer_command(sub) -> None:
     t.set_defaults(func=cmd_tokenizer)
 
 
-def _add_train_command(sub) -> None:
+def _train_flags(tr: argparse.ArgumentParser) -> None:
     from .training.expert import ExpertSpec
 
-    tr = sub.add_parser("train", help="train a domain expert from scratch (or --resume one)")
     _training_command(tr, ExpertSpec)
     tr.set_defaults(func=cmd_train)
 
 
-def _add_adapt_command(sub) -> None:
+def _adapt_flags(ad: argparse.ArgumentParser) -> None:
     from .adapt.run import AdaptSpec
 
-    ad = sub.add_parser("adapt", help="make a trained model serve a new domain with a strategy")
     _training_command(ad, AdaptSpec)
     ad.add_argument("--option", action="append", metavar="KEY=VALUE",
                     help="a strategy option, repeatable: new_blocks=2, r=16, target_modules=q_proj,v_proj, "
@@ -316,15 +320,13 @@ def _add_adapt_command(sub) -> None:
     ad.set_defaults(func=cmd_adapt)
 
 
-def _add_merge_command(sub) -> None:
-    m = sub.add_parser("merge", help="merge experts of one common start (linear, task arithmetic, TIES, DARE, Fisher, RegMean)")
+def _merge_flags(m: argparse.ArgumentParser) -> None:
     m.add_argument("config", help="a mergekit-style YAML: method, base, models (model, weight), parameters")
     m.add_argument("--out", required=True, help="the merged model's folder (a new one)")
     m.set_defaults(func=cmd_merge)
 
 
-def _add_distill_command(sub) -> None:
-    di = sub.add_parser("distill", help="train one student on several experts' outputs (alpha 0: joint training)")
+def _distill_flags(di: argparse.ArgumentParser) -> None:
     di.add_argument("config", help="YAML: teachers ({model, domain} each), student, alpha, temperature, train")
     di.add_argument("--out", required=True, help="the student's run folder")
     di.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -332,10 +334,9 @@ def _add_distill_command(sub) -> None:
     di.set_defaults(func=cmd_distill)
 
 
-def _add_eval_command(sub) -> None:
+def _eval_flags(e: argparse.ArgumentParser) -> None:
     from .model.window import DEFAULT_CONTEXT
 
-    e = sub.add_parser("eval", help="bits per byte of a model on a domain's validation data")
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--domain", help=DOMAIN_HELP + " (default: the model's one domain)")
     _model_flags(e)
@@ -349,26 +350,25 @@ def _add_eval_command(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
-def _add_generate_command(sub) -> None:
+def _generate_flags(g: argparse.ArgumentParser) -> None:
     from .config import flags
     from .inference.generate import SamplingConfig
 
-    g = sub.add_parser("generate", help="write text of a domain on request")
     g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--domain", help="the domain to write (its tag starts the text): " + DOMAIN_HELP
                    + " (default: the model's one domain)")
     _model_flags(g)
     g.add_argument("--prompt", default="", help="a story opening, a recipe title, ...")
     g.add_argument("--request", help="free text such as 'write a recipe for banana bread': routed to a domain")
-    g.add_argument("--num-samples", type=_positive_int, default=1)
+    g.add_argument("--num-samples", type=_positive_int, default=1, metavar="N",
+                   help="texts to write, each from its own seed (default: 1)")
     g.add_argument("--json", action="store_true", help="print the samples as JSON")
     _engine_flag(g)
     flags(g.add_argument_group("sampling"), SamplingConfig)
     g.set_defaults(func=cmd_generate)
 
 
-def _add_export_command(sub) -> None:
-    x = sub.add_parser("export", help="write one domain of a model as a standard checkpoint or a GGUF file")
+def _export_flags(x: argparse.ArgumentParser) -> None:
     x.add_argument("model", help=MODEL_HELP)
     x.add_argument("--domain", help="the domain whose model to write (default: the model's one domain)")
     _model_flags(x)
@@ -378,8 +378,7 @@ def _add_export_command(sub) -> None:
     x.set_defaults(func=cmd_export)
 
 
-def _add_serve_command(sub) -> None:
-    s = sub.add_parser("serve", help="an OpenAI-compatible API and a web page over model folders")
+def _serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model folders (or hub ids); every domain of each "
                    "is a model id")
     _model_flags(s)
@@ -392,42 +391,91 @@ def _add_serve_command(sub) -> None:
                    help="requests that may wait for a slot; more are answered 429 (default: 64)")
     s.add_argument("--threads", type=_positive_int,
                    help="torch threads: prompts and the torch/hf engines; the C decode step uses one (default: torch's)")
+    s.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="what each model folder is called in model ids (NAME/DOMAIN), one name a folder, as vLLM's "
+                        "flag (default: the folder's name)")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help=f"require this key on /v1/* (Authorization: Bearer KEY), as vLLM's --api-key; repeat it "
+                        f"for several keys; /health and the page stay open (default: ${API_KEY_ENV}, else none)")
     s.set_defaults(func=cmd_serve)
 
 
-def _add_compare_command(sub) -> None:
-    c = sub.add_parser("compare", help="run a whole study from a YAML config (strategies × evaluation suite)")
+def _compare_flags(c: argparse.ArgumentParser) -> None:
     c.add_argument("config", help="e.g. configs/stories-recipes.yaml (configs/smoke.yaml: a few minutes)")
     c.add_argument("--out", required=True)
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     c.set_defaults(func=cmd_compare)
 
 
-def _add_demo_command(sub) -> None:
-    from .config import flags
+def _demo_flags(d: argparse.ArgumentParser) -> None:
+    from .config import default_of, flags
     from .studies.demo import DemoConfig
     from .training.loop import TrainConfig
 
-    d = sub.add_parser("demo", help="one model: an expert, each further domain added, every domain answered (the README's main command)")
     _with_config(d)
     flags(d, DemoConfig)
-    flags(d.add_argument_group("training loop of every expert"), TrainConfig)
+    flags(d.add_argument_group("training loop of every stage (defaults: the demo's on this machine)"), TrainConfig,
+          defaults=default_of(DemoConfig, "train"))
     d.set_defaults(func=cmd_demo)
 
 
-# in the order `expandlm --help` lists them
-_COMMANDS = (_add_tokenizer_command, _add_train_command, _add_adapt_command, _add_merge_command, _add_distill_command,
-             _add_eval_command, _add_generate_command, _add_export_command, _add_serve_command, _add_compare_command,
-             _add_demo_command)
+# name: (its line in `expandlm --help`, what adds its flags), in the order `expandlm --help` lists them
+_COMMANDS = {
+    "tokenizer": ("train a byte-level BPE tokenizer on a domain corpus",
+        _tokenizer_flags),
+    "train": ("train a domain expert from scratch (or --resume one)",
+        _train_flags),
+    "adapt": ("make a trained model serve a new domain with a strategy",
+        _adapt_flags),
+    "merge": ("merge experts of one common start (linear, task arithmetic, TIES, DARE, Fisher, RegMean)",
+        _merge_flags),
+    "distill": ("train one student on several experts' outputs (alpha 0: joint training)",
+        _distill_flags),
+    "eval": ("bits per byte of a model on a domain's validation data",
+        _eval_flags),
+    "generate": ("write text of a domain on request",
+        _generate_flags),
+    "export": ("write one domain of a model as a standard checkpoint or a GGUF file",
+        _export_flags),
+    "serve": ("an OpenAI-compatible API and a web page over model folders",
+        _serve_flags),
+    "compare": ("run a whole study from a YAML config (strategies × evaluation suite)",
+        _compare_flags),
+    "demo": ("one model: an expert, each further domain added, every domain answered (the README's main command)",
+        _demo_flags),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="expandlm", description="Small domain-specific language models that "
+class Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean" for a misspelt command or choice (argparse has it only from Python
+    3.14, as suggest_on_error); its subcommands' parsers are of this class too."""
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            from .errors import did_you_mean
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{did_you_mean(value, action.choices)} "
+                                                 f"(choose from {choices})")
+        super()._check_value(action, value)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command with its line of help, and the flags of `only` (of every command when None): a
+    command's flags come from its stage's settings, whose import (torch, transformers, peft) takes seconds
+    that `expandlm --help` and a misspelt command need not wait for (vLLM's CLI defers them so too)."""
+    p = Parser(prog="expandlm", description="Small domain-specific language models that "
                                 "learn new domains without forgetting old ones.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in _COMMANDS:
-        add_command(sub)
+    for name, (help_text, add_flags) in _COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if only is None or name == only:
+            add_flags(command)
     return p
+
+
+def _command_in(argv: list[str]) -> str:
+    """The command `argv` invokes (its first word that is no option), or "" for none."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _terminated(signum, frame):
@@ -440,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends a command as Ctrl-C does, in one line (training saves first: see process.StopRequests)
     previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(only=_command_in(argv)).parse_args(argv)
         _quiet_libraries()
         args.func(args)
     except UserError as e:

@@ -88,17 +88,26 @@ def parse_text(cls, name: str, text: str):
     return text
 
 
-def flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of `cls` (`batch_size` → `--batch-size`), help and default from the field.
+def default_of(cls, name: str):
+    """The default of field `name` of `cls` (its factory's value where it has one)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+
+
+def flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
+          defaults=None) -> None:
+    """One flag per field of `cls` (`batch_size` → `--batch-size`), help and default from the field, or from
+    `defaults` (an instance of `cls`: the defaults a command gives it, as the demo's training loop has its own).
     Nested dataclasses and fields marked flag=False are left to the YAML file."""
     hints = field_types(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if f.name in skip or not f.metadata.get("flag", True) or dataclasses.is_dataclass(tp):
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        shown = "" if default in (None, "", dataclasses.MISSING) else f" (default: {default})"
+        default = getattr(defaults, f.name) if defaults is not None else default_of(cls, f.name)
+        said = "default:" in f.metadata.get("help", "")  # the help itself says it (a default that depends)
+        shown = "" if said or default in (None, "", dataclasses.MISSING) else f" (default: {default})"
         help_text = (f.metadata.get("help", "") + shown).replace("%", "%%")
         name = "--" + f.name.replace("_", "-")
         if tp is bool:

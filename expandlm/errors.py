@@ -5,6 +5,19 @@ class UserError(Exception):
     """Bad input from the user (a file, a flag, a field). The message says where and what was expected."""
 
 
+def did_you_mean(name: str, known) -> str:
+    """ "; did you mean 'stories'?" for a misspelt name, or "" when no known name is close."""
+    import difflib
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def unknown(kind: str, name: str, known, more: str = "") -> UserError:
+    """The error for a name that is none of `known`: `unknown domain 'storys'; did you mean 'stories'?
+    (known: recipes, stories)`; `more` is added inside the parenthesis."""
+    return UserError(f"unknown {kind} '{name}'{did_you_mean(name, known)} (known: {', '.join(map(str, known))}{more})")
+
+
 def where(path, line=None, field=None) -> str:
     """Format a location such as `data.jsonl:12: field 'title'` for error messages."""
     loc = str(path)

@@ -30,6 +30,7 @@ from .records import MODEL_CARD, ModelCard, RunRecord
 
 RUN_RECORD = "run.json"
 METRICS = "metrics.jsonl"
+TRACKER_DIR = "logs"  # --report-to's files: logs/expandlm/ (TensorBoard events), logs/wandb/ (a W&B run)
 CHECKPOINT = "checkpoint"
 TRAIN_STATE = "train_state.json"
 SUITE = "suite.json"
@@ -143,6 +144,7 @@ class RunFolder:
         """Remove a previous run's resumable state and curve (a fresh run starts from nothing)."""
         clean_leftovers(self.path)
         shutil.rmtree(self.checkpoint, ignore_errors=True)
+        shutil.rmtree(self.path / TRACKER_DIR, ignore_errors=True)  # a fresh curve, in the trackers too
         (self.path / METRICS).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
 

@@ -30,6 +30,20 @@ RECIPES = [
 ] * 20
 
 
+def finishes(code: str, within_s: float = 60.0) -> bool:
+    """Whether `code` (Python, in a fresh process) finishes within `within_s`. For a check of linear time
+    that load cannot fake: the inputs are sized so that the quadratic or exponential algorithm it replaced
+    would take hours, and the linear one milliseconds (the bound is the process's start-up, many times over)."""
+    import subprocess
+    import sys
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=within_s)
+    except subprocess.TimeoutExpired:
+        return False
+    assert done.returncode == 0, done.stderr[-2000:]
+    return True
+
+
 def write_jsonl(path: Path, records, gz: bool = False) -> Path:
     data = "".join(json.dumps(r) + "\n" for r in records).encode()
     path.write_bytes(gzip.compress(data) if gz else data)

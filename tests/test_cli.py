@@ -23,9 +23,11 @@ def test_every_command_end_to_end(capsys, tmp_path, stories_file):
                          str(tok_dir), "--preset", "nano", "--max-steps", "12", "--batch-size", "4",
                          "--eval-interval", "6", "--no-progress", "--out", str(model_dir))
     assert code == 0, err
-    assert "parameters" in out and "val bpb" in out and "training: 1 process on cpu, no" in out
+    from expandlm.training.loop import PRECISION_NAMES, TrainConfig, resolved_precision
+    precision = resolved_precision(TrainConfig())  # auto: bf16 autocast where this CPU's bf16 matmuls are faster
+    assert "parameters" in out and "val bpb" in out and f"training: 1 process on cpu, {PRECISION_NAMES[precision]}" in out
     details = json.loads((model_dir / "run.json").read_text())
-    assert (details["world_size"], details["device"], details["precision"]) == (1, "cpu", "no")
+    assert (details["world_size"], details["device"], details["precision"]) == (1, "cpu", precision)
     model = AutoModelForCausalLM.from_pretrained(model_dir)  # a standard checkpoint
     assert len(AutoTokenizer.from_pretrained(model_dir)) == model.config.vocab_size
     record = json.loads((model_dir / "run.json").read_text())
@@ -90,6 +92,11 @@ def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_
     (["generate", "--model", "nowhere", "--domain", "stories", "--request", "a story"], "not both"),
     (["adapt", "--out", "o"], "adapt needs --base"),
     (["compare", "missing.yaml", "--out", "o"], "missing.yaml: no such config file"),
+    (["train", "--domain", "storys", "--data", "x.jsonl", "--out", "o"], "unknown domain 'storys'; did you mean 'stories'?"),
+    (["adapt", "--base", "b", "--strategy", "lroa", "--domain", "recipes", "--data", "x", "--out", "o"],
+     "unknown strategy 'lroa'; did you mean 'lora'?"),
+    (["train", "--domain", "stories", "--data", "x.jsonl", "--out", "o", "--preset", "tinny"],
+     "unknown preset 'tinny'; did you mean 'tiny'?"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -158,7 +165,17 @@ def test_demo_grows_one_model_that_answers_each_domain(capsys, tmp_path, shared_
     assert served.domains == ["stories", "recipes"]
     report = (out / "report.md").read_text()
     assert "| stories |" in report and "## recipes, sample 3" in report and (out / "learning_curves.png").exists()
+    assert all(r["documents"] > 0 for r in results["domains"])  # the table's bpb reads them all, the curve fewer
+    assert "the curves' periodic passes read the first 200" in report
     assert "Write a recipe for banana bread" in stdout
+    from expandlm.run_folder import RunFolder
+    from expandlm.studies.demo import DemoConfig, too_few_tokens
+    records = [RunFolder(out / s).record() for s in ("stories", "+recipes")]
+    assert all(r.details["cpu_share"] > 0 and r.details["cpu_threads"] >= 1 for r in records)
+    warnings = [w for s, r in zip(("stories", "+recipes"), records) if (w := too_few_tokens(s, r, DemoConfig(
+        train=records[0].spec["train"])))]
+    assert results["warnings"] == warnings and ("**Warning:**" in report) == bool(warnings)
+    assert not warnings or stdout.strip().splitlines()[-1] == f"warning: {warnings[-1]}"  # the run's last line
     # a second run reuses the finished stages
     code, stdout, _ = run(capsys, *argv)
     assert code == 0 and stdout.count("reusing the finished run") == 2
@@ -247,3 +264,42 @@ def test_a_users_own_domain_from_a_spec_file(capsys, tmp_path, monkeypatch, stor
                          "Rain", "--max-new-tokens", "5", "--json")
     assert code == 0, err
     assert json.loads(out)["samples"][0]["text"].startswith("Rain")
+
+
+def test_serve_takes_its_api_keys_from_the_flags_or_the_environment(capsys, monkeypatch):
+    import expandlm.serve.app as app
+
+    given = []
+    monkeypatch.setattr(app, "serve", lambda models, **kw: given.append(kw["api_keys"]))
+    monkeypatch.delenv("EXPANDLM_API_KEY", raising=False)
+    assert run(capsys, "serve", "m")[0] == 0
+    monkeypatch.setenv("EXPANDLM_API_KEY", "from-env")
+    assert run(capsys, "serve", "m")[0] == 0
+    assert run(capsys, "serve", "m", "--api-key", "a", "--api-key", "b")[0] == 0  # flags win over the environment
+    assert given == [(), ("from-env",), ("a", "b")]
+    code, _, err = run(capsys, "serve", "m", "--api-key", " ")
+    assert code == 2 and "empty key" in err and len(given) == 3
+
+
+def test_the_command_list_and_a_misspelt_command_need_no_torch():
+    """`expandlm --help` and a misspelt command answer before any stage (torch, transformers, peft) is imported."""
+    import subprocess
+    import sys
+    probe = ("import sys\nfrom expandlm.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules)\n"
+             "print('imported:', heavy)\nsys.exit(code)")
+    for argv, code, says in [(["--help"], 0, "serve"), (["trian"], 2, "did you mean 'train'?")]:
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
+        assert done.returncode == code and says in done.stdout + done.stderr and "imported: []" in done.stdout, done
+
+
+def test_every_command_builds_its_flags():
+    import argparse
+    from expandlm.cli import _COMMANDS, build_parser
+    every = build_parser()
+    commands = next(a for a in every._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert list(commands) == list(_COMMANDS)
+    assert all(len(p._actions) > 1 and p.get_default("func") for p in commands.values())  # more than -h
+    only = next(a for a in build_parser(only="eval")._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(only["eval"]._actions) > 1 and len(only["train"]._actions) == 1

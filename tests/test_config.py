@@ -50,6 +50,26 @@ def test_flags_come_from_the_fields_and_only_given_ones_count():
     assert "--min-lr-ratio" in parser.format_help()
 
 
+def _help_of(parser, flag: str) -> str:
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    return action.help
+
+
+def test_a_flag_shows_the_default_its_command_uses_once():
+    import torch
+    from expandlm.studies.demo import DemoConfig
+
+    parser = argparse.ArgumentParser()
+    flags(parser, TrainConfig, defaults=TrainConfig(minutes=6.0, eval_interval=50))
+    assert _help_of(parser, "--minutes").endswith("(default: 6.0)")
+    assert _help_of(parser, "--eval-interval").endswith("(default: 50)")
+    assert _help_of(parser, "--lr").endswith(f"(default: {TrainConfig().lr})")
+    demo = argparse.ArgumentParser()
+    flags(demo, DemoConfig)
+    preset = _help_of(demo, "--preset")
+    assert preset.count("default:") == 1 and "tiny on the CPU" in preset and torch  # its help says what it depends on
+
+
 def test_list_options_from_the_command_line():
     assert parse_text(LoRA.Options, "target_modules", "q_proj, v_proj") == ["q_proj", "v_proj"]
     options = build(LoRA.Options, {"target_modules": parse_text(LoRA.Options, "target_modules", "q_proj,v_proj"),

@@ -18,7 +18,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Llama
 from conftest import REPO, STORIES, write_jsonl
 from expandlm.cli import main
 from expandlm.formats.served import load_served
-from expandlm.serve.app import Catalog, Scheduler, create_app
+from expandlm.serve.app import create_app
+from expandlm.serve.catalog import Catalog
+from expandlm.serve.scheduler import Scheduler
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128, tie_word_embeddings=False)

@@ -62,6 +62,21 @@ def test_greedy_tokens_equal_transformers_generate(preset, kernel, device):
     assert engine_tokens(engine, ids, n) == hf_tokens(model, ids, n)
 
 
+def test_the_transformers_engine_gives_generates_tokens_without_deprecated_arguments(device):
+    """`serve --engine hf`: the model's own forward with transformers' cache, passed as this transformers
+    names it (`past_key_values` warns that 5.40 removes it)."""
+    import warnings
+
+    from expandlm.inference.engine import TransformersEngine
+
+    model = decisive("nano").to(device)
+    ids = request_ids(tok, get_domain("stories"), "Once upon")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        tokens = engine_tokens(TransformersEngine(model), ids, 20)
+    assert tokens == hf_tokens(model, ids, 20)
+
+
 def test_grouped_query_attention():
     import dataclasses
     model = build_model(dataclasses.replace(PRESETS["nano"], heads=4, kv_heads=2), tok, seed=1).eval()

@@ -1,7 +1,7 @@
 """Training methods that make a trained model serve a new domain too (`expandlm adapt`): one file per
 method (see `method.py`), each naming the folder format it produces (`formats/`)."""
 from ..config import build
-from ..errors import UserError
+from ..errors import UserError, unknown
 from .ewc import EWC
 from .expand import Expand
 from .expand_branch import ExpandBranch
@@ -20,7 +20,7 @@ DEFAULT_METHOD = "expand_branch"  # the measured winner of issue 7 (docs/RESULTS
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         hint = " (arrow routes adapters that are already trained: make it with `expandlm merge`)" if name == "arrow" else ""
-        raise UserError(f"unknown strategy '{name}' (known: {', '.join(METHODS)}){hint}")
+        raise UserError(f"{unknown('strategy', name, METHODS)}{hint}")
     return METHODS[name]
 
 

@@ -29,7 +29,7 @@ import re2
 import yaml
 
 from ..config import arg, build, config, load_yaml
-from ..errors import UserError
+from ..errors import UserError, unknown
 from .checks import CHECKS
 
 Record = dict
@@ -323,8 +323,7 @@ def get_domain(name: str, known: Mapping[str, Domain] | None = None) -> Domain:
         return DOMAINS[name]
     except KeyError:
         names = sorted({*DOMAINS, *(known or {})})
-        raise UserError(f"unknown domain '{name}' (known: {', '.join(names)}; or give the path "
-                        "of a domain spec file, e.g. poems.yaml)") from None
+        raise unknown("domain", name, names, "; or give the path of a domain spec file, e.g. poems.yaml") from None
 
 
 def plain_domain(name: str, known: Mapping[str, Domain] | None = None) -> Domain:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import read_json
 from ..domains import Domain, folder_domains, get_domain, plain_domain
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..records import MODEL_CARD, DomainSource, ModelCard
 from ..run_folder import CHECKPOINT, RUN_RECORD, RunFolder
 from . import Format, format_of
@@ -73,7 +73,8 @@ class ServedModel:
         if self.domains and name not in self.domains:
             hint = (f"; a checkpoint's own domain is named with --base-domain (--base-domain {name} serves it as "
                     f"'{name}')" if self.card.method == PRETRAINED else "")
-            raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'{hint}")
+            raise UserError(f"{self.path} serves {', '.join(self.domains)}, not '{name}'"
+                            f"{did_you_mean(name, self.domains)}{hint}")
 
     def requested(self, name: str | None) -> Domain:
         """The domain `name`, or with none the one domain the model serves."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import math
 import mmap
 import os
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import UserError, unknown
 from ..model.blocks import decoder_blocks, final_norm
 
 # `generate` and `serve`: the engine with its C decode step, the engine's PyTorch loop only, transformers'
@@ -349,6 +350,16 @@ class DecodeEngine:
         return list(out[:made])
 
 
+def _cache_arg() -> str:
+    """What transformers calls the KV cache a forward takes and returns: `cache` from 5.x on (it removes
+    `past_key_values` in 5.40), `past_key_values` in the 5.x releases before the rename."""
+    from transformers import LlamaForCausalLM
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE_ARG = _cache_arg()
+
+
 class TransformersEngine:
     """The slot interface of `DecodeEngine` over the model's own forward and transformers' KV cache,
     one sequence at a time (no batching): the reference engine `serve --engine hf` runs."""
@@ -361,8 +372,8 @@ class TransformersEngine:
         self.lengths = [0] * slots
 
     def _step(self, slot: int, ids: list[int], cache) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
-        self.caches[slot] = out.past_key_values
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **{CACHE_ARG: cache})
+        self.caches[slot] = out[CACHE_ARG]
         self.lengths[slot] += len(ids)
         return out.logits[0, -1]
 
@@ -381,7 +392,7 @@ class TransformersEngine:
 def make_engine(name: str, model, slots: int = 1):
     """The engine called `name` (one of ENGINES) over `model` with `slots` sequences."""
     if name not in ENGINES:
-        raise UserError(f"unknown engine '{name}' (known: {', '.join(ENGINES)})")
+        raise unknown("engine", name, ENGINES)
     if engine_to_run(name, model) == "hf":
         return TransformersEngine(model, slots)
     return DecodeEngine(model, slots, kernel=name == "fast")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from ..errors import UserError
+from ..errors import unknown
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise UserError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})") from None
+        raise unknown("preset", name, PRESETS) from None
 
 
 def llama_config(preset: Preset, tokenizer) -> LlamaConfig:

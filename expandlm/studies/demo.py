@@ -10,6 +10,7 @@ and three samples. Re-running the same command reuses finished stages and resume
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -37,6 +38,10 @@ from ..training.loop import TrainConfig
 
 SHOWN = 3          # samples per domain in the report
 CHECK_DOCS = 16    # validation documents whose logits must match the expert's exactly
+# Below this many training tokens per trainable parameter a stage's samples read as random words. The
+# measured demos on the tiny preset: 1.5 (stories) and 3.1 (+recipes) on a quiet machine wrote stories
+# and ingredient lists (1.52 and 1.39 bpb); 0.09 and 0.20 on a busy one wrote word salad (2.50, 2.53 bpb).
+FEW_TOKENS_PER_PARAMETER = 0.5
 
 
 def _on_gpu() -> bool:
@@ -119,17 +124,37 @@ def run_demo(cfg: DemoConfig) -> dict:
                   for f, r in zip(stages, records)]
 
     results = {"config": dataclasses.asdict(cfg), "versions": versions(), "stages": stage_rows, "domains": domains,
-               "answers": answers, "samples": samples, "seconds": round(time.time() - started, 1)}
+               "answers": answers, "samples": samples, "seconds": round(time.time() - started, 1),
+               "warnings": [w for f, r in zip(stages, records) if (w := too_few_tokens(f.path.name, r, cfg))]}
     write_json(out / "results.json", results)
     plot_curves({f.path.name: f.metrics() for f in stages}, out / "learning_curves.png",
-                title=f"{cfg.preset}: {cfg.domains[0]} expert, then each domain added")
+                title=f"{cfg.preset}: {cfg.domains[0]} expert, then each domain added", eval_docs=cfg.train.eval_docs)
     write_text(out / "report.md", _report(cfg, results))
     print("\n" + markdown_table(stage_rows, list(stage_rows[0])) + "\n\n" + markdown_table(domains, list(domains[0])))
     for a in answers:
         print(f"\n--- {a['request']!r} → {a['domain']} ({a['confidence']:.0%}; {a['reason']})"
               f"{'' if a['finished'] else ' (hit the length limit)'}\n{a['text']}")
     print(f"\nreport: {out / 'report.md'}  results: {out / 'results.json'}")
+    for warning in results["warnings"]:  # the run's last word: a poor result says why and what to do
+        log(f"warning: {warning}")
     return results
+
+
+def too_few_tokens(stage: str, r: RunRecord, cfg: DemoConfig) -> str | None:
+    """What to say of a stage whose budget bought too few tokens for readable text; None when it bought enough."""
+    per_parameter = r.tokens / max(r.trainable_params or 1, 1)
+    if per_parameter >= FEW_TOKENS_PER_PARAMETER:
+        return None
+    wanted = math.ceil(FEW_TOKENS_PER_PARAMETER * r.trainable_params / 1e5) * 100_000
+    pace = r.tokens / max(r.train_seconds, 1e-9)
+    share, threads = r.details.get("cpu_share"), r.details.get("cpu_threads")
+    busy = (f"; it got {share:.0%} of its {threads} threads' CPU time: the machine was busy"
+            if share is not None and threads and share < 0.8 else "")
+    budget = f"{cfg.train.minutes:g} minutes" if cfg.train.minutes else "its budget"
+    return (f"stage {stage} trained only {r.tokens:,} tokens in {budget} ({pace:,.0f} tokens/s{busy}): "
+            f"{per_parameter:.2f} per trainable parameter, too few for readable text (it needs at least "
+            f"{wanted:,}). At this pace that takes --minutes {math.ceil(wanted / pace / 60)}; run again with it "
+            "and a new --out (finished stages are reused), or on a quiet machine.")
 
 
 def _train_stages(cfg: DemoConfig, method: str, sources: dict, out: Path) -> tuple[list[RunFolder], list[dict]]:
@@ -169,7 +194,7 @@ def _measure_domains(cfg: DemoConfig, sources: dict, stages: list[RunFolder], bp
         samples[name] = [{"text": s.text, "finished": s.finished} for s in drawn]
         health = text_health(pairs)
         domains.append({
-            "domain": name, "bpb": round(bpb[name], 4),
+            "domain": name, "bpb": round(bpb[name], 4), "documents": len(val_docs),
             "same as its expert": (_same_outputs(expert.model, served.for_domain(name), tokenizer,
                                                  val_docs[:CHECK_DOCS]) if name == cfg.domains[0] else None),
             "valid": validity(domain, pairs),
@@ -183,10 +208,13 @@ def _report(cfg: DemoConfig, results: dict) -> str:
     first = cfg.domains[0]
     budget = f"for {cfg.train.minutes:g} minutes" if cfg.train.minutes else "on its budget"
     lines = [f"# expandlm demo: one {cfg.preset} model, {' + '.join(cfg.domains)}", "",
+             *[f"**Warning:** {w}\n" for w in results["warnings"]],
              f"A {first} expert was trained from scratch {budget} with its own byte-level BPE; then each further "
              f"domain was added to it with `{cfg.strategy}` {budget}. One model folder now serves every domain.", "",
              markdown_table(results["stages"], list(results["stages"][0])), "",
-             "Per domain, from the final model: bpb on the validation set (bits per byte, lower is better); "
+             "Per domain, from the final model: bpb on the whole validation set (bits per byte, lower is better; "
+             f"`documents` of it; the curves' periodic passes read the first {cfg.train.eval_docs}, so their last "
+             "point differs); "
              f"`same as its expert`: whether its logits on {CHECK_DOCS} validation documents are bit-identical to "
              f"the {first} expert's; `valid`: share of {cfg.samples} samples that pass the domain's structural "
              "check and ended, against the same share of real validation documents that fit the context "

@@ -23,8 +23,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(out)
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> Path:
-    """Training loss and validation bpb against tokens seen, one line per run."""
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "", eval_docs: int | None = None) -> Path:
+    """Training loss and validation bpb against tokens seen, one line per run. `eval_docs`: how many
+    validation documents each periodic pass read (a run's final bpb reads them all, so it differs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,7 +39,8 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> P
         if val:
             ax_bpb.plot([r["tokens"] for r in val], [r["val_bpb"] for r in val], marker="o", ms=3, label=name)
     ax_loss.set(xlabel="tokens seen", ylabel="training loss (nats/token)", title="training loss")
-    ax_bpb.set(xlabel="tokens seen", ylabel="validation bits per byte", title="validation bpb")
+    ax_bpb.set(xlabel="tokens seen", ylabel="validation bits per byte",
+               title=f"validation bpb (periodic: first {eval_docs} documents)" if eval_docs else "validation bpb")
     for ax in (ax_loss, ax_bpb):
         ax.grid(alpha=0.3)
         ax.legend()

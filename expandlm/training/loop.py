@@ -15,14 +15,15 @@ import signal
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import (ProjectConfiguration, broadcast_object_list, is_tensorboard_available, is_wandb_available,
+                               set_seed)
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -35,10 +36,12 @@ from ..errors import Stopped, UserError, no_space_left
 from ..process import StopRequests, distributed_state, log
 from ..evaluation.bpb import evaluate_bpb
 from ..model.window import DEFAULT_CONTEXT, next_token_nll
-from ..run_folder import METRICS, TRAIN_STATE, RunFolder
+from ..run_folder import METRICS, TRACKER_DIR, TRAIN_STATE, RunFolder
 from ..data.shards import PackedBatches, TokenShard
 
 Positive = Annotated[int, Field(gt=0)]
+TRACKER_PROJECT = "expandlm"  # the W&B project, and the TensorBoard run's folder name (under TRACKER_DIR)
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}  # accelerate's names, said plainly
 
 BATCH_WINDOWS, BATCH_TOKENS = 32, 8192  # the default batch: 32 windows, at most 8,192 tokens (a long context: fewer)
 # saved activations one forward/backward may hold; a larger micro-batch is split (memory, not results). SmolLM2-135M
@@ -81,6 +84,9 @@ class TrainConfig:
     precision: Literal["auto", "no", "bf16", "fp16"] = arg(
         "auto", "auto: bf16 autocast on a GPU, and on a CPU whose bf16 matmuls are faster (measured); else fp32")
     compile: bool = arg(False, "torch.compile the model")
+    report_to: Literal["none", "tensorboard", "wandb"] = arg(
+        "none", f"also log the curve through accelerate's trackers (Trainer's flag): TensorBoard event files, or a "
+        f"W&B run (WANDB_MODE=offline without a network), under the run folder's {TRACKER_DIR}/")
     progress: bool = arg(True, "show a progress bar")
 
 
@@ -107,13 +113,20 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=torch.cuda.is_available())
 
 
-def _accelerator(precision: str) -> Accelerator:
+def _accelerator(precision: str, report_to: str = "none", folder: Path | None = None) -> Accelerator:
     # accelerate keeps one process-wide state and refuses a second Accelerator of another precision; a
     # process that trains twice (a study, a notebook, the tests) drops it, keeping the distributed part
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, precision):
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    tracking = {}
+    if report_to != "none":
+        package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+        if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
+            raise UserError(f"--report-to {report_to} needs the {package} package: pip install {package}")
+        tracking = {"log_with": report_to, "project_config": ProjectConfiguration(
+            project_dir=str(folder), logging_dir=str(folder / TRACKER_DIR))}
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), **tracking)
 
 
 def batch_windows(cfg: TrainConfig, context: int) -> int:
@@ -338,7 +351,14 @@ class _Loop:
         self.metrics = folder / METRICS
         if distributed_state().is_main_process:
             folder.path.mkdir(parents=True, exist_ok=True)
-        self.accelerator = accelerator = _accelerator(resolved_precision(cfg))
+        self.accelerator = accelerator = _accelerator(resolved_precision(cfg), cfg.report_to, folder.path)
+        if cfg.report_to != "none":
+            # hyperparameters as trackers take them (scalars and strings); the full spec is in run.json
+            hparams = {f.name: v if isinstance(v := getattr(cfg, f.name), (int, float, str, bool)) else str(v)
+                       for f in fields(cfg)}
+            accelerator.init_trackers(TRACKER_PROJECT, config=hparams,
+                                      init_kwargs={"wandb": {"dir": str(folder.path / TRACKER_DIR),
+                                                             "name": folder.path.name}})
         if accelerator.device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves (and fp32 runs)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         set_seed(cfg.seed)
@@ -348,7 +368,7 @@ class _Loop:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         log(f"training: {self.world} process{'es' if self.world > 1 else ''} on {accelerator.device.type}, "
-            f"{resolved_precision(cfg)}")
+            f"{PRECISION_NAMES.get(resolved_precision(cfg), resolved_precision(cfg))}")
         if self.world == 1 and "ACCELERATE_USE_CPU" in os.environ and accelerator.device.type == "cpu":
             # `accelerate launch --num_processes N --cpu` runs one process unless told --multi_cpu
             log("accelerate launch started one process: for several on CPUs, use torchrun --nproc_per_node N "
@@ -412,10 +432,16 @@ class _Loop:
             own = (state.window_loss[self.rank] if len(state.window_loss) == self.world
                    else sum(state.window_loss) / len(state.window_loss))
             self.window_loss, self.window_steps = torch.tensor(own, device=accelerator.device), state.window_steps
-        with StopRequests() as stops:
-            self._steps(stops, last_save)
+        try:
+            with StopRequests() as stops:
+                self._steps(stops, last_save)
+        finally:  # flushed however the run ends; not accelerator.end_training(), which ends the process group
+            for tracker in accelerator.trackers:
+                tracker.finish()
         self.bar.close()
-        return accelerator.unwrap_model(self.model), state
+        # Without accelerate's autocast wrapper: what the run measures next (its final bpb) and saves is the
+        # model as every later command loads it (fp32 on a CPU), not bf16 autocast's numbers.
+        return accelerator.unwrap_model(self.model, keep_fp32_wrapper=False), state
 
     def _steps(self, stops: StopRequests, last_save: float) -> None:
         cfg, state = self.cfg, self.state
@@ -501,6 +527,8 @@ class _Loop:
         self.postfix.update(loss=f"{loss_mean:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         self.bar.set_postfix(self.postfix)
         _append_metrics(self.metrics, record, self.accelerator)
+        self._track({"train/loss": record["loss"], "train/learning_rate": record["lr"],
+                     "train/tokens_per_s": record["tokens_per_s"], "train/tokens": state.tokens})
         self.window_loss.zero_()
         self.window_steps, self.window_tokens, self.window_t0 = 0, 0, time.time()
 
@@ -519,8 +547,14 @@ class _Loop:
         if bpb is not None:
             state.val_bpb = bpb
             _append_metrics(self.metrics, {"step": state.step, "tokens": state.tokens, "val_bpb": bpb}, accelerator)
+            self._track({"eval/bpb": bpb})
             self.postfix["val_bpb"] = f"{bpb:.3f}"
             self.bar.set_postfix(self.postfix)
+
+    def _track(self, values: dict) -> None:
+        """To --report-to's tracker, by optimizer step (the main process's; a no-op without one)."""
+        if self.accelerator.trackers:
+            self.accelerator.log(values, step=self.state.step)
 
     def _save_checkpoint(self) -> None:
         accelerator, state = self.accelerator, self.state

@@ -98,7 +98,14 @@ class Run:
                              "device": self.dist.device.type}
         self.record.details.update(self.trained_with)  # in run.json from the start: a running run says how it runs
         self.folder.write_record(self.record)
-        return train(model, batches, self.folder, self.spec.train, resume=self.resume, **kwargs)
+        wall, cpu = time.time(), time.process_time()
+        try:
+            return train(model, batches, self.folder, self.spec.train, resume=self.resume, **kwargs)
+        finally:
+            if self.dist.device.type == "cpu":  # how much of its threads' time the machine gave this run
+                self.trained_with["cpu_threads"] = torch.get_num_threads()
+                self.trained_with["cpu_share"] = round(
+                    (time.process_time() - cpu) / max((time.time() - wall) * torch.get_num_threads(), 1e-9), 2)
 
     def finish(self, model, fmt, card: ModelCard, state, measure: Callable[[], dict],
                start: torch.nn.Module | None = None) -> RunRecord:
