@@ -1,5 +1,5 @@
 # The two set-up commands of the README; each installs what it needs into .venv first.
-#   make demo   a tiny stories expert, recipes added to it by expansion, both answered (about 15 minutes on 2 CPU cores)
+#   make demo   a tiny stories expert, recipes added to it by expansion, both answered (about 13 minutes on 2 CPU cores)
 #   make test   the test suite (a few minutes; no GPU, no network)
 PYTHON ?= python3
 VENV   := .venv

@@ -221,10 +221,12 @@ def cmd_export(args) -> None:
     from .formats.served import load_served
 
 
+    if args.dtype and args.format != "gguf":
+        raise UserError(f"--dtype {args.dtype} applies to --format gguf; a checkpoint keeps the model's own dtype")
     served = load_served(args.model, device="cpu", base_domain=args.base_domain)
     args.domain = served.requested(args.domain).name
     if args.format == "gguf":
-        path = served.export_gguf(args.domain, args.out)
+        path = served.export_gguf(args.domain, args.out, args.dtype or "f32")
         start = "a text, as its tokenizer starts one" if args.domain in served.card.plain else \
             "the token ids of <|bos|><|domain|>"
         print(f"{args.domain} of {args.model} ({served.card.format}) → {path} (a GGUF file llama.cpp runs; "
@@ -369,11 +371,15 @@ def _generate_flags(g: argparse.ArgumentParser) -> None:
 
 
 def _export_flags(x: argparse.ArgumentParser) -> None:
+    from .formats.gguf import GGUF_DTYPES
+
     x.add_argument("model", help=MODEL_HELP)
     x.add_argument("--domain", help="the domain whose model to write (default: the model's one domain)")
     _model_flags(x)
     x.add_argument("--format", choices=("checkpoint", "gguf"), default="checkpoint",
                    help="checkpoint: a transformers folder (default); gguf: one file for llama.cpp")
+    x.add_argument("--dtype", choices=GGUF_DTYPES, help="the GGUF file's matrices: f32 (default, what expandlm "
+                   "computes), f16, bf16 or q8_0 (8-bit blocks, llama.cpp's quantizer); norms stay f32")
     x.add_argument("--out", required=True, help="the checkpoint folder (or with --format gguf, the file) to write")
     x.set_defaults(func=cmd_export)
 

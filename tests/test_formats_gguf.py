@@ -172,3 +172,60 @@ def test_a_file_expandlm_did_not_write_is_never_replaced(tmp_path):
     write_gguf(model, tok, ours)
     write_gguf(model, tok, ours, name="again")  # expandlm's own file: replaced
     assert _field(gguf.GGUFReader(str(ours)), "general.name") == "again"
+
+
+def _rounded(model, dtype: str):
+    """`model` with its matrices as a `dtype` GGUF file holds them (gguf's own quantizer for q8_0), in float32."""
+    import copy
+    import torch
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.dim() == 2 and dtype == "q8_0":
+                kind = gguf.GGMLQuantizationType.Q8_0
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), kind), kind)))
+            elif p.dim() == 2:
+                p.copy_(p.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]).float())
+    return out
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_each_gguf_dtype_is_written_as_asked_and_llama_cpp_runs_it(tmp_path, llama_cpp, dtype):
+    """f16 carries these weights exactly enough that llama.cpp's greedy tokens are expandlm's; bf16 and q8_0
+    round more (and llama.cpp's q8_0 matmul rounds the activations to 8 bits too): their next-token
+    log-probabilities are compared, against the same model with its weights rounded as the file holds them."""
+    import torch
+    tok = train_bpe(STORIES, 400)
+    model = decisive("tiny", tokenizer=tok)
+    f32, path = tmp_path / "f32.gguf", tmp_path / f"{dtype}.gguf"
+    write_gguf(model, tok, f32)
+    write_gguf(model, tok, path, dtype=dtype)
+    kind = gguf.GGMLQuantizationType[dtype.upper()]
+    tensors = gguf.GGUFReader(str(path)).tensors
+    assert {t.tensor_type for t in tensors if len(t.shape) == 2} == {kind}
+    assert {t.tensor_type for t in tensors if len(t.shape) == 1} == {gguf.GGMLQuantizationType.F32}  # norms
+    assert path.stat().st_size < {"f16": 0.55, "bf16": 0.55, "q8_0": 0.3}[dtype] * f32.stat().st_size
+    ids = request_ids(tok, get_domain("stories"), "Once upon a time")
+    llm = llama_cpp(path, model.config.max_position_embeddings)
+    if dtype == "f16":
+        assert llm.greedy(ids, 100) == _until_end(engine_tokens(DecodeEngine(model), ids, 100), tok.eos_token_id)
+    answer = llm.ask("/completion", prompt=ids, n_predict=1, samplers=["top_k"], top_k=1, n_probs=5,
+                     cache_prompt=False, post_sampling_probs=False)
+    theirs = {p["id"]: p["logprob"] for p in answer["completion_probabilities"][0]["top_logprobs"]}
+    with torch.no_grad():
+        ours = torch.log_softmax(_rounded(model, dtype)(torch.tensor([ids])).logits[0, -1].float(), -1)
+    assert max(theirs, key=theirs.get) == int(ours.argmax())
+    # llama.cpp rounds the activations too (to f16, bf16, or 8-bit blocks for q8_0) where expandlm keeps f32
+    tolerance = {"f16": 0.03, "bf16": 0.1, "q8_0": 0.25}[dtype]
+    assert all(abs(lp - float(ours[i])) < tolerance for i, lp in theirs.items()), (theirs, ours.topk(5))
+
+
+def test_export_writes_the_dtype_asked_and_a_checkpoint_refuses_one(two_domain_models, tmp_path, capsys):
+    out = tmp_path / "recipes.q8_0.gguf"
+    assert main(["export", str(two_domain_models["expand_branch"]), "--domain", "recipes", "--format", "gguf",
+                 "--dtype", "q8_0", "--out", str(out)]) == 0
+    assert _field(gguf.GGUFReader(str(out)), "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert main(["export", str(two_domain_models["expand_branch"]), "--domain", "recipes", "--dtype", "f16",
+                 "--out", str(tmp_path / "ckpt")]) == 2
+    assert "--dtype f16 applies to --format gguf" in capsys.readouterr().err and not (tmp_path / "ckpt").exists()

@@ -1,14 +1,19 @@
 """GGUF export: one domain's model as a file llama.cpp runs (`expandlm export ... --format gguf`), written
 with the `gguf` package (llama.cpp's own writer).
 
-The model is llama.cpp's `llama` architecture in float32: the tied head is left out, and llama.cpp
-then uses `token_embd` for the output as well. wq and wk go in Meta's rotary layout (llama.cpp's
+The model is llama.cpp's `llama` architecture, its matrices in `dtype` (f32, f16, bf16 or q8_0, through the
+`gguf` package's own quantizers, as llama.cpp's converter writes them; norms stay f32): the tied head is left
+out, and llama.cpp then uses `token_embd` for the output as well. wq and wk go in Meta's rotary layout (llama.cpp's
 converter does the same permutation). The byte-level BPE tokenizer becomes a `gpt2` vocabulary with
 its merges, pre-tokenizer `gpt-2` (the GPT-2 split regex, which is the one `tokenizers`' ByteLevel
 pre-tokenizer applies), the special tokens as control tokens, and no BOS added by llama.cpp: a request
 starts with `<|bos|><|domain|>`, given as token ids like every other expandlm request. A plain domain
 (a pretrained model's own) starts as its tokenizer starts a text, so llama.cpp adds the BOS where the
-tokenizer does.
+tokenizer does. llama.cpp ends generation at the EOS; it warns on
+loading that "special_eos_id is not in special_eog_ids" because it picks its end-of-generation tokens by
+their text (`<|endoftext|>`, `<|im_end|>`, ...; no GGUF key sets them), and `<|eos|>` is not among them.
+
+    write_gguf(model, tokenizer, "recipes.q8_0.gguf", dtype="q8_0")
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from ..data.tokenizer import start_tokens
 from ..errors import UserError
 from ..model.blocks import decoder_blocks, final_norm
 
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # what --dtype writes the matrices in
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 regex split (llama-vocab.cpp)
 EXPORTED_BY = "expandlm.exported_from"
 
@@ -75,10 +81,14 @@ def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[
 
 
 def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm", vocab_size: int | None = None,
-               plain: bool = False) -> None:
+               plain: bool = False, dtype: str = "f32") -> None:
     """`model` (a standard LlamaForCausalLM: what `ServedModel.export` gives) and its tokenizer as one
-    float32 GGUF file, written atomically. `plain`: the model's domain has no tag (see the module)."""
+    GGUF file, its matrices in `dtype`, written atomically. `plain`: the model's domain has no tag (see the module)."""
     import gguf
+
+    if dtype not in GGUF_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: a GGUF file is written in one of {', '.join(GGUF_DTYPES)}")
+    qtype = gguf.GGMLQuantizationType[dtype.upper()]
 
     cfg = model.config
     if cfg.model_type != "llama":
@@ -96,7 +106,7 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm",
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(name)
         w.add_string(EXPORTED_BY, name)  # the mark of a file expandlm may replace (llama.cpp ignores unknown keys)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"])
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
         w.add_block_count(cfg.num_hidden_layers)
@@ -108,7 +118,7 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, name: str = "expandlm",
         w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
         w.add_vocab_size(vocab_size)
         _write_vocabulary(w, tokenizer, vocabulary, plain)
-        _write_tensors(w, model, heads, kv_heads)
+        _write_tensors(w, model, heads, kv_heads, qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -130,9 +140,20 @@ def _write_vocabulary(w, tokenizer, vocabulary: tuple[list[str], list[int], list
     w.add_add_eos_token(False)
 
 
-def _write_tensors(w, model, heads: int, kv_heads: int) -> None:
+def _write_tensors(w, model, heads: int, kv_heads: int, qtype) -> None:
+    import gguf
+    import numpy as np
+
     def add(name_, tensor):
-        w.add_tensor(name_, tensor.detach().float().cpu().contiguous().numpy())
+        data = tensor.detach().float().cpu().contiguous().numpy()
+        kind = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms stay f32, as llama.cpp keeps them
+        if kind == gguf.GGMLQuantizationType.F32:
+            return w.add_tensor(name_, data)
+        try:
+            packed = gguf.quants.quantize(data, kind)
+        except gguf.quants.QuantError:  # rows not a whole number of q8_0's 32-value blocks: f16, as llama.cpp does
+            kind, packed = gguf.GGMLQuantizationType.F16, data.astype(np.float16)
+        w.add_tensor(name_, packed, raw_dtype=kind)  # the writer reads a packed (uint8) array's shape as bytes
 
     embedding = model.get_input_embeddings().weight
     add("token_embd.weight", embedding)

@@ -121,12 +121,13 @@ class ServedModel:
                                     details={"exported_from": folder.portable(self.path)}))
         return folder
 
-    def export_gguf(self, name: str, out: str | os.PathLike) -> Path:
-        """`name`'s model and tokenizer as one GGUF file that llama.cpp runs (see `gguf_export`)."""
+    def export_gguf(self, name: str, out: str | os.PathLike, dtype: str = "f32") -> Path:
+        """`name`'s model and tokenizer as one GGUF file that llama.cpp runs, its matrices in `dtype`
+        (see `formats.gguf`)."""
         from .gguf import write_gguf
 
         write_gguf(self.export_model(name), self.tokenizer_for(name), out,
-                   name=f"{self.path.name}/{name}", plain=name in self.card.plain)
+                   name=f"{self.path.name}/{name}", plain=name in self.card.plain, dtype=dtype)
         return Path(out)
 
     def domain_data(self) -> dict[str, DomainSource]:
