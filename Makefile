@@ -39,6 +39,7 @@ chromium:
 	  echo "chromium is missing and cannot be installed here: tests/test_serve_page.py will be skipped"
 
 test: $(TESTS) chromium
+	$(VENV)/bin/ruff check expandlm tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(TESTS)

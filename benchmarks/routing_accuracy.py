@@ -85,7 +85,7 @@ def nano_model(out: Path, data: Path, steps: int) -> Path:
 
 def markdown(results: dict) -> str:
     sets = results["sets"]
-    lines = [f"# Routing accuracy on hand-written requests", "",
+    lines = ["# Routing accuracy on hand-written requests", "",
              f"Command: `{results['command']}`. Classifier routers trained on the first {results['router_docs']} "
              f"documents per domain of `{results['data']}` (the vocabulary router's word counts on the first "
              f"{results['vocabulary_docs']}). Default router: `{DEFAULT_ROUTER}`. {results['model_note']}",

@@ -5,7 +5,6 @@ import pytest
 
 from expandlm.data.corpus import load_corpus
 from expandlm.domains import get_domain
-from expandlm.domains.checks import recipe_layout
 from expandlm.errors import UserError
 from expandlm.evaluation.suite import domain_control_accuracy, text_health, words
 from expandlm.routing.classifier import DomainClassifier

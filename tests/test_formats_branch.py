@@ -31,8 +31,8 @@ def grown(tmp_path_factory):
     root = tmp_path_factory.mktemp("branches")
     save_checkpoint(root / "base", "llama")
     recipes = _adapt(root / "base", "recipes", write_jsonl(root / "recipes.jsonl", RECIPES), root / "recipes")
-    code = _adapt(root / "base", "code", write_jsonl(root / "code.jsonl", [{"text": t} for t in CODE]), root / "code")
-    chain = _adapt(recipes, "code", root / "code.jsonl", root / "chain")
+    _adapt(root / "base", "code", write_jsonl(root / "code.jsonl", [{"text": t} for t in CODE]), root / "code")
+    _adapt(recipes, "code", root / "code.jsonl", root / "chain")
     return root
 
 

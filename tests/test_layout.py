@@ -81,6 +81,18 @@ def test_no_import_circles():
     assert circles(graph) == []
 
 
+def test_no_import_circles_between_packages():
+    """Data flows one way through the stages (docs/DESIGN.md): no package imports one that imports it back,
+    through any chain of modules."""
+    found = modules()
+    stage = lambda name: ".".join(name.split(".")[:2])  # noqa: E731  expandlm.data.vocab → expandlm.data
+    graph: dict[str, set[str]] = {}
+    for name, path in found.items():
+        graph.setdefault(stage(name), set()).update(stage(m) for m in imports(name, path, set(found))
+                                                   if stage(m) != stage(name))
+    assert circles(graph) == []
+
+
 def test_every_module_imports_on_its_own():
     names = sorted(n for n in modules() if not n.endswith("__main__"))  # __main__ runs the CLI
     code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"

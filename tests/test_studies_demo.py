@@ -2,6 +2,7 @@
 for 1.5 minutes at batch 64 on a GPU; what the user sets wins on either."""
 import torch
 
+from expandlm.records import RunRecord
 from expandlm.studies.demo import DemoConfig
 from expandlm.training.loop import TrainConfig
 
@@ -19,8 +20,7 @@ def test_a_gpu_demo_is_the_small_preset_for_a_minute_and_a_half_a_stage(monkeypa
     assert DemoConfig(preset="base").preset == "base"
 
 
-def _stage(tokens: int, trainable: int = 1_468_032, seconds: float = 360.0, **details) -> "RunRecord":
-    from expandlm.records import RunRecord
+def _stage(tokens: int, trainable: int = 1_468_032, seconds: float = 360.0, **details) -> RunRecord:
     return RunRecord("expert", {}, 0, {}, status="done", trainable_params=trainable, tokens=tokens,
                      train_seconds=seconds, details=details)
 

@@ -14,7 +14,7 @@ from .replay import Replay
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (ExpandBranch, ExpandPaths, Expand, LoRA, Replay, EWC, Joint,
                                                         FullFineTune)}
-DEFAULT_METHOD = "expand_branch"  # the measured winner of issue 7 (docs/RESULTS.md): `adapt`'s default
+DEFAULT_METHOD = "expand_branch"  # `adapt`'s default; why: docs/RESULTS.md, "The expansion recipe"
 
 
 def method_class(name: str) -> type[Method]:

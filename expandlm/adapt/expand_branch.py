@@ -18,11 +18,10 @@ chain grew from, trained the longest, so every branch is the trunk plus k blocks
 
 Because the branch is a copy of the old model, any other capacity given to it stays on the new path:
 the options add LoRA adapters on the copied old blocks (merged into the branch when saved), train
-the copied blocks' norms, or train a copy of every k-th old block (LLaMA Pro's own control). The
-issue-7 study in docs/RESULTS.md measures each of them. How much of the branch trains is `trunk`:
-frozen (2 new blocks: 45% of the expert's parameters on tiny) is nearly as good as trained on a small
-budget and falls behind the scratch expert on a large one, where training the branch's copy of every
-old block (the expert's size; the old model is still untouched) stays ahead; `auto` picks by budget.
+the copied blocks' norms, or train a copy of every k-th old block (LLaMA Pro's own control). How much
+of the branch trains is `trunk`: `frozen` (only the new blocks, embedding and norm), `trained` (the
+branch's copy of every old block too: the expert's size; the old model stays untouched), or `auto`,
+which picks by the budget (docs/RESULTS.md measures each option and both trunks).
 """
 import copy
 from typing import Annotated, Literal

@@ -18,7 +18,10 @@ from transformers import PreTrainedTokenizerFast
 
 from ..errors import UserError
 from .tokenizer import encode_texts, special_tokens, wrap
-from ..training.loop import NO_DECAY_ATTR  # make_optimizer gives such parameters no weight decay
+
+# marks a partly frozen tensor (`train_only_new_rows`): the optimizer gives it no weight decay, which would
+# move its frozen rows (training.loop.make_optimizer)
+NO_DECAY_ATTR = "_expandlm_no_decay"
 _PUA = 0xF0000  # planes 15-16 are private use: one character per old token id while learning merges
 
 Merge = tuple[str, str]

@@ -226,3 +226,16 @@ def _load(folder: RunFolder, base_domain: str, opened: dict) -> ServedModel:
     known = folder_domains(folder.path)
     known.update({name: plain_domain(name, known) for name in card.plain})
     return ServedModel(folder, model, load_tokenizer(folder.path), card, fmt, known)
+
+
+def check_tokenizers(models: list[ServedModel], names: list[str]) -> None:
+    """Models whose weights are combined (merged, or distilled into one student) read token ids alike: one
+    tokenizer, else one line naming the first that differs."""
+    vocab = models[0].tokenizer.get_vocab()
+    for served, name in zip(models[1:], names[1:]):
+        other = served.tokenizer.get_vocab()
+        if other != vocab:
+            differ = len(set(vocab.items()) ^ set(other.items())) // 2 or abs(len(vocab) - len(other))
+            raise UserError(f"{name} ({served.path}) has a different tokenizer from {names[0]} ({models[0].path}): "
+                            f"{len(other)} against {len(vocab)} tokens, about {differ} differ; the same token id "
+                            "would mean different text, so their weights cannot be merged")

@@ -1,4 +1,4 @@
-"""Model merging: `expandlm merge CONFIG.yaml --out DIR` (issue 10).
+"""Model merging: `expandlm merge CONFIG.yaml --out DIR`.
 
 Experts fine-tuned separately from one common start become one model. The config is mergekit's shape:
 
@@ -34,7 +34,6 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from ..adapt.ewc import diagonal_fisher
 from ..atomic import files_into
 from ..config import arg, build, config, load_yaml
 from ..data.corpus import load_train_val
@@ -48,11 +47,12 @@ from ..formats.arrow import EXPERTS, Arrow
 from ..formats.checkpoint import BASE_DOMAIN
 from ..formats.format import BASE_GGUF_SHA256
 from ..formats.gguf_input import gguf_file
-from ..formats.served import ServedModel, load_served
+from ..formats.served import ServedModel, check_tokenizers, load_served
 from ..model.blocks import decoder_blocks
 from ..process import log
 from ..records import MODEL_CARD, ModelCard
 from ..run_folder import RunFolder
+from ..training.fisher import diagonal_fisher
 from ..training.run import Run
 
 DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")   # merge task vectors: need a base
@@ -177,17 +177,6 @@ def _load(path: str, what: str, own_domain: str = BASE_DOMAIN) -> ServedModel:
         raise UserError(f"{what}: {path} is a {served.card.format} model, whose domains run different weights; "
                         "merge one set of weights (export a domain first: expandlm export)")
     return served
-
-
-def check_tokenizers(models: list[ServedModel], names: list[str]) -> None:
-    vocab = models[0].tokenizer.get_vocab()
-    for served, name in zip(models[1:], names[1:]):
-        other = served.tokenizer.get_vocab()
-        if other != vocab:
-            differ = len(set(vocab.items()) ^ set(other.items())) // 2 or abs(len(vocab) - len(other))
-            raise UserError(f"{name} ({served.path}) has a different tokenizer from {names[0]} ({models[0].path}): "
-                            f"{len(other)} against {len(vocab)} tokens, about {differ} differ; the same token id "
-                            "would mean different text, so their weights cannot be merged")
 
 
 def _appended_tags_union(models: list[ServedModel]):

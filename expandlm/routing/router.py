@@ -23,8 +23,11 @@ against each other by `benchmarks/routing_accuracy.py` on hand-written requests:
 A request none of the domains fits ("asdf qwerty") keeps its best guess but is flagged (`Route.fits`):
 its top probability is below the router's `threshold`, the confidence that all but `MISS_SHARE` of
 held-out synthesised requests reach (calibrated from data at training time), or none of its words
-occurs in the training text. A plain-English question ("what is the capital of France?") is mostly not
-caught: it reads like a story to a router that knows only stories, recipes and code.
+occurs in the training text. How each router fares, and what it misses, is in docs/RESULTS.md
+("Routing").
+
+    router = router_from_data(served.domain_data())   # each domain's recorded training data
+    route(request, router)   # Route(domain, confidence, scores, reason, prompt, fits)
 """
 from __future__ import annotations
 

@@ -178,8 +178,10 @@ def _info_routes(app: FastAPI, catalog: Catalog, scheduler: Scheduler) -> None:
     @app.get("/v1/models")
     def models():
         created = int(time.time())
-        card = lambda model_id, e: {"id": model_id, "object": "model", "created": created, "owned_by": "expandlm",
-                                    "root": str(e.served.path), "domain": e.domain, "context_length": e.context}
+        def card(model_id: str, e: Endpoint) -> dict:
+            return {"id": model_id, "object": "model", "created": created, "owned_by": "expandlm",
+                    "root": str(e.served.path), "domain": e.domain, "context_length": e.context}
+
         data = [card(e.id, e) for e in catalog.endpoints.values()]
         # the bare domain names that work as ids, listed as vLLM lists every id it answers
         data += [{**card(alias, e), "alias_of": e.id} for alias, e in catalog.aliases.items()

@@ -159,9 +159,12 @@ def logprobs_object(entries: list, tokenizer, chat: bool, offset: int) -> tuple[
     reports them by default), and the text offset after them. Chat: {"content": [{token, logprob, bytes,
     top_logprobs: [...]}]}; completions (the legacy shape): {tokens, token_logprobs, top_logprobs (a dict per
     token: its alternatives and the chosen token), text_offset}."""
-    piece = lambda token_id: tokenizer.decode([token_id])
+    def piece(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
     if chat:
-        item = lambda token_id, lp: {"token": piece(token_id), "logprob": lp, "bytes": list(piece(token_id).encode())}
+        def item(token_id: int, lp: float) -> dict:
+            return {"token": piece(token_id), "logprob": lp, "bytes": list(piece(token_id).encode())}
         return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries]}, offset
     tokens, offsets = [], []

@@ -1,4 +1,4 @@
-"""Combining experts, one study (issue 10): `expandlm compare configs/combine.yaml --out DIR`.
+"""Combining experts, one study: `expandlm compare configs/combine.yaml --out DIR`.
 
 From a common start (the base domain's expert; with `mix_base`, also a model trained from scratch on
 every domain mixed), each domain of `experts` is fine-tuned once, fully and (from the base expert) as

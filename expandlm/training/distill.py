@@ -1,4 +1,4 @@
-"""Distillation: one student learns several experts from their outputs (`expandlm distill`, issue 10).
+"""Distillation: one student learns several experts from their outputs (`expandlm distill`).
 
 Each teacher is an expert of one domain. The student reads that domain's real training text, and its
 next-token distribution is pulled toward the teacher's on the same window (KL at temperature T, the
@@ -26,7 +26,7 @@ from ..domains import save_specs
 from ..errors import UserError
 from ..evaluation.bpb import evaluate_bpb
 from ..formats.checkpoint import Checkpoint
-from ..formats.served import load_served
+from ..formats.served import check_tokenizers, load_served
 from ..model.window import window
 from ..model.llama import build_model, count_params, get_preset
 from ..process import log
@@ -90,8 +90,6 @@ def distillation_loss(teachers: list, alpha: float, temperature: float, model, b
 
 def distill(spec: DistillSpec, resume: bool = False) -> RunRecord:
     """Train the student; returns the run record (also `out/run.json`)."""
-    from ..merge.run import check_tokenizers
-
     run = Run(spec, resume, spec.train.progress)
     spec = run.spec
     if not spec.teachers:

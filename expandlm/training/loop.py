@@ -38,6 +38,7 @@ from ..evaluation.bpb import evaluate_bpb
 from ..model.window import DEFAULT_CONTEXT, next_token_nll
 from ..run_folder import METRICS, TRACKER_DIR, TRAIN_STATE, RunFolder
 from ..data.shards import PackedBatches, TokenShard
+from ..data.vocab import NO_DECAY_ATTR
 
 Positive = Annotated[int, Field(gt=0)]
 TRACKER_PROJECT = "expandlm"  # the W&B project, and the TensorBoard run's folder name (under TRACKER_DIR)
@@ -94,9 +95,6 @@ def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of a batch of `context + 1` token windows (a large vocabulary's logits
     a chunk at a time: `next_token_nll`)."""
     return next_token_nll(model, batch[:, :-1], batch[:, 1:], reduction="mean")
-
-
-NO_DECAY_ATTR = "_expandlm_no_decay"
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
