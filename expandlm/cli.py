@@ -106,10 +106,10 @@ def cmd_adapt(args) -> None:
     if args.resume:
         adapt(_resumed(args, AdaptSpec), resume=True)
         return
-    spec = _spec(args, AdaptSpec, "adapt")  # the strategy: --strategy, --config's, or the default
+    spec = _spec(args, AdaptSpec, "adapt")  # the method: --method, --config's, or the default
     options = {}
     if args.option:
-        options_cls = method_class(spec.strategy).Options
+        options_cls = method_class(spec.method).Options
         for item in args.option:
             if "=" not in item:
                 raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option new_blocks=2")
@@ -317,7 +317,7 @@ def _adapt_flags(ad: argparse.ArgumentParser) -> None:
 
     _training_command(ad, AdaptSpec)
     ad.add_argument("--option", action="append", metavar="KEY=VALUE",
-                    help="a strategy option, repeatable: new_blocks=2, r=16, target_modules=q_proj,v_proj, "
+                    help="a method option, repeatable: new_blocks=2, r=16, target_modules=q_proj,v_proj, "
                          "fraction=0.2, lam=1, from_scratch=false")
     ad.set_defaults(func=cmd_adapt)
 
@@ -431,7 +431,7 @@ _COMMANDS = {
         _tokenizer_flags),
     "train": ("train a domain expert from scratch (or --resume one)",
         _train_flags),
-    "adapt": ("make a trained model serve a new domain with a strategy",
+    "adapt": ("make a trained model serve a new domain with a method (expand_branch, lora, ...)",
         _adapt_flags),
     "merge": ("merge experts of one common start (linear, task arithmetic, TIES, DARE, Fisher, RegMean)",
         _merge_flags),

@@ -26,10 +26,12 @@ def config(cls):
     return pydantic.dataclasses.dataclass(cls, config=CONFIG)
 
 
-def arg(default=dataclasses.MISSING, help: str = "", *, factory=None, path: bool = False, flag: bool = True):
+def arg(default=dataclasses.MISSING, help: str = "", *, factory=None, path: bool = False, flag: bool = True,
+        aliases: tuple[str, ...] = ()):
     """A config field: its default, its help text, whether it names a file or folder (stored relative
-    to the run folder in run records) and whether the command line gets a flag for it."""
-    meta = {"help": help, "path": path, "flag": flag}
+    to the run folder in run records), whether the command line gets a flag for it, and the older names
+    (`aliases`) a YAML key, a saved spec or a flag may still use for it."""
+    meta = {"help": help, "path": path, "flag": flag, "aliases": aliases}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -53,6 +55,7 @@ def build(cls, data: dict | None, where: str):
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    data = _canonical_keys(cls, data, where)
     try:
         return pydantic.TypeAdapter(cls).validate_python(data)
     except pydantic.ValidationError as e:
@@ -64,6 +67,20 @@ def build(cls, data: dict | None, where: str):
         raise UserError(f"{where}: {problems}{hint}") from None
     except (TypeError, ValueError) as e:  # a __post_init__ check
         raise UserError(f"{where}: {e}") from None
+
+
+def _canonical_keys(cls, data: dict, where: str) -> dict:
+    """`data` with each field's older name (`arg(aliases=...)`: `strategy` for `method`) read as the field's."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    data = dict(data)
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            if alias in data:
+                if f.name in data:
+                    raise UserError(f"{where}: '{alias}' is the older name of '{f.name}': give one of them")
+                data[f.name] = data.pop(alias)
+    return data
 
 
 def field_types(cls) -> dict[str, object]:
@@ -109,14 +126,14 @@ def flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: 
         said = "default:" in f.metadata.get("help", "")  # the help itself says it (a default that depends)
         shown = "" if said or default in (None, "", dataclasses.MISSING) else f" (default: {default})"
         help_text = (f.metadata.get("help", "") + shown).replace("%", "%%")
-        name = "--" + f.name.replace("_", "-")
+        names = ["--" + n.replace("_", "-") for n in (f.name, *f.metadata.get("aliases", ()))]
         if tp is bool:
-            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
             literal = [a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is typing.Literal]
             choices = list(typing.get_args(literal[0])) if literal else None
-            parser.add_argument(name, dest=f.name, default=argparse.SUPPRESS, help=help_text, choices=choices,
+            parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=help_text, choices=choices,
                                 metavar=None if choices else _metavar(tp, f))
 
 

@@ -122,7 +122,7 @@ def two_domain_models(tmp_path_factory) -> dict[str, Path]:
                             cache_dir=str(root / "cache"), vocab_size=400, train=TrainConfig(**NANO_STEPS)))
     models = {"base": root / "base"}
     for strategy in ("expand_paths", "expand_branch", "lora"):
-        adapt(AdaptSpec(base=str(root / "base"), strategy=strategy, domain="recipes", data=str(recipes),
+        adapt(AdaptSpec(base=str(root / "base"), method=strategy, domain="recipes", data=str(recipes),
                         out=str(root / strategy), cache_dir=str(root / "cache"), train=TrainConfig(**NANO_STEPS)))
         models[strategy] = root / strategy
     return models
@@ -150,7 +150,7 @@ def experts(tmp_path_factory) -> dict[str, Path]:
     for strategy in ("full_ft", "lora"):
         for domain in ("recipes", "code"):
             name = f"{domain}-{strategy}"
-            adapt(AdaptSpec(base=str(root / "base"), strategy=strategy, domain=domain, data=str(data[domain]),
+            adapt(AdaptSpec(base=str(root / "base"), method=strategy, domain=domain, data=str(data[domain]),
                             out=str(root / name), cache_dir=cache, train=TrainConfig(**{**NANO_STEPS, "lr": 0.01})))
             out[name] = root / name
     return out

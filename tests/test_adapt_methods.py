@@ -43,7 +43,7 @@ def base(tmp_path_factory):
 def _adapt(base, strategy, name=None, options=None, expand_vocab=0, **kw):
     root, recipes = base
     out = root / (name or strategy)
-    spec = AdaptSpec(base=str(root / "base"), strategy=strategy, domain="recipes", data=str(recipes), out=str(out),
+    spec = AdaptSpec(base=str(root / "base"), method=strategy, domain="recipes", data=str(recipes), out=str(out),
                      options=options or {}, expand_vocab=expand_vocab, cache_dir=str(root / "cache"),
                      train=TrainConfig(**{**FAST, **kw}))
     return adapt(spec).to_json(), out
@@ -81,7 +81,7 @@ def test_every_method_builds_with_its_defaults_and_names_a_format_that_exists():
 
 
 def test_strategy_options_are_typed_and_checked():
-    with pytest.raises(UserError, match="unknown strategy 'magic'"):
+    with pytest.raises(UserError, match="unknown method 'magic'"):
         make_method("magic")
     with pytest.raises(UserError, match=r"unknown key 'rank' \(known keys: r, alpha"):
         make_method("lora", {"rank": 4})
@@ -216,10 +216,10 @@ def test_export_writes_each_domain_as_a_standard_checkpoint(base, paths, tmp_pat
 
 def test_a_model_whose_strategy_cannot_be_adapted_again_is_refused(base, paths):
     root, recipes = base
-    spec = AdaptSpec(base=str(paths), strategy="full_ft", domain="code", data=str(recipes),
+    spec = AdaptSpec(base=str(paths), method="full_ft", domain="code", data=str(recipes),
                      out=str(root / "again-paths"), train=TrainConfig(**FAST))
     with pytest.raises(UserError, match="adapting a expand_paths model again is not supported by the full_ft "
-                                        "strategy .* adapt it with expand_branch"):
+                                        "method .* adapt it with expand_branch"):
         adapt(spec)
 
 
@@ -255,7 +255,7 @@ def test_lora_target_modules_decide_which_layers_get_adapters(base):
 
 
 def test_lora_with_vocabulary_expansion_is_refused(base):
-    with pytest.raises(UserError, match="--expand-vocab is not supported by the lora strategy"):
+    with pytest.raises(UserError, match="--expand-vocab is not supported by the lora method"):
         _adapt(base, "lora", name="lora-vocab", expand_vocab=16)
 
 
@@ -321,7 +321,7 @@ def test_whole_model_strategies_produce_a_standard_checkpoint(base, strategy, op
 
 def test_adapting_to_a_domain_already_served_is_refused(base):
     root, recipes = base
-    spec = AdaptSpec(base=str(root / "base"), strategy="full_ft", domain="stories", data=str(recipes),
+    spec = AdaptSpec(base=str(root / "base"), method="full_ft", domain="stories", data=str(recipes),
                      out=str(root / "again"), train=TrainConfig(**FAST))
     with pytest.raises(UserError, match="already serves 'stories'"):
         adapt(spec)

@@ -135,7 +135,7 @@ def grown_by(tmp_path_factory, recipes, stories):
             save_checkpoint(root / "base", arch)
             from expandlm.cli import main
             assert main(["adapt", "--base", str(root / "base"), "--domain", "recipes", "--data", str(recipes),
-                         "--strategy", method, "--base-data", str(stories), "--out", str(root / "out"),
+                         "--method", method, "--base-data", str(stories), "--out", str(root / "out"),
                          *FAST.get(method, []), *FEW]) == 0
             made[arch, method] = root / "base", root / "out"
         return made[arch, method]

@@ -102,7 +102,7 @@ def chain(tmp_path_factory):
                             cache_dir=cache, vocab_size=400, train=TrainConfig(**FAST)))
 
     def grow(base, strategy, domain, out, **options):
-        return adapt(AdaptSpec(base=str(root / base), strategy=strategy, domain=domain, data=str(data[domain]),
+        return adapt(AdaptSpec(base=str(root / base), method=strategy, domain=domain, data=str(data[domain]),
                                out=str(root / out), options=options, cache_dir=cache, train=TrainConfig(**FAST))).to_json()
     grow("stories", "expand_branch", "recipes", "branch1", new_blocks=1)
     grow("branch1", "expand_branch", "code", "branch2", new_blocks=1)
@@ -198,7 +198,7 @@ def test_expand_branch_grows_a_model_of_any_strategy_and_keeps_its_domains(chain
     for domain in ("stories", "recipes"):
         tok = first.tokenizer_for(domain)
         assert torch.equal(_logits(second.for_domain(domain), tok, domain), _logits(first.for_domain(domain), tok, domain))
-    with pytest.raises(UserError, match=f"adapting a {strategy} model again is not supported by the full_ft strategy.*"
+    with pytest.raises(UserError, match=f"adapting a {strategy} model again is not supported by the full_ft method.*"
                                         "expand_branch"):
         grow(f"{strategy}1", "full_ft", "code", f"{strategy}+ft")
 
@@ -225,7 +225,7 @@ def test_a_domain_whose_tag_the_old_tokenizer_lacks_gets_it_appended(base, tmp_p
     get_domain(str(tmp_path / "poems.yaml"))
     old = load_served(root / "base")
     assert "<|poems|>" not in old.tokenizer.get_vocab()
-    record = adapt(AdaptSpec(base=str(root / "base"), domain="poems", strategy="replay", out=str(tmp_path / "r"),
+    record = adapt(AdaptSpec(base=str(root / "base"), domain="poems", method="replay", out=str(tmp_path / "r"),
                              train=TrainConfig(**NANO_STEPS))).to_json()
     grown = load_served(tmp_path / "r")
     assert len(grown.tokenizer) == len(old.tokenizer) + 1 == grown.model.config.vocab_size
@@ -234,5 +234,5 @@ def test_a_domain_whose_tag_the_old_tokenizer_lacks_gets_it_appended(base, tmp_p
     assert grown.tokenizer(text)["input_ids"] == old.tokenizer(text)["input_ids"]  # old text reads as before
     assert record["bpb"]["poems"] > 0 and "stories" in record["forgetting"]
     with pytest.raises(UserError, match="has no tag <\\|poems\\|>, and lora keeps the old domains bit-identical"):
-        adapt(AdaptSpec(base=str(root / "base"), domain="poems", strategy="lora", out=str(tmp_path / "l"),
+        adapt(AdaptSpec(base=str(root / "base"), domain="poems", method="lora", out=str(tmp_path / "l"),
                         train=TrainConfig(**NANO_STEPS)))

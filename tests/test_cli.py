@@ -65,7 +65,7 @@ def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_
     base, both = tmp_path / "base", tmp_path / "both"
     common = ["--preset", "nano", "--max-steps", "6", "--batch-size", "4", "--eval-interval", "0", "--no-progress"]
     assert run(capsys, "train", "--domain", "stories", "--data", str(stories_file), "--out", str(base), *common)[0] == 0
-    code, out, err = run(capsys, "adapt", "--base", str(base), "--strategy", "expand_paths", "--option",
+    code, out, err = run(capsys, "adapt", "--base", str(base), "--method", "expand_paths", "--option",
                          "new_blocks=1", "--domain", "recipes", "--data", str(recipes_file), "--out", str(both),
                          *common[2:])
     assert code == 0, err
@@ -81,7 +81,7 @@ def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_
     assert not (both / "router.joblib").exists()  # routing reads a model folder, never writes into it
     code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "expand", "--option", "blocks=2",
                        "--domain", "recipes", "--data", str(recipes_file), "--out", str(tmp_path / "x"))
-    assert code == 2 and "strategy 'expand' options: unknown key 'blocks'" in err
+    assert code == 2 and "method 'expand' options: unknown key 'blocks'" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -94,7 +94,7 @@ def test_adapt_then_generate_on_request(capsys, tmp_path, stories_file, recipes_
     (["compare", "missing.yaml", "--out", "o"], "missing.yaml: no such config file"),
     (["train", "--domain", "storys", "--data", "x.jsonl", "--out", "o"], "unknown domain 'storys'; did you mean 'stories'?"),
     (["adapt", "--base", "b", "--strategy", "lroa", "--domain", "recipes", "--data", "x", "--out", "o"],
-     "unknown strategy 'lroa'; did you mean 'lora'?"),
+     "unknown method 'lroa'; did you mean 'lora'?"),
     (["train", "--domain", "stories", "--data", "x.jsonl", "--out", "o", "--preset", "tinny"],
      "unknown preset 'tinny'; did you mean 'tiny'?"),
 ])
@@ -153,7 +153,7 @@ def test_demo_grows_one_model_that_answers_each_domain(capsys, tmp_path, shared_
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert [(r["stage"], r["strategy"]) for r in results["stages"]] == [("stories", "scratch"),
+    assert [(r["stage"], r["method"]) for r in results["stages"]] == [("stories", "scratch"),
                                                                          ("+recipes", "expand_branch")]
     by_domain = {r["domain"]: r for r in results["domains"]}
     assert by_domain["stories"]["same as its expert"] is True  # the old domain is bit for bit the expert
@@ -201,13 +201,13 @@ def test_a_config_file_sets_every_option_and_flags_win(capsys, tmp_path, stories
 def test_list_and_bool_options_from_the_command_line(capsys, tmp_path, stories_file, recipes_file):
     base = tmp_path / "base"
     assert run(capsys, "train", "--domain", "stories", "--data", str(stories_file), "--out", str(base), *NANO)[0] == 0
-    code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "lora", "--option", "r=2",
+    code, _, err = run(capsys, "adapt", "--base", str(base), "--method", "lora", "--option", "r=2",
                        "--option", "target_modules=q_proj,v_proj", "--domain", "recipes", "--data",
                        str(recipes_file), "--out", str(tmp_path / "lora"), *NANO[2:])
     assert code == 0, err
     adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["r"] == 2
-    code, _, err = run(capsys, "adapt", "--base", str(base), "--strategy", "joint", "--option", "from_scratch=maybe",
+    code, _, err = run(capsys, "adapt", "--base", str(base), "--method", "joint", "--option", "from_scratch=maybe",
                        "--domain", "recipes", "--data", str(recipes_file), "--out", str(tmp_path / "j"), *NANO[2:])
     assert code == 2 and "'from_scratch': input should be a valid boolean" in err
 
@@ -220,7 +220,7 @@ def test_models_work_from_another_directory(capsys, tmp_path, monkeypatch, stori
         (work / f.name).write_bytes(f.read_bytes())
     monkeypatch.chdir(work)
     assert run(capsys, "train", "--domain", "stories", "--data", "stories.jsonl", "--out", "runs/base", *NANO)[0] == 0
-    code, _, err = run(capsys, "adapt", "--base", "runs/base", "--strategy", "full_ft", "--domain", "recipes",
+    code, _, err = run(capsys, "adapt", "--base", "runs/base", "--method", "full_ft", "--domain", "recipes",
                        "--data", recipes_file.name, "--out", "runs/both", *NANO[2:])
     assert code == 0, err
     monkeypatch.chdir(tmp_path)  # elsewhere: the router trains from the recorded corpora, adapt reads them

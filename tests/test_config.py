@@ -75,3 +75,16 @@ def test_list_options_from_the_command_line():
     options = build(LoRA.Options, {"target_modules": parse_text(LoRA.Options, "target_modules", "q_proj,v_proj"),
                                    "r": "4"}, "--option")
     assert options.target_modules == ["q_proj", "v_proj"] and options.r == 4
+
+
+def test_an_older_name_of_a_setting_still_works_in_yaml_saved_specs_and_flags():
+    from expandlm.adapt.run import AdaptSpec
+    base = {"base": "b", "domain": "recipes", "out": "o"}
+    assert build(AdaptSpec, {**base, "strategy": "lora"}, "old.yaml").method == "lora"  # a run.json of before
+    assert build(AdaptSpec, {**base, "method": "lora"}, "new.yaml").method == "lora"
+    with pytest.raises(UserError, match="x.yaml: 'strategy' is the older name of 'method': give one of them"):
+        build(AdaptSpec, {**base, "method": "lora", "strategy": "replay"}, "x.yaml")
+    parser = argparse.ArgumentParser()
+    flags(parser, AdaptSpec)
+    for flag in ("--method", "--strategy"):
+        assert parser.parse_args([flag, "lora"]).method == "lora"

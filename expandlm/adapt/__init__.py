@@ -20,7 +20,7 @@ DEFAULT_METHOD = "expand_branch"  # `adapt`'s default; why: docs/RESULTS.md, "Th
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         hint = " (arrow routes adapters that are already trained: make it with `expandlm merge`)" if name == "arrow" else ""
-        raise UserError(f"{unknown('strategy', name, METHODS)}{hint}")
+        raise UserError(f"{unknown('method', name, METHODS)}{hint}")
     return METHODS[name]
 
 
@@ -28,7 +28,7 @@ def make_method(name: str, options: dict | None = None, where: str | None = None
     """A method by name with its options validated (an unknown option or a bad value names the option
     and what was expected)."""
     cls = method_class(name)
-    return cls(build(cls.Options, options or {}, where or f"strategy '{name}' options"))
+    return cls(build(cls.Options, options or {}, where or f"method '{name}' options"))
 
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "AdaptContext", "Adapted", "Method", "make_method", "method_class"]

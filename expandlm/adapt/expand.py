@@ -88,7 +88,7 @@ class Expand(Method):
         try:
             old, new = expand_blocks(base, self.options.new_blocks, self.options.position)
         except (ValueError, NotAnIdentity) as e:
-            raise UserError(f"strategy '{self.name}': {e}") from None
+            raise UserError(f"method '{self.name}': {e}") from None
         layers, _ = decoder_blocks(base)
         for i in new:
             layers[i].requires_grad_(True)

@@ -100,7 +100,7 @@ class ExpandBranch(Method):
         "A real pretrained model"). An explicit `vocab_size` asks for an own tokenizer."""
         o = self.options
         if o.tokenizer == "base" and o.vocab_size is not None:
-            raise UserError(f"strategy '{self.name}': vocab_size sizes an own tokenizer, and tokenizer=base keeps "
+            raise UserError(f"method '{self.name}': vocab_size sizes an own tokenizer, and tokenizer=base keeps "
                             "the base's (drop vocab_size, or use tokenizer=own)")
         if o.tokenizer != "auto":
             return o.tokenizer
@@ -120,7 +120,7 @@ class ExpandBranch(Method):
         frozen_only = {"train_every": o.train_every, "lora_r": o.lora_r, "train_block_norms": o.train_block_norms}
         if o.trunk == "trained" and any(frozen_only.values()):
             named = ", ".join(k for k, v in frozen_only.items() if v)
-            raise UserError(f"strategy '{self.name}': {named} train part of a frozen trunk; with trunk=trained every "
+            raise UserError(f"method '{self.name}': {named} train part of a frozen trunk; with trunk=trained every "
                             "copied block trains already (drop them, or use trunk=frozen)")
         if o.trunk != "auto":
             return o.trunk
@@ -145,10 +145,10 @@ class ExpandBranch(Method):
             try:
                 old, new = expand_blocks(model, new_blocks, self.options.position, zero=self.options.init == "zero")
             except NotAnIdentity as e:
-                raise UserError(f"strategy '{self.name}': {e}; start them with --option init=copy or init=random, "
+                raise UserError(f"method '{self.name}': {e}; start them with --option init=copy or init=random, "
                                 "or grow no blocks with --option new_blocks=0") from None
             except ValueError as e:
-                raise UserError(f"strategy '{self.name}': {e}") from None
+                raise UserError(f"method '{self.name}': {e}") from None
         generator = torch.Generator().manual_seed(ctx.seed)
         layers, _ = decoder_blocks(model)
         for i in new:

@@ -43,7 +43,7 @@ class LoRA(Method):
         try:
             return Adapted(get_peft_model(base, config))
         except ValueError as e:  # PEFT names the target modules it could not find
-            raise UserError(f"strategy 'lora': {e}") from None
+            raise UserError(f"method 'lora': {e}") from None
 
     def card(self, adapted: Adapted, ctx: AdaptContext):
         return {"adapter": {d: d == ctx.new_domain.name for d in ctx.domains}}  # domain → adapter on?

@@ -40,8 +40,9 @@ class AdaptSpec:
     out: str = arg(help="the run folder to write", path=True)
     data: str | None = arg(None, "the new domain's training corpus: a file or hub dataset id (default: the domain "
                            "spec's training file)", path=True)
-    strategy: str = arg(DEFAULT_METHOD, "expand_branch | expand_paths | expand | lora | replay | ewc | joint | full_ft")
-    options: dict = arg(help="the strategy's own options (--option KEY=VALUE, repeatable)", factory=dict, flag=False)
+    method: str = arg(DEFAULT_METHOD, "expand_branch | expand_paths | expand | lora | replay | ewc | joint | full_ft",
+                      aliases=("strategy",))
+    options: dict = arg(help="the method's own options (--option KEY=VALUE, repeatable)", factory=dict, flag=False)
     val_data: str | None = arg(None, "validation corpus (default: hold out 1% of --data)", path=True)
     base_domain: str = arg(BASE_DOMAIN, "the name of a checkpoint's own domain when --base has no expandlm.json")
     base_data: str | None = arg(None, "text of that checkpoint's own domain (any corpus format; --limit and "
@@ -59,10 +60,10 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
     run = Run(spec, resume, spec.train.progress)
     run.spec, domain = with_domain_data(run.spec, run.folder)
     spec = run.spec
-    method = make_method(spec.strategy, spec.options)
+    method = make_method(spec.method, spec.options)
     fmt = FORMATS[method.format]()
     if spec.expand_vocab and not method.supports_vocab_expansion:
-        raise UserError(f"--expand-vocab is not supported by the {method.name} strategy")
+        raise UserError(f"--expand-vocab is not supported by the {method.name} method")
     opened = {}  # the base, as the saved folder opens it again to be measured
     served = load_served(spec.base, device="cpu", base_domain=spec.base_domain, opened=opened)  # accelerate places it
     old_domains, old_data = _old_domains(served, domain, method, spec)
@@ -112,7 +113,7 @@ def adapt(spec: AdaptSpec, resume: bool = False) -> RunRecord:
                      vocab={"base": ctx.base_vocab, "size": len(tokenizer)},
                      details={**method.card(adapted, ctx), **served.reference()})
     trainable, total = _parameters(adapted, spec, model, ctx.base_vocab)
-    log(f"strategy {method.name}: {trainable:,} of {total:,} parameters trainable")
+    log(f"method {method.name}: {trainable:,} of {total:,} parameters trainable")
     run.begin(run.new_record("adapt", spec.train.seed, {**{d: old_data[d] for d in old_domains if d in old_data},
                                                           domain.name: domain_source(spec)},
                              strategy=method.name, card=card.to_json(), trainable_params=trainable, total_params=total))
@@ -159,7 +160,7 @@ def _check_grows_foreign(served, method, expand_vocab: int, unknown: list[str]) 
                         f"tokens, so the text of {plain} (a checkpoint's own) would not start and end as before; "
                         "adapt without it (the new domain then gets a tag, or its own tokenizer with expand_branch)")
     if unknown and method.needs_old_data:
-        raise UserError(f"{served.path}: strategy '{method.name}' trains on the old domains' data, and there is none "
+        raise UserError(f"{served.path}: method '{method.name}' trains on the old domains' data, and there is none "
                         f"of {', '.join(unknown)} (a checkpoint's own, which expandlm did not train); give a sample "
                         "of its text with --base-data FILE, or adapt it with expand_branch (the default)")
 
@@ -187,7 +188,7 @@ def _starting_model(served, method, fmt, old_domains):
         return served.model, served.tokenizer
     able = [n for n, cls in METHODS.items() if FORMATS[cls.format].serves_old_from_base]
     raise UserError(f"{served.path}: adapting a {served.card.method} model again is not supported by the "
-                    f"{method.name} strategy (no one set of weights serves all its domains); adapt it with "
+                    f"{method.name} method (no one set of weights serves all its domains); adapt it with "
                     f"{' or '.join(able)}, which leaves its domains to it, or adapt a model with one set of weights")
 
 

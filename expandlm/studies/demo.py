@@ -65,9 +65,9 @@ class DemoConfig:
     preset: str = arg(help="model size: nano | tiny | small | base (default: small on a GPU, tiny on the CPU)",
                       factory=_demo_preset)
     domains: list[str] = arg(help="the first gets an expert trained from scratch; each next one is added to "
-                                  "the same model with --strategy", factory=lambda: ["stories", "recipes"])
-    strategy: str = arg(DEFAULT_METHOD, "how each further domain is added (see `expandlm adapt`)")
-    options: dict = arg(help="the strategy's options", factory=dict, flag=False)
+                                  "the same model with --method", factory=lambda: ["stories", "recipes"])
+    method: str = arg(DEFAULT_METHOD, "how each further domain is added (see `expandlm adapt`)", aliases=("strategy",))
+    options: dict = arg(help="the method's options", factory=dict, flag=False)
     data_dir: str | None = arg(None, "folder with the corpora (default: $EXPANDLM_DATA or ../shared/data)")
     hub: bool = arg(False, "load the corpora from the Hugging Face Hub instead (online users)")
     limit: int | None = arg(None, "use only the first N documents of each corpus")
@@ -111,7 +111,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if len(cfg.domains) < 2 or len(set(cfg.domains)) != len(cfg.domains):
         raise UserError(f"--domains {','.join(cfg.domains)}: name two or more distinct domains "
                         "(the first gets an expert, each next one is added to it)")
-    method = make_method(cfg.strategy, cfg.options)
+    method = make_method(cfg.method, cfg.options)
     if len(cfg.domains) > 2 and not FORMATS[method.format].one_set_of_weights:
         raise UserError(f"strategy '{method.name}' adds one domain to an expert; it cannot add a third yet")
     out, started = Path(cfg.out), time.time()
@@ -119,7 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     sources = {name: _sources(cfg, name) for name in cfg.domains}
     stages, records = _train_stages(cfg, method.name, sources, out)
     domains, answers, samples = _measure_domains(cfg, sources, stages, records[-1].bpb)
-    stage_rows = [{"stage": f.path.name, "strategy": r.strategy or "scratch", "trainable": r.trainable_params,
+    stage_rows = [{"stage": f.path.name, "method": r.strategy or "scratch", "trainable": r.trainable_params,
                    "total": r.total_params, "tokens": r.tokens, "minutes": round(r.train_seconds / 60, 2)}
                   for f, r in zip(stages, records)]
 
@@ -168,7 +168,7 @@ def _train_stages(cfg: DemoConfig, method: str, sources: dict, out: Path) -> tup
     for name in added:
         base, folder = stages[-1], RunFolder(out / f"+{name}")
         records.append(_stage(folder, f"+{name} ({method})", lambda resume: adapt(AdaptSpec(
-            base=str(base.path), strategy=cfg.strategy, domain=name, data=sources[name][0], val_data=sources[name][1],
+            base=str(base.path), method=cfg.method, domain=name, data=sources[name][0], val_data=sources[name][1],
             out=str(folder.path), options=cfg.options, limit=cfg.limit, train=cfg.train), resume=resume)))
         stages.append(folder)
     return stages, records
@@ -210,7 +210,7 @@ def _report(cfg: DemoConfig, results: dict) -> str:
     lines = [f"# expandlm demo: one {cfg.preset} model, {' + '.join(cfg.domains)}", "",
              *[f"**Warning:** {w}\n" for w in results["warnings"]],
              f"A {first} expert was trained from scratch {budget} with its own byte-level BPE; then each further "
-             f"domain was added to it with `{cfg.strategy}` {budget}. One model folder now serves every domain.", "",
+             f"domain was added to it with `{cfg.method}` {budget}. One model folder now serves every domain.", "",
              markdown_table(results["stages"], list(results["stages"][0])), "",
              "Per domain, from the final model: bpb on the whole validation set (bits per byte, lower is better; "
              f"`documents` of it; the curves' periodic passes read the first {cfg.train.eval_docs}, so their last "

@@ -106,7 +106,7 @@ class Stages:
             return folder
         (data, val), s = self.sources[domain], self.settings
         log(f"== {self.relative(folder)}: {label or strategy} +{domain} ({state})")
-        spec = AdaptSpec(base=str(base), strategy=strategy, domain=domain, data=data, val_data=val,
+        spec = AdaptSpec(base=str(base), method=strategy, domain=domain, data=data, val_data=val,
                          out=str(folder), options=options or {}, expand_vocab=expand_vocab, limit=s.limit,
                          val_limit=s.val_limit, cache_dir=self.cache, train=train)
         adapt(spec, resume=state == "resume")
