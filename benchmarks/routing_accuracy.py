@@ -78,7 +78,7 @@ def nano_model(out: Path, data: Path, steps: int) -> Path:
                             preset="nano", limit=3000, val_limit=50, cache_dir=str(out / "cache"),
                             train=TrainConfig(**train)))
     for i, name in enumerate(names[1:], 1):
-        adapt(AdaptSpec(base=str(out / str(i - 1)), domain=name, strategy="replay", data=get_domain(name).local_files(data)[0],
+        adapt(AdaptSpec(base=str(out / str(i - 1)), domain=name, method="replay", data=get_domain(name).local_files(data)[0],
                         out=str(out / str(i)), limit=3000, val_limit=50, cache_dir=str(out / "cache"),
                         train=TrainConfig(**train)))
     return out / str(len(names) - 1)
