@@ -15,18 +15,26 @@ format, builds `run.c` from `../shared/anchors/llama2.c/` with the system compil
   millisecond timer cannot time a run (nano: 127 tokens in about a millisecond), by the wall time of
   whole runs of 255 tokens less that of runs of one token (best of 30 each).
 
-The loops run in turns (best of `--repeats` each), so a machine that turns busy slows them all. run.c's
-greedy tokens are read back from its output and compared with the engine's (a check of the export).
+The loops run in turns, A B C A B C (`--repeats` rounds), and each reports the **median** of its rounds
+beside its **CPU time per token** (the process's, or run.c's as a child's, over the same tokens): a loop
+slowed by a busy machine loses wall time, not CPU time, so the two together tell a slow loop from a busy
+machine. The load average is recorded before and after each round. run.c's greedy tokens are read back
+from its output and compared with the engine's (a check of the export).
+
+`--models FOLDER ...` measures trained checkpoints instead of (or beside) the presets' random ones, e.g.
+the demo's stories expert.
 
     python benchmarks/decode_speed.py                        # nano..base, ~3 minutes on 2 cores
-    python benchmarks/decode_speed.py --presets tiny --repeats 5
+    python benchmarks/decode_speed.py --presets tiny --repeats 5 --models runs/demo/stories
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import resource
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -55,6 +63,17 @@ START = 1  # run.c starts every sequence from token 1 (its BOS); so do the other
 def bench_tokenizer():
     """A small byte-level BPE (GGUF needs merges); the model's vocabulary is padded to the preset's."""
     return train_bpe(["Once upon a time, there was a little cat named Tom. He liked to play in the sun."] * 20, 300)
+
+
+def trained_model(folder: str):
+    """A trained Llama checkpoint (an expandlm expert, or any transformers folder) and its tokenizer, with
+    the `<|eos|>` row zeroed as in `bench_model` so that every loop decodes the same number of tokens."""
+    from transformers import AutoTokenizer
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[model.config.eos_token_id] = 0
+    return model, tokenizer
 
 
 def bench_model(preset_name: str, tokenizer, seed: int = 0) -> LlamaForCausalLM:
@@ -147,6 +166,13 @@ def run_c_by_wall(exe: Path, model_bin: Path, tok_bin: Path, steps: int, runs: i
 
 # -- the loops ---------------------------------------------------------------------------------------
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads: llama.cpp's server runs in one) and of its waited-for
+    children (run.c)."""
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + child.ru_utime + child.ru_stime
+
+
 def hf_generate(model, n: int) -> tuple[float, list[int]]:
     ids = torch.tensor([[START]])
     t0 = time.perf_counter()
@@ -189,7 +215,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["nano", "tiny", "small", "base"])
     p.add_argument("--tokens", type=int, default=255, help="greedy tokens per stream")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each loop, in turns; the best counts")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of every loop in turns; the median counts")
+    p.add_argument("--models", nargs="*", default=[], help="trained Llama checkpoint folders to measure too")
     p.add_argument("--batch", type=int, default=8, help="streams of the batched run")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
@@ -204,19 +231,21 @@ def main() -> None:
         tmp = Path(tmp)
         exe = build_run_c(tmp)
         tokenizer = bench_tokenizer()
-        for name in args.presets:
-            model = bench_model(name, tokenizer)
+        subjects = [(name, lambda name=name: (bench_model(name, tokenizer), tokenizer)) for name in args.presets]
+        subjects += [(Path(folder).name, lambda folder=folder: trained_model(folder)) for folder in args.models]
+        for name, load in subjects:
+            model, model_tokenizer = load()
             n = min(args.tokens, model.config.max_position_embeddings - 1)
             write_llama2c(model, tmp / "model.bin")
             write_llama2c_tokenizer(model.config.vocab_size, tmp / "tokenizer.bin")
             gguf = None
             if have_llama_cpp:
                 gguf = tmp / f"{name}.gguf"
-                write_gguf(model, tokenizer, gguf, vocab_size=model.config.vocab_size)
+                write_gguf(model, model_tokenizer, gguf, vocab_size=model.config.vocab_size)
             single, batched = DecodeEngine(model), DecodeEngine(model, slots=args.batch)
             torch_loop = DecodeEngine(model, kernel=False)
             assert single.uses_kernel, "the C decode step did not build (see the warning above)"
-            best, tokens = {}, {}
+            speeds, cpu_per_token, tokens, loads = {}, {}, {}, [os.getloadavg()[0]]
             loops = {"hf": lambda: hf_generate(model, n), "torch": lambda: engine_greedy(torch_loop, n),
                      "fast": lambda: engine_greedy(single, n),
                      f"fast x{args.batch}": lambda: engine_greedy(batched, n, args.batch),
@@ -226,24 +255,40 @@ def main() -> None:
             engine_greedy(single, 8)  # warm-up
             for _ in range(args.repeats):
                 for loop, run in loops.items():
+                    cpu0 = cpu_seconds()
                     speed, toks = run()
-                    best[loop] = max(best.get(loop, 0.0), speed)
+                    streams = args.batch if loop.startswith("fast x") else 1
+                    speeds.setdefault(loop, []).append(speed)
+                    cpu_per_token.setdefault(loop, []).append((cpu_seconds() - cpu0) / (streams * n))
                     tokens[loop] = toks
-            row = {"preset": name, "params": sum(p.numel() for p in model.parameters()), "tokens": n,
-                   **{f"{k} tok/s": round(v, 1) for k, v in best.items()},
-                   "fast / run.c": round(best["fast"] / best["run.c"], 2),
-                   f"fast x{args.batch} / run.c": round(best[f"fast x{args.batch}"] / best["run.c"], 2),
-                   "hf / run.c": round(best["hf"] / best["run.c"], 2),
-                   "same tokens as hf": {k: v == tokens["hf"] for k, v in tokens.items() if k != "hf"}}
+                loads.append(os.getloadavg()[0])
+            median = {k: statistics.median(v) for k, v in speeds.items()}
+            row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "tokens": n,
+                   **{f"{k} tok/s": round(v, 1) for k, v in median.items()},
+                   "fast / run.c": round(median["fast"] / median["run.c"], 2),
+                   f"fast x{args.batch} / run.c": round(median[f"fast x{args.batch}"] / median["run.c"], 2),
+                   "hf / run.c": round(median["hf"] / median["run.c"], 2),
+                   **({"fast / llama.cpp": round(median["fast"] / median["llama.cpp"], 2)} if gguf else {}),
+                   # wall against CPU time per token: equal on an idle core, wall the larger where the machine is busy
+                   "fast wall ms/token": round(1e3 / median["fast"], 4),
+                   "fast CPU ms/token": round(1e3 * statistics.median(cpu_per_token["fast"]), 4),
+                   "load": f"{min(loads):.1f}–{max(loads):.1f}",
+                   "same tokens as hf": {k: v == tokens["hf"] for k, v in tokens.items() if k != "hf"},
+                   "rounds": {k: [round(x, 1) for x in v] for k, v in speeds.items()},
+                   # run.c's and llama.cpp's include their start-up (a process, a server) in each round
+                   "cpu_ms_per_token": {k: [round(1e3 * x, 4) for x in v] for k, v in cpu_per_token.items()}}
             results.append(row)
             print(row, flush=True)
     out = Path(args.out)
-    meta = {"threads": 1, "cflags": CFLAGS, "repeats": args.repeats, "cpu": os.cpu_count(),
+    meta = {"threads": 1, "cflags": CFLAGS, "repeats": args.repeats, "statistic": "median of interleaved rounds",
+            "cpu": os.cpu_count(),
             "load_average_at_end": os.getloadavg(), "versions": versions()}
     write_json(out / "decode_speed.json", {"meta": meta, "results": results})
-    columns = [k for k in results[0] if k != "same tokens as hf"]
+    columns = [k for k in results[0] if k not in ("same tokens as hf", "rounds", "cpu_ms_per_token")]
     table = markdown_table(results, columns)
-    write_text(out / "decode_speed.md", f"# Decode speed, one thread, greedy\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+    write_text(out / "decode_speed.md", f"# Decode speed, one thread, greedy\n\n`{' '.join(sys.argv)}`: medians of {args.repeats} interleaved rounds; "
+               f"CPU ms/token is the process's CPU time per decoded token; load: the 1-minute load average over the "
+               f"rounds.\n\n{table}\n")
     print(table)
 
 
