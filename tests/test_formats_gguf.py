@@ -229,3 +229,18 @@ def test_export_writes_the_dtype_asked_and_a_checkpoint_refuses_one(two_domain_m
     assert main(["export", str(two_domain_models["expand_branch"]), "--domain", "recipes", "--dtype", "f16",
                  "--out", str(tmp_path / "ckpt")]) == 2
     assert "--dtype f16 applies to --format gguf" in capsys.readouterr().err and not (tmp_path / "ckpt").exists()
+
+
+def test_a_matrix_that_is_no_whole_number_of_q8_0_blocks_is_written_f16(tmp_path):
+    """q8_0 packs 32 values a block along a row; rows of 48 (this model's hidden size) are written in f16,
+    as llama.cpp's converter falls back, and the others in q8_0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = train_bpe(STORIES, 400)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    write_gguf(LlamaForCausalLM(config), tok, tmp_path / "odd.gguf", dtype="q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "odd.gguf")).tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q8_0  # rows of 128
+    assert types["blk.0.ffn_up.weight"] == types["token_embd.weight"] == gguf.GGMLQuantizationType.F16  # rows of 48
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
