@@ -6,12 +6,12 @@ scheduler, not prometheus_client's global one: two servers in one process (the t
   queued (a request of n choices is n sequences, as vLLM counts them);
 - `expandlm:prompt_tokens_total`, `expandlm:generation_tokens_total` (counters): tokens prefilled, and
   sampled;
-- `expandlm:request_success_total{finished_reason}` (counter, per sequence): stop, length, or abort (the
-  client went away or the step failed);
+- `expandlm:request_success_total{finished_reason}` (counter, per sequence): stop, length, abort (the
+  client went away) or error (the step failed);
 - `expandlm:time_to_first_token_seconds`, `expandlm:e2e_request_latency_seconds` (histograms): from a
   sequence's arrival to its first token, and to its end.
 
-    metrics = ServingMetrics(lambda: (running, waiting))
+    metrics = ServingMetrics(scheduler.load)   # load() → {"running": ..., "waiting": ...}
     body = metrics.render()   # served with CONTENT_TYPE
 """
 from __future__ import annotations
@@ -30,14 +30,14 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 
 
 class ServingMetrics:
-    """The scheduler's counters; `load()` gives (running, waiting) when scraped."""
+    """The scheduler's counters; `load()` gives its running and waiting sequences when scraped."""
 
-    def __init__(self, load: Callable[[], tuple[int, int]]):
+    def __init__(self, load: Callable[[], dict]):
         self.registry = CollectorRegistry()
         running = Gauge(PREFIX + "num_requests_running", "Sequences decoding now", registry=self.registry)
         waiting = Gauge(PREFIX + "num_requests_waiting", "Sequences queued for a slot", registry=self.registry)
-        running.set_function(lambda: load()[0])
-        waiting.set_function(lambda: load()[1])
+        running.set_function(lambda: load()["running"])
+        waiting.set_function(lambda: load()["waiting"])
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens sampled", registry=self.registry)
         self.success = Counter(PREFIX + "request_success", "Sequences ended, by finish reason",

@@ -145,7 +145,7 @@ class Scheduler:
         self.stopped = False
         self.steps = 0
         self.thread = threading.Thread(target=self._work, name="expandlm-scheduler", daemon=True)
-        self.metrics = ServingMetrics(self._counts)
+        self.metrics = ServingMetrics(self.load)
 
     def prepare(self, endpoints) -> None:
         """Build the engines of `endpoints` now, so that no first request waits for one."""
@@ -177,10 +177,6 @@ class Scheduler:
         with self.lock:
             self.paused = paused
             self.lock.notify_all()
-
-    def _counts(self) -> tuple[int, int]:
-        with self.lock:
-            return sum(len(s) for s in self.running.values()), len(self.waiting)
 
     def load(self) -> dict:
         with self.lock:

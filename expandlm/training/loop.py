@@ -119,9 +119,8 @@ def _accelerator(precision: str, report_to: str = "none", folder: Path | None = 
         AcceleratorState._reset_state(reset_partial_state=False)
     tracking = {}
     if report_to != "none":
-        package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
         if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]():
-            raise UserError(f"--report-to {report_to} needs the {package} package: pip install {package}")
+            raise UserError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}")
         tracking = {"log_with": report_to, "project_config": ProjectConfiguration(
             project_dir=str(folder), logging_dir=str(folder / TRACKER_DIR))}
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), **tracking)
@@ -349,7 +348,8 @@ class _Loop:
         self.metrics = folder / METRICS
         if distributed_state().is_main_process:
             folder.path.mkdir(parents=True, exist_ok=True)
-        self.accelerator = accelerator = _accelerator(resolved_precision(cfg), cfg.report_to, folder.path)
+        precision = resolved_precision(cfg)
+        self.accelerator = accelerator = _accelerator(precision, cfg.report_to, folder.path)
         if cfg.report_to != "none":
             # hyperparameters as trackers take them (scalars and strings); the full spec is in run.json
             hparams = {f.name: v if isinstance(v := getattr(cfg, f.name), (int, float, str, bool)) else str(v)
@@ -366,7 +366,7 @@ class _Loop:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         log(f"training: {self.world} process{'es' if self.world > 1 else ''} on {accelerator.device.type}, "
-            f"{PRECISION_NAMES.get(resolved_precision(cfg), resolved_precision(cfg))}")
+            f"{PRECISION_NAMES.get(precision, precision)}")
         if self.world == 1 and "ACCELERATE_USE_CPU" in os.environ and accelerator.device.type == "cpu":
             # `accelerate launch --num_processes N --cpu` runs one process unless told --multi_cpu
             log("accelerate launch started one process: for several on CPUs, use torchrun --nproc_per_node N "
